@@ -1,0 +1,16 @@
+"""autopipe: automatic pipeline parallelism for JAX.
+
+``autopipe.plan(fn, *example_args, mesh=mesh)`` traces ``fn``, chooses pipeline stages with a
+cost model and a dynamic program, and compiles ONE ``jax.jit(jax.shard_map(...))`` program in
+which stages pass activations with ``jax.lax.ppermute``. See README.md.
+"""
+
+from autopipe._api import parallelize as parallelize
+from autopipe._api import plan as plan
+from autopipe._plan import Plan as Plan
+from autopipe._plan import Predicted as Predicted
+from autopipe._plan import Stage as Stage
+from autopipe.cost_models.hardware import PRESETS as PRESETS
+from autopipe.cost_models.hardware import Hardware as Hardware
+
+__all__ = ["Hardware", "PRESETS", "Plan", "Predicted", "Stage", "parallelize", "plan"]

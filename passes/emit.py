@@ -1,0 +1,217 @@
+"""Emit pass: stage layouts + a schedule → ONE ``jax.jit(jax.shard_map(...))`` program.
+
+The program is manual over the pipeline axis only. Per device:
+  - parameters arrive as one flat buffer per dtype, shape ``(1, L_dtype)`` locally (global
+    ``(p, L_dtype)`` sharded over the pipeline axis), holding only this device's stage's values;
+  - batch leaves arrive replicated, reshaped to ``(m, microbatch, ...)``;
+  - a ``lax.scan`` over ticks reads this device's cell of the schedule table, runs its stage
+    with ``lax.switch`` (an extra branch idles), packs the values for the next stage into one
+    flat buffer per dtype, and after the switch sends it with one unconditional
+    ``lax.ppermute`` per dtype (collectives never run inside a branch);
+  - outputs of the last stage are the scan's per-tick results, sliced to its active ticks.
+
+Every branch result and scan carry is marked varying over the pipeline axis (`to_varying`), as
+shard_map's type system requires. Parameters are packed by `make_packers`: one jitted function
+per stage that evaluates the hoisted ops and concatenates that stage's values, run on the
+stage's own devices, so no device ever holds another stage's parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.layout import FlatLayout, Split, StageLayout, buffer_sizes, placed_sources
+from autopipe.passes.schedule import Schedule
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Emitted:
+    step: Callable  # jitted (param_bufs, batch_leaves) -> outputs, global (p * B, ...) each
+    param_dtypes: tuple[str, ...]
+    param_sizes: tuple[int, ...]
+    param_sharding: NamedSharding
+    batch_sharding: NamedSharding
+    out_tick_slice: tuple[int, int]
+
+
+def _unpack(env: dict, layout: FlatLayout, bufs: dict[str, Any]) -> None:
+    for dt, slots in layout.slots:
+        for s in slots:
+            env[s.value] = jax.lax.slice(bufs[dt], (s.offset,), (s.offset + s.size,)).reshape(
+                s.shape
+            )
+
+
+def _pack(env: dict, layout: FlatLayout, sizes: dict[str, int]) -> tuple[Any, ...]:
+    slots = dict(layout.slots)
+    out = []
+    for dt, n in sizes.items():
+        parts = [env[s.value].reshape(-1) for s in slots.get(dt, ())]
+        used = sum(s.size for s in slots.get(dt, ()))
+        if used < n:
+            parts.append(jnp.zeros((n - used,), dt))
+        out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
+def _stage_fn(program: Program, layout: StageLayout, *, last: bool, sizes: dict[str, int]):
+    batch_in = [v for v in program.invars if v in program.batch_dependent]
+
+    def run(params: dict, recv: dict, xs: Sequence[Any]):
+        env: dict = {}
+        _unpack(env, layout.params, params)
+        _unpack(env, layout.recv, recv)
+        env.update(zip(batch_in, xs, strict=True))
+        for i in layout.ops:
+            op = program.ops[i]
+            env.update(zip(op.outvars, apply_op(op, [read_atom(env, a) for a in op.invars])))
+        send = _pack(env, layout.send, sizes)
+        outs = tuple(read_atom(env, a) for a in program.outvars) if last else None
+        return send, outs
+
+    return run
+
+
+def _zeros_like_outputs(program: Program) -> tuple[Any, ...]:
+    return tuple(
+        jnp.zeros(program.avals[a].shape, program.avals[a].dtype) for a in program.outvars
+    )
+
+
+def emit(
+    program: Program,
+    stages: Sequence[StageLayout],
+    schedule: Schedule,
+    *,
+    mesh: Any,
+    axis: str,
+    batch_size: int,
+) -> Emitted:
+    p, m = len(stages), schedule.num_microbatches
+    param_sizes = buffer_sizes([s.params for s in stages])
+    boundary_sizes = buffer_sizes([s.send for s in stages])
+    dtypes = tuple(param_sizes)
+    runs = [
+        _stage_fn(program, st, last=s == p - 1, sizes=boundary_sizes) for s, st in enumerate(stages)
+    ]
+    stage_table = np.array([[p if c is None else c[0] for c in row] for row in schedule.table])
+    mb_table = np.array([[0 if c is None else c[1] for c in row] for row in schedule.table])
+    last_dev = p - 1
+    first = schedule.tick_of(p - 1, 0)
+    out_ticks = [schedule.tick_of(p - 1, j) for j in range(m)]
+    if out_ticks != list(range(first, first + m)):
+        raise NotImplementedError("the last stage must run its microbatches on consecutive ticks")
+    perm = [(d, d + 1) for d in range(p - 1)]
+
+    def branch(s):
+        def f(params, recv, xs):
+            send, outs = runs[s](params, recv, xs)
+            outs = _zeros_like_outputs(program) if outs is None else outs
+            return send, outs
+
+        return f
+
+    def idle(params, recv, xs):
+        send = tuple(jnp.zeros((n,), dt) for dt, n in boundary_sizes.items())
+        outs = _zeros_like_outputs(program)
+        return send, outs
+
+    branches = [branch(s) for s in range(p)] + [idle]
+
+    def body(param_bufs, batch):
+        params = {dt: b[0] for dt, b in zip(dtypes, param_bufs, strict=True)}
+        dev = jax.lax.axis_index(axis)
+        stages_t, mbs_t = jnp.asarray(stage_table, jnp.int32), jnp.asarray(mb_table, jnp.int32)
+
+        def tick(recv_bufs, t):
+            recv = dict(zip(boundary_sizes, recv_bufs, strict=True))
+            j = mbs_t[t, dev]
+            xs = [jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in batch]
+            if p == 1:
+                send, outs = branches[0](params, recv, xs)
+            else:
+                send, outs = jax.lax.switch(stages_t[t, dev], branches, params, recv, xs)
+            recv_next = tuple(jax.lax.ppermute(x, axis, perm) for x in send)
+            return recv_next, outs
+
+        init = tuple(jnp.zeros((n,), dt) for dt, n in boundary_sizes.items())
+        _, ys = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
+        return tuple(y[first : first + m].reshape(batch_size, *y.shape[2:]) for y in ys)
+
+    smap = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(tuple(P(axis) for _ in dtypes), P()),
+        out_specs=tuple(P(axis) for _ in program.outvars),
+        axis_names={axis},
+        check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
+    )
+
+    def step(param_bufs, batch_leaves):
+        mb = batch_size // m
+        batch = tuple(x.reshape(m, mb, *x.shape[1:]) for x in batch_leaves)
+        return smap(tuple(param_bufs), batch)
+
+    del last_dev
+    return Emitted(
+        step=jax.jit(step),
+        param_dtypes=dtypes,
+        param_sizes=tuple(param_sizes.values()),
+        param_sharding=NamedSharding(mesh, P(axis)),
+        batch_sharding=NamedSharding(mesh, P()),
+        out_tick_slice=(first, first + m),
+    )
+
+
+# --- parameter placement --------------------------------------------------------------------
+
+
+def _hoist_closure(program: Program, split: Split, values: Sequence[int]) -> tuple[list, list]:
+    """Hoisted ops (program order) and raw inputs needed to compute `values`."""
+    producer = program.producers()
+    ops, raw, stack, seen = set(), set(), list(values), set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        i = producer.get(v)
+        if i is None:
+            raw.add(v)
+            continue
+        ops.add(i)
+        stack.extend(a for a in program.ops[i].invars if isinstance(a, int))
+    del split
+    return sorted(ops), sorted(raw)
+
+
+def make_packers(
+    program: Program, split: Split, stages: Sequence[StageLayout]
+) -> list[tuple[Callable, list[int]]]:
+    """Per stage: (jitted pack(raw values) -> per-dtype flat buffers, raw value ids it reads)."""
+    sizes = buffer_sizes([s.params for s in stages])
+    sources = placed_sources(program, split)
+    packers = []
+    for st in stages:
+        values = st.params.values()
+        assert set(values) <= sources, "placed values must be computable before the pipeline"
+        ops, raw = _hoist_closure(program, split, values)
+
+        def pack(*raw_vals, ops=ops, raw=raw, layout=st.params):
+            env = dict(zip(raw, raw_vals, strict=True))
+            for i in ops:
+                op = program.ops[i]
+                env.update(zip(op.outvars, apply_op(op, [read_atom(env, a) for a in op.invars])))
+            return tuple(b[None] for b in _pack(env, layout, sizes))
+
+        packers.append((jax.jit(pack), raw))
+    return packers

@@ -1,0 +1,84 @@
+"""autopipe's operator IR: a flat, topologically ordered list of operators over numbered values.
+
+A jaxpr is turned into a `Program` by the graph pass: calls (`pjit`/`closed_call`) are
+inlined, layer scans are split into one `scan_step` per iteration, and every value gets an
+integer id. Passes after that (cluster, partition, layout, emit) work on `Program` only.
+
+Operator kinds:
+  - ``eqn``: one jaxpr equation, evaluated by binding its primitive.
+  - ``index``: row ``i`` of a stacked value (the per-iteration slice of a scan's ``xs``).
+  - ``scan_step``: one iteration of a split scan: body(consts, carry, x_i) → (carry, y_i).
+  - ``stack``: the per-iteration ``y_i`` of a split scan stacked back into ``ys``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autopipe._compat import ClosedJaxpr, JaxprEqn, bind_eqn, jaxpr_as_fun
+
+OpKind = Literal["eqn", "index", "scan_step", "stack"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Lit:
+    """A literal operand (a Python or NumPy scalar baked into the program)."""
+
+    val: Any
+
+
+Atom = int | Lit
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Op:
+    kind: OpKind
+    primitive: str  # primitive name ("scan" for scan_step, "index"/"stack" for the others)
+    invars: tuple[Atom, ...]
+    outvars: tuple[int, ...]
+    eqn: JaxprEqn | None = None  # for "eqn" and "scan_step"
+    iteration: int = 0  # for "index" (row) and "scan_step" (which iteration)
+    scan_id: int = -1  # for "scan_step"/"stack": which split scan it came from
+    where: str = ""  # provenance, e.g. "jit(block)/dot_general"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Program:
+    avals: tuple[jax.ShapeDtypeStruct, ...]  # by value id
+    ops: tuple[Op, ...]
+    invars: tuple[int, ...]  # the function's flat inputs
+    outvars: tuple[Atom, ...]  # the function's flat outputs
+    consts: tuple[tuple[int, Any], ...]  # (value id, concrete array) closed over by the jaxpr
+    batch_dependent: frozenset[int]  # value ids that depend on a batch input
+
+    def nbytes(self, v: int) -> int:
+        a = self.avals[v]
+        return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+
+    def producers(self) -> dict[int, int]:
+        """value id → index of the op that defines it."""
+        return {v: i for i, op in enumerate(self.ops) for v in op.outvars}
+
+    def is_batch_op(self, op: Op) -> bool:
+        return any(v in self.batch_dependent for v in op.outvars)
+
+
+def read_atom(env: dict[int, Any], a: Atom) -> Any:
+    return a.val if isinstance(a, Lit) else env[a]
+
+
+def apply_op(op: Op, args: list[Any]) -> list[Any]:
+    """Evaluates one operator (on arrays or tracers)."""
+    if op.kind == "eqn":
+        return bind_eqn(op.eqn, *args)
+    if op.kind == "index":
+        return [jax.lax.index_in_dim(args[0], op.iteration, keepdims=False)]
+    if op.kind == "stack":
+        return [jnp.stack(args)]
+    body: ClosedJaxpr = op.eqn.params["jaxpr"]
+    return list(jaxpr_as_fun(body)(*args))

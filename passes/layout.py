@@ -1,0 +1,180 @@
+"""Layout pass: what each stage computes, holds and exchanges, given stage boundaries.
+
+Operators split three ways:
+  - *pipeline ops* depend on the batch; they are ordered and cut into stages;
+  - *hoisted ops* depend on parameters only and do not grow the data (slices of stacked layer
+    weights, reshapes, casts, transposes). They run once when parameters are placed, so each
+    stage stores exactly the values it reads — e.g. only its own rows of an ``nn.scan`` stack;
+  - *local param ops* depend on parameters only but would grow the data (broadcasts, iota,
+    masks); they are recomputed inside every stage that needs them.
+
+For stages given as ranges of pipeline ops, `stage_layouts` derives per stage: its operators, the
+parameter values placed on it, and the batch-dependent values it receives from the previous
+stage and sends to the next (values that skip stages are forwarded through each one). Both the
+parameter values and the boundary values are packed into one flat buffer per dtype, padded to
+the largest stage / boundary, so every device holds a rectangular array of the same shape while
+holding only its own stage's data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+from autopipe.cost_models.rules import nbytes
+from autopipe.passes.ir import Program
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Slot:
+    value: int
+    offset: int
+    size: int
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class FlatLayout:
+    """Values packed into one flat buffer per dtype: ``slots[dtype]`` in buffer order."""
+
+    slots: tuple[tuple[str, tuple[Slot, ...]], ...]
+
+    def sizes(self) -> dict[str, int]:
+        return {dt: sum(s.size for s in slots) for dt, slots in self.slots}
+
+    def values(self) -> tuple[int, ...]:
+        return tuple(s.value for _, slots in self.slots for s in slots)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Split:
+    """Classification of a program's operators (positions in `program.ops`)."""
+
+    pipeline: tuple[int, ...]
+    hoisted: frozenset[int]
+    local: frozenset[int]  # local param ops
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class StageLayout:
+    ops: tuple[int, ...]  # positions in program.ops, program order (pipeline + local param ops)
+    params: FlatLayout  # parameter values placed on this stage
+    recv: FlatLayout  # batch values arriving from the previous stage
+    send: FlatLayout  # batch values leaving for the next stage
+    param_bytes: int
+
+
+def split_ops(program: Program) -> Split:
+    pre = set(program.invars) - program.batch_dependent | {v for v, _ in program.consts}
+    pipeline, hoisted, local = [], set(), set()
+    for i, op in enumerate(program.ops):
+        if program.is_batch_op(op):
+            pipeline.append(i)
+            continue
+        ins = [a for a in op.invars if isinstance(a, int)]
+        grows = sum(program.nbytes(v) for v in op.outvars) > sum(program.nbytes(v) for v in ins)
+        effects = op.eqn is not None and bool(op.eqn.effects)
+        if ins and all(v in pre for v in ins) and not grows and not effects:
+            hoisted.add(i)
+            pre.update(op.outvars)
+        else:
+            local.add(i)
+    return Split(pipeline=tuple(pipeline), hoisted=frozenset(hoisted), local=frozenset(local))
+
+
+def placed_sources(program: Program, split: Split) -> frozenset[int]:
+    """Values available before the pipeline runs: raw parameters, constants, hoisted values."""
+    raw = set(program.invars) - program.batch_dependent | {v for v, _ in program.consts}
+    return frozenset(raw | {v for i in split.hoisted for v in program.ops[i].outvars})
+
+
+def _local_closure(program: Program, split: Split, ops: Sequence[int]) -> list[int]:
+    """`ops` plus the local param ops they need, in program order."""
+    producer = program.producers()
+    needed, stack = set(ops), list(ops)
+    while stack:
+        for a in program.ops[stack.pop()].invars:
+            j = producer.get(a) if isinstance(a, int) else None
+            if j is not None and j in split.local and j not in needed:
+                needed.add(j)
+                stack.append(j)
+    return sorted(needed)
+
+
+def _flat(program: Program, values: Sequence[int]) -> FlatLayout:
+    by_dtype: dict[str, list[Slot]] = {}
+    for v in sorted(set(values)):
+        aval = program.avals[v]
+        dt = str(np.dtype(aval.dtype))
+        slots = by_dtype.setdefault(dt, [])
+        offset = slots[-1].offset + slots[-1].size if slots else 0
+        size = int(np.prod(aval.shape, dtype=np.int64))
+        slots.append(Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape)))
+    return FlatLayout(slots=tuple((dt, tuple(s)) for dt, s in sorted(by_dtype.items())))
+
+
+def live_across(program: Program, split: Split) -> list[list[int]]:
+    """live[k] = batch values that must cross a cut before pipeline op k (k = 1 .. n-1).
+
+    A value crosses cut k if it is defined by a pipeline op before k and used at or after k
+    (program outputs count as used after the last op). Batch inputs are not counted: every
+    stage reads them directly.
+    """
+    n = len(split.pipeline)
+    pos = {op: k for k, op in enumerate(split.pipeline)}
+    defined, last_use = {}, {}
+    for k, i in enumerate(split.pipeline):
+        for v in program.ops[i].outvars:
+            defined[v] = k
+    for i in split.pipeline:
+        for a in program.ops[i].invars:
+            if isinstance(a, int) and a in defined:
+                last_use[a] = max(last_use.get(a, -1), pos[i])
+    for a in program.outvars:
+        if isinstance(a, int) and a in defined:
+            last_use[a] = n
+    live: list[list[int]] = [[] for _ in range(n + 1)]
+    for v, d in sorted(defined.items()):
+        for k in range(d + 1, last_use.get(v, d) + 1):
+            if k <= n:
+                live[k].append(v)
+    return live
+
+
+def stage_layouts(
+    program: Program, split: Split, boundaries: Sequence[int]
+) -> tuple[StageLayout, ...]:
+    """Layouts of the stages holding pipeline ops [boundaries[s], boundaries[s+1])."""
+    live = live_across(program, split)
+    sources = placed_sources(program, split)
+    stages = []
+    for s in range(len(boundaries) - 1):
+        lo, hi = boundaries[s], boundaries[s + 1]
+        ops = _local_closure(program, split, split.pipeline[lo:hi])
+        reads = {a for i in ops for a in program.ops[i].invars if isinstance(a, int)}
+        params = sorted(reads & sources)
+        stages.append(
+            StageLayout(
+                ops=tuple(ops),
+                params=_flat(program, params),
+                recv=_flat(program, live[lo] if s > 0 else []),
+                send=_flat(program, live[hi] if hi < len(split.pipeline) else []),
+                param_bytes=sum(program.nbytes(v) for v in params),
+            )
+        )
+    return tuple(stages)
+
+
+def buffer_sizes(layouts: Sequence[FlatLayout]) -> dict[str, int]:
+    """Per dtype, the largest packed size over `layouts` (at least 1 element)."""
+    sizes: dict[str, int] = {}
+    for layout in layouts:
+        for dt, n in layout.sizes().items():
+            sizes[dt] = max(sizes.get(dt, 1), n)
+    return dict(sorted(sizes.items()))
+
+
+def cut_bytes(program: Program, live: Sequence[Sequence[int]]) -> list[int]:
+    return [sum(nbytes(program.avals[v]) for v in vs) for vs in live]
