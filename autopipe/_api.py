@@ -128,15 +128,17 @@ def _segment_memory(program: Program, costs: _Costs, layers: Sequence[int], m: i
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
     mem = np.full((n_layers + 1, n_layers + 1), np.inf)
+    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in zip(layers, layers[1:])]
+    layer_peak = [max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
+                  for a, b in zip(layers, layers[1:])]  # fmt: skip
     for i in range(n_layers):
         held: set[int] = set()
-        peak = 0
+        params = peak = 0
         for j in range(i + 1, n_layers + 1):
-            lo, hi = layers[j - 1], layers[j]
-            for k in range(lo, hi):
-                held |= costs.reads[k]
-                peak = max(peak, costs.cut_bytes[k] + costs.act_bytes[k])
-            params = sum(program.nbytes(v) for v in held)
+            new = layer_reads[j - 1] - held
+            held |= new
+            params += sum(program.nbytes(v) for v in new)
+            peak = max(peak, layer_peak[j - 1])
             outs = out_bytes * (2 * m) if j == n_layers else 0
             mem[i, j] = params + 2 * peak + batch_in + outs
     return mem
@@ -204,9 +206,8 @@ def _layer_problem(front: _Front, layers: Sequence[int], memory_limit: float) ->
     )
 
 
-def _finish(front: _Front, layers, stage_bounds, *, mesh, pipeline_axis, compile_, memory_limit,
-            started) -> Plan:  # fmt: skip
-    problem = _layer_problem(front, layers, memory_limit)
+def _finish(front: _Front, layers, stage_bounds, problem: StageProblem, *, mesh, pipeline_axis,
+            compile_, started) -> Plan:  # fmt: skip
     op_bounds = tuple(layers[b] for b in stage_bounds)
     layouts = stage_layouts(front.program, front.split, op_bounds)
     p, m = front.num_stages, front.traced.num_microbatches
@@ -313,9 +314,10 @@ def plan(
                    num_stages=num_stages, hardware=hardware)  # fmt: skip
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=front.num_stages)
-    solution = solve_stages(_layer_problem(front, layers, limit if limit else math.inf))
-    return _finish(front, layers, solution.boundaries, mesh=mesh, pipeline_axis=pipeline_axis,
-                   compile_=compile, memory_limit=limit, started=started)  # fmt: skip
+    problem = _layer_problem(front, layers, limit)
+    solution = solve_stages(problem)
+    return _finish(front, layers, solution.boundaries, problem, mesh=mesh,
+                   pipeline_axis=pipeline_axis, compile_=compile, started=started)  # fmt: skip
 
 
 def plan_from_dict(saved: dict, fn: Callable, example_args: Sequence[Any], *, mesh: Any,
@@ -333,10 +335,10 @@ def plan_from_dict(saved: dict, fn: Callable, example_args: Sequence[Any], *, me
             f"traced with these arguments (fingerprint {saved['fingerprint']} vs "
             f"{front.traced.fingerprint()}); plan it again with autopipe.plan."
         )
-    limit = saved["hardware"]["memory_bytes"]
-    return _finish(front, tuple(saved["layer_boundaries"]), tuple(saved["stage_boundaries"]),
-                   mesh=mesh, pipeline_axis=axis, compile_=compile, memory_limit=limit,
-                   started=started)  # fmt: skip
+    layers = tuple(saved["layer_boundaries"])
+    problem = _layer_problem(front, layers, math.inf)
+    return _finish(front, layers, tuple(saved["stage_boundaries"]), problem, mesh=mesh,
+                   pipeline_axis=axis, compile_=compile, started=started)  # fmt: skip
 
 
 def parallelize(fn: Callable | None = None, **options: Any) -> Callable:

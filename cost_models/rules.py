@@ -58,7 +58,7 @@ def register_cost_rule(*names: str) -> Callable[[CostRule], CostRule]:
 
 
 def size(aval: Any) -> int:
-    return int(np.prod(getattr(aval, "shape", ()), dtype=np.int64))
+    return math.prod(int(d) for d in getattr(aval, "shape", ()))
 
 
 def nbytes(aval: Any) -> int:

@@ -14,13 +14,14 @@ Operator kinds:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from autopipe._compat import ClosedJaxpr, JaxprEqn, bind_eqn, jaxpr_as_fun
+from autopipe.cost_models.rules import nbytes
 
 OpKind = Literal["eqn", "index", "scan_step", "stack"]
 
@@ -56,9 +57,12 @@ class Program:
     consts: tuple[tuple[int, Any], ...]  # (value id, concrete array) closed over by the jaxpr
     batch_dependent: frozenset[int]  # value ids that depend on a batch input
 
+    @functools.cached_property
+    def value_bytes(self) -> tuple[int, ...]:
+        return tuple(nbytes(a) for a in self.avals)
+
     def nbytes(self, v: int) -> int:
-        a = self.avals[v]
-        return int(np.prod(a.shape, dtype=np.int64)) * np.dtype(a.dtype).itemsize
+        return self.value_bytes[v]
 
     def producers(self) -> dict[int, int]:
         """value id → index of the op that defines it."""

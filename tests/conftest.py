@@ -1,0 +1,66 @@
+"""Shared test set-up: 8 simulated CPU devices and small reference models with fixed values."""
+
+from __future__ import annotations
+
+import jax
+
+jax.config.update("jax_num_cpu_devices", 8)
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from autopipe import models  # noqa: E402
+
+BATCH = 8
+GPT = models.GPTConfig(vocab=64, seq=8, d_model=32, heads=2, layers=4, mlp_ratio=2)
+
+
+def fill(abstract, seed: int = 0):
+    """Deterministic values for an abstract variable tree (BatchNorm variances kept positive)."""
+    rng = np.random.default_rng(seed)
+
+    def leaf(path, x):
+        value = rng.normal(0.0, 0.3, size=x.shape)
+        if jax.tree_util.keystr(path).endswith("['var']"):
+            value = np.abs(value) + 0.5
+        return jnp.asarray(value, x.dtype)
+
+    return jax.tree_util.tree_map_with_path(leaf, abstract)
+
+
+def _linen(model, x):
+    return model.apply, (fill(models.abstract_linen(model, x)), x)
+
+
+def _cases() -> dict:
+    tokens = models.make_tokens(GPT, BATCH)
+    features = jnp.asarray(np.random.default_rng(1).normal(size=(BATCH, 16)), jnp.float32)
+    images = jnp.asarray(np.random.default_rng(2).normal(size=(BATCH, 8, 8, 3)), jnp.float32)
+    gpt_fn, (gpt_vars, _) = _linen(models.LinenGPT(GPT), tokens)
+    nnx_mlp = models.abstract_nnx(lambda: models.NnxMLP((16, 32, 32, 32, 8), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(nnx_mlp)
+    scanned = models.ScannedLinenGPT(GPT)
+    return {
+        "linen_mlp": _linen(models.LinenMLP(features=(32, 32, 32, 8)), features),
+        "nnx_mlp": (lambda m, x: m(x), (nnx.merge(graphdef, fill(state)), features)),
+        "linen_gpt": (gpt_fn, (gpt_vars, tokens)),
+        "nnx_gpt": (lambda m, t: m(t), (models.nnx_gpt_from_linen(GPT, gpt_vars), tokens)),
+        "scanned_gpt": (
+            scanned.apply,
+            (models.stack_linen_gpt_params(gpt_vars, GPT.layers), tokens),
+        ),
+        "cnn": _linen(models.LinenCNN(), images),
+    }
+
+
+@pytest.fixture(scope="session")
+def cases() -> dict:
+    return _cases()
+
+
+def mesh(pp: int, **other: int):
+    names = ("pp", *other)
+    shape = (pp, *other.values())
+    return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
