@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -111,8 +112,9 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
         op_times=tuple(times),
         cut_bytes=tuple(sum(program.nbytes(v) for v in vs) for vs in live),
         reads=reads,
-        act_bytes=tuple(sum(program.nbytes(v) for v in program.ops[i].outvars)
-                        for i in split.pipeline),  # fmt: skip
+        act_bytes=tuple(
+            sum(program.nbytes(v) for v in program.ops[i].outvars) for i in split.pipeline
+        ),
         unruled=tuple(unruled),
     )
 
@@ -128,9 +130,11 @@ def _segment_memory(program: Program, costs: _Costs, layers: Sequence[int], m: i
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
     mem = np.full((n_layers + 1, n_layers + 1), np.inf)
-    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in zip(layers, layers[1:])]
-    layer_peak = [max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
-                  for a, b in zip(layers, layers[1:])]  # fmt: skip
+    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in itertools.pairwise(layers)]
+    layer_peak = [
+        max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
+        for a, b in itertools.pairwise(layers)
+    ]
     for i in range(n_layers):
         held: set[int] = set()
         params = peak = 0
@@ -160,8 +164,9 @@ class _Front:
     num_stages: int
 
 
-def _front(fn, args, *, mesh, pipeline_axis, num_microbatches, batch_argnums, num_stages,
-           hardware) -> _Front:  # fmt: skip
+def _front(
+    fn, args, *, mesh, pipeline_axis, num_microbatches, batch_argnums, num_stages, hardware
+) -> _Front:
     axes = _mesh_axes(mesh, pipeline_axis)
     p_axis = dict(axes)[pipeline_axis]
     p = p_axis if num_stages is None else num_stages
@@ -188,8 +193,15 @@ def _front(fn, args, *, mesh, pipeline_axis, num_microbatches, batch_argnums, nu
     platform = "gpu" if _is_concrete(mesh) and mesh.devices.flat[0].platform == "gpu" else "cpu"
     hw = get_hardware(hardware, platform=platform)
     costs = _operator_costs(program, split, hw)
-    return _Front(traced=traced, program=program, split=split, costs=costs, hardware=hw,
-                  mesh_axes=axes, num_stages=p)  # fmt: skip
+    return _Front(
+        traced=traced,
+        program=program,
+        split=split,
+        costs=costs,
+        hardware=hw,
+        mesh_axes=axes,
+        num_stages=p,
+    )
 
 
 def _layer_problem(front: _Front, layers: Sequence[int], memory_limit: float) -> StageProblem:
@@ -206,8 +218,17 @@ def _layer_problem(front: _Front, layers: Sequence[int], memory_limit: float) ->
     )
 
 
-def _finish(front: _Front, layers, stage_bounds, problem: StageProblem, *, mesh, pipeline_axis,
-            compile_, started) -> Plan:  # fmt: skip
+def _finish(
+    front: _Front,
+    layers,
+    stage_bounds,
+    problem: StageProblem,
+    *,
+    mesh,
+    pipeline_axis,
+    compile_,
+    started,
+) -> Plan:
     op_bounds = tuple(layers[b] for b in stage_bounds)
     layouts = stage_layouts(front.program, front.split, op_bounds)
     p, m = front.num_stages, front.traced.num_microbatches
@@ -253,13 +274,25 @@ def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layou
     for s, lay in enumerate(layouts):
         lo, hi = stage_bounds[s], stage_bounds[s + 1]
         send = front.costs.cut_bytes[op_bounds[s + 1]] if s < len(layouts) - 1 else 0
-        t = sum(problem.layer_time[lo:hi]) + (problem.cut_time[hi - 1] if hi < len(
-            problem.layer_time) else 0.0)  # fmt: skip
-        prims = tuple(front.program.ops[i].primitive for i in front.split.pipeline[
-            op_bounds[s] : op_bounds[s + 1]])  # fmt: skip
-        out.append(Stage(index=s, layers=(lo, hi), operators=(op_bounds[s], op_bounds[s + 1]),
-                         primitives=prims, param_bytes=lay.param_bytes, send_bytes=int(send),
-                         time=float(t), memory=float(mem[lo, hi])))  # fmt: skip
+        t = sum(problem.layer_time[lo:hi]) + (
+            problem.cut_time[hi - 1] if hi < len(problem.layer_time) else 0.0
+        )
+        prims = tuple(
+            front.program.ops[i].primitive
+            for i in front.split.pipeline[op_bounds[s] : op_bounds[s + 1]]
+        )
+        out.append(
+            Stage(
+                index=s,
+                layers=(lo, hi),
+                operators=(op_bounds[s], op_bounds[s + 1]),
+                primitives=prims,
+                param_bytes=lay.param_bytes,
+                send_bytes=int(send),
+                time=float(t),
+                memory=float(mem[lo, hi]),
+            )
+        )
     return tuple(out)
 
 
@@ -277,8 +310,9 @@ def _compile(front: _Front, layouts, sched, mesh, axis) -> _Runtime:
         if b
     )
     compiled = emitted.step.lower(param_avals, batch_avals).compile()
-    return _Runtime(emitted=emitted, compiled=compiled,
-                    packers=make_packers(program, front.split, layouts))  # fmt: skip
+    return _Runtime(
+        emitted=emitted, compiled=compiled, packers=make_packers(program, front.split, layouts)
+    )
 
 
 def plan(
@@ -309,26 +343,54 @@ def plan(
       compile: False plans without compiling even for a concrete mesh.
     """
     started = time.perf_counter()
-    front = _front(fn, example_args, mesh=mesh, pipeline_axis=pipeline_axis,
-                   num_microbatches=num_microbatches, batch_argnums=batch_argnums,
-                   num_stages=num_stages, hardware=hardware)  # fmt: skip
+    front = _front(
+        fn,
+        example_args,
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        num_microbatches=num_microbatches,
+        batch_argnums=batch_argnums,
+        num_stages=num_stages,
+        hardware=hardware,
+    )
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=front.num_stages)
     problem = _layer_problem(front, layers, limit)
     solution = solve_stages(problem)
-    return _finish(front, layers, solution.boundaries, problem, mesh=mesh,
-                   pipeline_axis=pipeline_axis, compile_=compile, started=started)  # fmt: skip
+    return _finish(
+        front,
+        layers,
+        solution.boundaries,
+        problem,
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        compile_=compile,
+        started=started,
+    )
 
 
-def plan_from_dict(saved: dict, fn: Callable, example_args: Sequence[Any], *, mesh: Any,
-                   batch_argnums: Sequence[int] = (1,), compile: bool = True) -> Plan:  # noqa: A002
+def plan_from_dict(
+    saved: dict,
+    fn: Callable,
+    example_args: Sequence[Any],
+    *,
+    mesh: Any,
+    batch_argnums: Sequence[int] = (1,),
+    compile: bool = True,
+) -> Plan:  # noqa: A002
     """Rebuilds a saved plan: same trace, same stages, no search."""
     started = time.perf_counter()
     axis = saved["pipeline_axis"]
-    front = _front(fn, example_args, mesh=mesh, pipeline_axis=axis,
-                   num_microbatches=saved["num_microbatches"], batch_argnums=batch_argnums,
-                   num_stages=len(saved["stage_boundaries"]) - 1,
-                   hardware=Hardware(**saved["hardware"]))  # fmt: skip
+    front = _front(
+        fn,
+        example_args,
+        mesh=mesh,
+        pipeline_axis=axis,
+        num_microbatches=saved["num_microbatches"],
+        batch_argnums=batch_argnums,
+        num_stages=len(saved["stage_boundaries"]) - 1,
+        hardware=Hardware(**saved["hardware"]),
+    )
     if front.traced.fingerprint() != saved["fingerprint"]:
         raise ValueError(
             f"the saved plan was made for a different program than {front.traced.spec.fn_name} "
@@ -337,8 +399,16 @@ def plan_from_dict(saved: dict, fn: Callable, example_args: Sequence[Any], *, me
         )
     layers = tuple(saved["layer_boundaries"])
     problem = _layer_problem(front, layers, math.inf)
-    return _finish(front, layers, tuple(saved["stage_boundaries"]), problem, mesh=mesh,
-                   pipeline_axis=axis, compile_=compile, started=started)  # fmt: skip
+    return _finish(
+        front,
+        layers,
+        tuple(saved["stage_boundaries"]),
+        problem,
+        mesh=mesh,
+        pipeline_axis=axis,
+        compile_=compile,
+        started=started,
+    )
 
 
 def parallelize(fn: Callable | None = None, **options: Any) -> Callable:

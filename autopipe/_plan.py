@@ -227,8 +227,10 @@ class Plan:
         param_ids = [v for v in prog.invars if v not in prog.batch_dependent]
         raw = dict(zip(param_ids, params, strict=True)) | dict(prog.consts)
         sharding = rt.emitted.param_sharding
-        shape_of = {dt: (self.num_stages, n) for dt, n in
-                    zip(rt.emitted.param_dtypes, rt.emitted.param_sizes, strict=True)}  # fmt: skip
+        shape_of = {
+            dt: (self.num_stages, n)
+            for dt, n in zip(rt.emitted.param_dtypes, rt.emitted.param_sizes, strict=True)
+        }
         per_stage = {}
         for s, (pack, ids) in enumerate(rt.packers):
             home = _stage_devices(self.mesh, self.pipeline_axis, s)[0]
@@ -236,7 +238,9 @@ class Plan:
         out = []
         for k, dt in enumerate(rt.emitted.param_dtypes):
             index_map = sharding.addressable_devices_indices_map(shape_of[dt])
-            arrays = [jax.device_put(per_stage[idx[0].start or 0][k], d) for d, idx in index_map.items()]
+            arrays = [
+                jax.device_put(per_stage[idx[0].start or 0][k], d) for d, idx in index_map.items()
+            ]
             out.append(jax.make_array_from_single_device_arrays(shape_of[dt], sharding, arrays))
         return tuple(out)
 

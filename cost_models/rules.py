@@ -123,10 +123,21 @@ def _data_movement_rule(avals_in, avals_out, params) -> Cost:
 
 
 @register_cost_rule(
-    "reduce_sum", "reduce_max", "reduce_min", "reduce_prod", "reduce_and", "reduce_or",
-    "argmax", "argmin", "cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp",
+    "reduce_sum",
+    "reduce_max",
+    "reduce_min",
+    "reduce_prod",
+    "reduce_and",
+    "reduce_or",
+    "argmax",
+    "argmin",
+    "cumsum",
+    "cumprod",
+    "cummax",
+    "cummin",
+    "cumlogsumexp",
     "reduce_precision_sum",
-)  # fmt: skip
+)
 def _reduction_rule(avals_in, avals_out, params) -> Cost:
     return Cost(float(size(avals_in[0])), _traffic(avals_in, avals_out))
 

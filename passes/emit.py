@@ -28,7 +28,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.ir import Program, eval_ops, read_atom
 from autopipe.passes.layout import FlatLayout, Split, StageLayout, buffer_sizes, placed_sources
 from autopipe.passes.schedule import Schedule
 
@@ -71,9 +71,7 @@ def _stage_fn(program: Program, layout: StageLayout, *, last: bool, sizes: dict[
         _unpack(env, layout.params, params)
         _unpack(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
-        for i in layout.ops:
-            op = program.ops[i]
-            env.update(zip(op.outvars, apply_op(op, [read_atom(env, a) for a in op.invars])))
+        eval_ops(program, layout.ops, env)
         send = _pack(env, layout.send, sizes)
         outs = tuple(read_atom(env, a) for a in program.outvars) if last else None
         return send, outs
@@ -82,9 +80,7 @@ def _stage_fn(program: Program, layout: StageLayout, *, last: bool, sizes: dict[
 
 
 def _zeros_like_outputs(program: Program) -> tuple[Any, ...]:
-    return tuple(
-        jnp.zeros(program.avals[a].shape, program.avals[a].dtype) for a in program.outvars
-    )
+    return tuple(jnp.zeros(program.avals[a].shape, program.avals[a].dtype) for a in program.outvars)
 
 
 def emit(
@@ -208,9 +204,7 @@ def make_packers(
 
         def pack(*raw_vals, ops=ops, raw=raw, layout=st.params):
             env = dict(zip(raw, raw_vals, strict=True))
-            for i in ops:
-                op = program.ops[i]
-                env.update(zip(op.outvars, apply_op(op, [read_atom(env, a) for a in op.invars])))
+            eval_ops(program, ops, env)
             return tuple(b[None] for b in _pack(env, layout, sizes))
 
         packers.append((jax.jit(pack), raw))

@@ -57,8 +57,9 @@ class _Builder:
     def emit(self, op_kind: str, primitive: str, invars, out_avals, **kw) -> tuple[int, ...]:
         batch = self.is_batch(invars)
         outs = tuple(self.new(a, batch) for a in out_avals)
-        self.ops.append(Op(kind=op_kind, primitive=primitive, invars=tuple(invars),
-                           outvars=outs, **kw))  # fmt: skip
+        self.ops.append(
+            Op(kind=op_kind, primitive=primitive, invars=tuple(invars), outvars=outs, **kw)
+        )
         return outs
 
 
@@ -82,8 +83,9 @@ def _lower(b: _Builder, jaxpr: Any, env: dict, where: str) -> None:
         elif name == "scan" and _is_layer_scan(b, eqn, invars):
             _lower_layer_scan(b, eqn, invars, env, where)
         else:
-            outs = b.emit("eqn", name, invars, [v.aval for v in eqn.outvars], eqn=eqn,
-                          where=f"{where}{name}")  # fmt: skip
+            outs = b.emit(
+                "eqn", name, invars, [v.aval for v in eqn.outvars], eqn=eqn, where=f"{where}{name}"
+            )
             for var, v in zip(eqn.outvars, outs, strict=True):
                 if not isinstance(var, DropVar):
                     env[var] = v
@@ -124,10 +126,20 @@ def _lower_layer_scan(b: _Builder, eqn: Any, invars: list[Atom], env: dict, wher
     rows: dict[int, tuple[int, ...]] = {}
     for k in range(length):
         i = length - 1 - k if p["reverse"] else k
-        x_i = [b.emit("index", "index", [x], [a], iteration=i, where=f"{where}scan[{i}]/xs")[0]
-               for x, a in zip(xs, body.in_avals[nc + ncarry :], strict=True)]  # fmt: skip
-        outs = b.emit("scan_step", "scan", [*consts, *carry, *x_i], [*carry_avals, *y_avals],
-                      eqn=eqn, iteration=i, scan_id=scan_id, where=f"{where}scan[{i}]")  # fmt: skip
+        x_i = [
+            b.emit("index", "index", [x], [a], iteration=i, where=f"{where}scan[{i}]/xs")[0]
+            for x, a in zip(xs, body.in_avals[nc + ncarry :], strict=True)
+        ]
+        outs = b.emit(
+            "scan_step",
+            "scan",
+            [*consts, *carry, *x_i],
+            [*carry_avals, *y_avals],
+            eqn=eqn,
+            iteration=i,
+            scan_id=scan_id,
+            where=f"{where}scan[{i}]",
+        )
         carry, rows[i] = list(outs[:ncarry]), outs[ncarry:]
     for var, v in zip(eqn.outvars[:ncarry], carry, strict=True):
         if not isinstance(var, DropVar):
@@ -136,8 +148,9 @@ def _lower_layer_scan(b: _Builder, eqn: Any, invars: list[Atom], env: dict, wher
         if isinstance(var, DropVar):
             continue
         per_row = [rows[i][j] for i in range(length)]
-        (env[var],) = b.emit("stack", "stack", per_row, [var.aval], scan_id=scan_id,
-                             where=f"{where}scan/ys")  # fmt: skip
+        (env[var],) = b.emit(
+            "stack", "stack", per_row, [var.aval], scan_id=scan_id, where=f"{where}scan/ys"
+        )
 
 
 def _dce(ops: list[Op], outvars: Sequence[Atom]) -> list[Op]:
@@ -155,8 +168,10 @@ def build_program(closed: ClosedJaxpr, batch_inputs: Sequence[bool]) -> Program:
     """Lowers a traced jaxpr to the flat operator IR (see the module docstring)."""
     b = _Builder()
     env: dict = {}
-    invars = tuple(b.new(v.aval, is_batch) for v, is_batch in
-                   zip(closed.jaxpr.invars, batch_inputs, strict=True))  # fmt: skip
+    invars = tuple(
+        b.new(v.aval, is_batch)
+        for v, is_batch in zip(closed.jaxpr.invars, batch_inputs, strict=True)
+    )
     for var, v in zip(closed.jaxpr.invars, invars, strict=True):
         env[var] = v
     _bind_consts(b, closed, env)

@@ -76,6 +76,15 @@ def read_atom(env: dict[int, Any], a: Atom) -> Any:
     return a.val if isinstance(a, Lit) else env[a]
 
 
+def eval_ops(program: Program, ops: Any, env: dict[int, Any]) -> dict[int, Any]:
+    """Evaluates `program.ops[i]` for i in `ops` (in order), reading and writing `env`."""
+    for i in ops:
+        op = program.ops[i]
+        outs = apply_op(op, [read_atom(env, a) for a in op.invars])
+        env.update(zip(op.outvars, outs, strict=True))
+    return env
+
+
 def apply_op(op: Op, args: list[Any]) -> list[Any]:
     """Evaluates one operator (on arrays or tracers)."""
     if op.kind == "eqn":

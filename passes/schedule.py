@@ -67,7 +67,9 @@ def validate(schedule: Schedule) -> None:
             if stage != d:
                 raise ValueError(f"tick {t}: stage {stage} is placed on device {d}, not {stage}.")
             if cell in seen:
-                raise ValueError(f"stage {stage}, microbatch {j} runs twice (ticks {seen[cell][0]}, {t}).")
+                raise ValueError(
+                    f"stage {stage}, microbatch {j} runs twice (ticks {seen[cell][0]}, {t})."
+                )
             if stage > 0 and seen.get((stage - 1, j), (t,))[0] != t - 1:
                 raise ValueError(
                     f"tick {t}: stage {stage} runs microbatch {j}, but stage {stage - 1} did not "
@@ -76,4 +78,6 @@ def validate(schedule: Schedule) -> None:
             seen[cell] = (t, d)
     missing = [(s, j) for s in range(p) for j in range(m) if (s, j) not in seen]
     if missing:
-        raise ValueError(f"schedule never runs stage {missing[0][0]} on microbatch {missing[0][1]}.")
+        raise ValueError(
+            f"schedule never runs stage {missing[0][0]} on microbatch {missing[0][1]}."
+        )

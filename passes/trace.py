@@ -181,7 +181,11 @@ def trace(
         raise ValueError(_control_flow_message(spec.fn_name, e)) from None
     out_tree = jax.tree.structure(out_shape)
     return Traced(
-        spec=spec, jaxpr=jaxpr, out_tree=out_tree, batch_size=batch, num_microbatches=num_microbatches
+        spec=spec,
+        jaxpr=jaxpr,
+        out_tree=out_tree,
+        batch_size=batch,
+        num_microbatches=num_microbatches,
     )
 
 

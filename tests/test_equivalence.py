@@ -5,9 +5,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 import pytest
-from conftest import BATCH, mesh
 
 import autopipe
+from conftest import BATCH, mesh
 
 MODELS = ["linen_mlp", "nnx_mlp", "linen_gpt", "nnx_gpt", "scanned_gpt", "cnn"]
 GRID = [(pp, m) for pp in (1, 2, 4, 8) for m in (1, 2, 4, 8) if BATCH % m == 0]
