@@ -30,7 +30,7 @@ from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program, eval_ops, read_atom
 from autopipe.passes.layout import FlatLayout, Split, StageLayout, buffer_sizes, placed_sources
-from autopipe.passes.schedule import Schedule
+from autopipe.passes.schedule import Action, Schedule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -99,11 +99,10 @@ def emit(
     runs = [
         _stage_fn(program, st, last=s == p - 1, sizes=boundary_sizes) for s, st in enumerate(stages)
     ]
-    stage_table = np.array([[p if c is None else c[0] for c in row] for row in schedule.table])
-    mb_table = np.array([[0 if c is None else c[1] for c in row] for row in schedule.table])
-    last_dev = p - 1
-    first = schedule.tick_of(p - 1, 0)
-    out_ticks = [schedule.tick_of(p - 1, j) for j in range(m)]
+    stage_table = np.array([[p if c is None else c.stage for c in row] for row in schedule.table])
+    mb_table = np.array([[0 if c is None else c.microbatch for c in row] for row in schedule.table])
+    first = schedule.tick_of(Action("F", p - 1, 0))
+    out_ticks = [schedule.tick_of(Action("F", p - 1, j)) for j in range(m)]
     if out_ticks != list(range(first, first + m)):
         raise NotImplementedError("the last stage must run its microbatches on consecutive ticks")
     perm = [(d, d + 1) for d in range(p - 1)]
@@ -157,7 +156,6 @@ def emit(
         batch = tuple(x.reshape(m, mb, *x.shape[1:]) for x in batch_leaves)
         return smap(tuple(param_bufs), batch)
 
-    del last_dev
     return Emitted(
         step=jax.jit(step),
         param_dtypes=dtypes,

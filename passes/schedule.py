@@ -1,6 +1,7 @@
 """Pipeline schedules as data: which stage and microbatch every device runs at every tick.
 
-A `Schedule` is a table ``table[tick][device] = (stage, microbatch)`` or ``None`` (idle). The
+A `Schedule` is a table ``table[tick][device] = Action(kind, stage, microbatch)`` or ``None``
+(idle); ``kind`` is ``"F"`` (forward), ``"B"`` (backward) or ``"W"`` (weight gradient). The
 emitter runs any valid table with one SPMD program (a scan over ticks, each device looking up
 its own cell), so a new schedule is a new table, not new code. `validate` checks a table before
 emission and names the first violation.
@@ -12,8 +13,22 @@ microbatch j at tick s + j (fill, steady state, drain).
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
-Cell = tuple[int, int] | None
+ActionKind = Literal["F", "B", "W"]
+
+
+@dataclasses.dataclass(frozen=True, order=True)
+class Action:
+    kind: ActionKind
+    stage: int
+    microbatch: int
+
+    def __str__(self) -> str:
+        return f"{self.kind}{self.stage}.{self.microbatch}"
+
+
+Cell = Action | None
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -36,17 +51,18 @@ class Schedule:
         cells = [c for row in self.table for c in row]
         return sum(c is None for c in cells) / max(len(cells), 1)
 
-    def tick_of(self, stage: int, microbatch: int) -> int:
+    def tick_of(self, action: Action) -> int:
         for t, row in enumerate(self.table):
-            if (stage, microbatch) in row:
+            if action in row:
                 return t
-        raise KeyError((stage, microbatch))
+        raise KeyError(action)
 
 
 def inference(num_stages: int, num_microbatches: int) -> Schedule:
     p, m = num_stages, num_microbatches
     table = tuple(
-        tuple((d, t - d) if 0 <= t - d < m else None for d in range(p)) for t in range(m + p - 1)
+        tuple(Action("F", d, t - d) if 0 <= t - d < m else None for d in range(p))
+        for t in range(m + p - 1)
     )
     return Schedule(kind="inference", num_stages=p, num_microbatches=m, table=table)
 
@@ -61,7 +77,9 @@ def validate(schedule: Schedule) -> None:
         for d, cell in enumerate(row):
             if cell is None:
                 continue
-            stage, j = cell
+            stage, j = cell.stage, cell.microbatch
+            if cell.kind != "F":
+                raise ValueError(f"tick {t}, device {d}: {cell} is not a forward action.")
             if not (0 <= stage < p and 0 <= j < m):
                 raise ValueError(f"tick {t}, device {d}: {cell} is outside {p} stages × {m} mbs.")
             if stage != d:
@@ -70,14 +88,15 @@ def validate(schedule: Schedule) -> None:
                 raise ValueError(
                     f"stage {stage}, microbatch {j} runs twice (ticks {seen[cell][0]}, {t})."
                 )
-            if stage > 0 and seen.get((stage - 1, j), (t,))[0] != t - 1:
+            if stage > 0 and seen.get(Action("F", stage - 1, j), (t,))[0] != t - 1:
                 raise ValueError(
                     f"tick {t}: stage {stage} runs microbatch {j}, but stage {stage - 1} did not "
                     "run it on the tick before (activations arrive one tick after they are sent)."
                 )
             seen[cell] = (t, d)
-    missing = [(s, j) for s in range(p) for j in range(m) if (s, j) not in seen]
+    missing = [a for s in range(p) for j in range(m) if (a := Action("F", s, j)) not in seen]
     if missing:
         raise ValueError(
-            f"schedule never runs stage {missing[0][0]} on microbatch {missing[0][1]}."
+            f"schedule never runs {missing[0]} (forward of stage "
+            f"{missing[0].stage} on microbatch {missing[0].microbatch})."
         )

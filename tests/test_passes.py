@@ -142,10 +142,11 @@ def test_inference_schedule_table_and_validation():
     s = schedules.inference(4, 8)
     schedules.validate(s)
     assert s.num_ticks == 11 and s.bubble_fraction() == pytest.approx(3 / 11)
-    assert s.table[0] == ((0, 0), None, None, None) and s.table[3][3] == (3, 0)
+    F = schedules.Action
+    assert s.table[0] == (F("F", 0, 0), None, None, None) and s.table[3][3] == F("F", 3, 0)
     broken = dict(
         missing=s.table[:-1],
-        early=(((0, 0), (1, 0), None, None),) + s.table[1:],
+        early=((F("F", 0, 0), F("F", 1, 0), None, None),) + s.table[1:],
         twice=(s.table[0],) + s.table,
     )
     msgs = {
