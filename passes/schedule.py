@@ -1,18 +1,25 @@
-"""Pipeline schedules as data: which stage and microbatch every device runs at every tick.
+"""Pipeline schedules as data: which action every device runs at every tick.
 
 A `Schedule` is a table ``table[tick][device] = Action(kind, stage, microbatch)`` or ``None``
-(idle); ``kind`` is ``"F"`` (forward), ``"B"`` (backward) or ``"W"`` (weight gradient). The
-emitter runs any valid table with one SPMD program (a scan over ticks, each device looking up
-its own cell), so a new schedule is a new table, not new code. `validate` checks a table before
-emission and names the first violation.
+(idle). ``kind`` is ``"F"`` (forward), ``"B"`` (backward: input gradient, plus the weight
+gradient unless the schedule splits it off) or ``"W"`` (weight gradient, zero-bubble only).
+Stage ``s`` lives on device ``s % p``; with ``v`` virtual stages per device (interleaved) there
+are ``v·p`` stages. The emitter runs any valid table with one SPMD program (a scan over ticks,
+each device looking up its own cell), so a new schedule is a new table, not new code.
 
-Only forward-only (inference) tables exist so far: stage s lives on device s and runs
-microbatch j at tick s + j (fill, steady state, drain).
+Tables are built from a per-device *order* of actions by `from_orders`, which places each
+action at the first tick its inputs have arrived (a value sent at tick t arrives at t + 1).
+Builders: `inference`, `gpipe`, `one_f_one_b`, `interleaved_1f1b`, `zb_h1`; look them up by
+name in `SCHEDULES`. `validate` checks any table (counts, placement, dependencies) and names
+the first violation. `simulate` times a table event by event (each device runs its actions in
+table order as soon as their inputs are ready), which gives the bubble fractions of the
+literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1) interleaved, less for ZB-H1.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 ActionKind = Literal["F", "B", "W"]
@@ -34,69 +41,311 @@ Cell = Action | None
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Schedule:
     kind: str
-    num_stages: int
-    num_microbatches: int
+    num_devices: int  # p
+    num_stages: int  # v · p
+    num_microbatches: int  # m
     table: tuple[tuple[Cell, ...], ...]  # [tick][device]
+    training: bool = False
+    split_backward: bool = False  # B is input-gradient only; W does the weight gradient
 
     @property
     def num_ticks(self) -> int:
         return len(self.table)
 
     @property
-    def num_devices(self) -> int:
-        return len(self.table[0]) if self.table else 0
+    def virtual_stages(self) -> int:
+        return self.num_stages // self.num_devices
 
-    def bubble_fraction(self) -> float:
-        """Idle share of device-ticks (equal-length ticks): (p−1)/(m+p−1) for GPipe-like."""
-        cells = [c for row in self.table for c in row]
-        return sum(c is None for c in cells) / max(len(cells), 1)
+    def device_of(self, stage: int) -> int:
+        return stage % self.num_devices
+
+    def ticks(self) -> dict[Action, int]:
+        return {c: t for t, row in enumerate(self.table) for c in row if c is not None}
 
     def tick_of(self, action: Action) -> int:
-        for t, row in enumerate(self.table):
-            if action in row:
-                return t
-        raise KeyError(action)
+        return self.ticks()[action]
+
+    def bubble_fraction(self, durations: dict[str, float] | None = None) -> float:
+        """Idle share of device time when the table runs event by event (see `simulate`)."""
+        durations = durations or _UNIT
+        _, makespan = simulate(self, durations)
+        work = sum(durations[c.kind] for row in self.table for c in row if c is not None)
+        return 1.0 - work / (self.num_devices * makespan) if makespan else 0.0
+
+    def in_flight(self) -> list[int]:
+        """Per device: the most microbatches whose forward ran and backward has not finished."""
+        peak = []
+        for d in range(self.num_devices):
+            live = best = 0
+            for row in self.table:
+                c = row[d]
+                if c is not None and c.kind == "F":
+                    live += 1
+                elif c is not None and c.kind == ("W" if self.split_backward else "B"):
+                    live -= 1
+                best = max(best, live)
+            peak.append(best)
+        return peak
 
 
-def inference(num_stages: int, num_microbatches: int) -> Schedule:
-    p, m = num_stages, num_microbatches
-    table = tuple(
-        tuple(Action("F", d, t - d) if 0 <= t - d < m else None for d in range(p))
-        for t in range(m + p - 1)
-    )
-    return Schedule(kind="inference", num_stages=p, num_microbatches=m, table=table)
+_UNIT = {"F": 1.0, "B": 1.0, "W": 1.0}
+
+
+# --- dependencies -------------------------------------------------------------------------
+
+
+def _deps(a: Action, s: Schedule) -> list[tuple[Action, bool]]:
+    """(action, crosses devices) pairs that must finish before `a` starts."""
+    last = s.num_stages - 1
+    if a.kind == "F":
+        return [(Action("F", a.stage - 1, a.microbatch), True)] if a.stage > 0 else []
+    if a.kind == "B":
+        own = [(Action("F", a.stage, a.microbatch), False)]
+        if a.stage < last:
+            own.append((Action("B", a.stage + 1, a.microbatch), True))
+        return own
+    return [(Action("B", a.stage, a.microbatch), False)]
+
+
+def _expected(s: Schedule) -> list[Action]:
+    kinds = ("F", "B", "W") if s.split_backward else ("F", "B") if s.training else ("F",)
+    return [
+        Action(k, st, j)
+        for k in kinds
+        for st in range(s.num_stages)
+        for j in range(s.num_microbatches)
+    ]
 
 
 def validate(schedule: Schedule) -> None:
     """Raises ValueError naming the first violation: counts, placement or dependencies."""
-    p, m = schedule.num_stages, schedule.num_microbatches
-    seen: dict[Cell, tuple[int, int]] = {}
-    for t, row in enumerate(schedule.table):
+    s, p = schedule, schedule.num_devices
+    if s.num_stages % p:
+        raise ValueError(f"{s.num_stages} stages cannot be spread evenly over {p} devices.")
+    seen: dict[Action, int] = {}
+    for t, row in enumerate(s.table):
         if len(row) != p:
             raise ValueError(f"schedule tick {t} has {len(row)} devices; expected {p}.")
-        for d, cell in enumerate(row):
-            if cell is None:
+        for d, a in enumerate(row):
+            if a is None:
                 continue
-            stage, j = cell.stage, cell.microbatch
-            if cell.kind != "F":
-                raise ValueError(f"tick {t}, device {d}: {cell} is not a forward action.")
-            if not (0 <= stage < p and 0 <= j < m):
-                raise ValueError(f"tick {t}, device {d}: {cell} is outside {p} stages × {m} mbs.")
-            if stage != d:
-                raise ValueError(f"tick {t}: stage {stage} is placed on device {d}, not {stage}.")
-            if cell in seen:
+            if not (0 <= a.stage < s.num_stages and 0 <= a.microbatch < s.num_microbatches):
                 raise ValueError(
-                    f"stage {stage}, microbatch {j} runs twice (ticks {seen[cell][0]}, {t})."
+                    f"tick {t}, device {d}: {a} is outside {s.num_stages} stages "
+                    f"× {s.num_microbatches} microbatches."
                 )
-            if stage > 0 and seen.get(Action("F", stage - 1, j), (t,))[0] != t - 1:
+            if s.device_of(a.stage) != d:
                 raise ValueError(
-                    f"tick {t}: stage {stage} runs microbatch {j}, but stage {stage - 1} did not "
-                    "run it on the tick before (activations arrive one tick after they are sent)."
+                    f"tick {t}: {a} is placed on device {d}, but stage {a.stage} "
+                    f"lives on device {s.device_of(a.stage)}."
                 )
-            seen[cell] = (t, d)
-    missing = [a for s in range(p) for j in range(m) if (a := Action("F", s, j)) not in seen]
+            if a in seen:
+                raise ValueError(f"{a} runs twice (ticks {seen[a]} and {t}).")
+            if a.kind != "F" and not s.training:
+                raise ValueError(f"tick {t}: {a} in a forward-only schedule.")
+            if a.kind == "W" and not s.split_backward:
+                raise ValueError(f"tick {t}: {a} but this schedule does not split the backward.")
+            for dep, _ in _deps(a, s):
+                ready = seen.get(dep)
+                if ready is None or ready >= t:
+                    when = "has not run" if ready is None else f"runs at tick {ready}"
+                    raise ValueError(f"tick {t}: {a} needs {dep} first, which {when}.")
+            seen[a] = t
+    missing = [a for a in _expected(s) if a not in seen]
     if missing:
+        raise ValueError(f"schedule never runs {missing[0]} ({len(missing)} actions missing).")
+    if not s.training:
+        late = [
+            a
+            for a, t in seen.items()
+            if a.stage > 0 and seen[Action("F", a.stage - 1, a.microbatch)] != t - 1
+        ]
+        if late:
+            raise ValueError(
+                f"{late[0]} does not run on the tick after its input is sent; a "
+                "forward-only table consumes activations as they arrive."
+            )
+
+
+# --- timing -------------------------------------------------------------------------------
+
+
+def simulate(
+    schedule: Schedule, durations: dict[str, float], transfer: float = 0.0
+) -> tuple[dict[Action, tuple[float, float]], float]:
+    """Event-driven times: each device runs its actions in table order, each starting once its
+    inputs are ready (plus `transfer` across devices). Returns {action: (start, end)}, makespan.
+    """
+    times: dict[Action, tuple[float, float]] = {}
+    free = [0.0] * schedule.num_devices
+    for row in schedule.table:
+        for d, a in enumerate(row):
+            if a is None:
+                continue
+            ready = max(
+                [times[dep][1] + (transfer if cross else 0.0) for dep, cross in _deps(a, schedule)],
+                default=0.0,
+            )
+            start = max(free[d], ready)
+            times[a] = (start, start + durations[a.kind])
+            free[d] = start + durations[a.kind]
+    return times, max(free, default=0.0)
+
+
+# --- builders -----------------------------------------------------------------------------
+
+
+def from_orders(
+    kind: str,
+    orders: Sequence[Sequence[Action]],
+    *,
+    num_stages: int,
+    num_microbatches: int,
+    training: bool,
+    split_backward: bool = False,
+) -> Schedule:
+    """Places each device's actions, in order, at the first tick their inputs have arrived."""
+    p = len(orders)
+    proto = Schedule(
+        kind=kind,
+        num_devices=p,
+        num_stages=num_stages,
+        num_microbatches=num_microbatches,
+        table=(),
+        training=training,
+        split_backward=split_backward,
+    )
+    done: dict[Action, int] = {}
+    nxt = [0] * p
+    rows: list[tuple[Cell, ...]] = []
+    total = sum(len(o) for o in orders)
+    while len(done) < total:
+        t = len(rows)
+        row: list[Cell] = [None] * p
+        for d in range(p):
+            if nxt[d] < len(orders[d]):
+                a = orders[d][nxt[d]]
+                if all(dep in done and done[dep] < t for dep, _ in _deps(a, proto)):
+                    row[d] = a
+        if not any(row):
+            stuck = [str(orders[d][nxt[d]]) for d in range(p) if nxt[d] < len(orders[d])]
+            raise ValueError(f"schedule {kind!r} deadlocks at tick {t}: waiting on {stuck}.")
+        for d, a in enumerate(row):
+            if a is not None:
+                done[a] = t
+                nxt[d] += 1
+        rows.append(tuple(row))
+    return dataclasses.replace(proto, table=tuple(rows))
+
+
+def inference(p: int, m: int, v: int = 1) -> Schedule:
+    orders = [[Action("F", d, j) for j in range(m)] for d in range(p)]
+    return from_orders("inference", orders, num_stages=p, num_microbatches=m, training=False)
+
+
+def gpipe(p: int, m: int, v: int = 1) -> Schedule:
+    """All forwards, then all backwards (what jax.grad of the forward pipeline does)."""
+    orders = [
+        [Action("F", d, j) for j in range(m)] + [Action("B", d, j) for j in range(m)]
+        for d in range(p)
+    ]
+    return from_orders("gpipe", orders, num_stages=p, num_microbatches=m, training=True)
+
+
+def _one_f_one_b_order(d: int, p: int, m: int, kinds=("B",)) -> list[Action]:
+    warm = min(p - d - 1, m)
+    order = [Action("F", d, j) for j in range(warm)]
+    for j in range(m - warm):
+        order.append(Action("F", d, warm + j))
+        order.extend(Action(k, d, j) for k in kinds)
+    for j in range(m - warm, m):
+        order.extend(Action(k, d, j) for k in kinds)
+    return order
+
+
+def one_f_one_b(p: int, m: int, v: int = 1) -> Schedule:
+    """PipeDream-flush 1F1B: p − d − 1 warm-up forwards, then alternate; ≤ p − d in flight."""
+    orders = [_one_f_one_b_order(d, p, m) for d in range(p)]
+    return from_orders("1f1b", orders, num_stages=p, num_microbatches=m, training=True)
+
+
+def interleaved_1f1b(p: int, m: int, v: int = 2) -> Schedule:
+    """Megatron's interleaved 1F1B: v stages per device (s = chunk·p + d); needs m % p == 0."""
+    if m % p:
         raise ValueError(
-            f"schedule never runs {missing[0]} (forward of stage "
-            f"{missing[0].stage} on microbatch {missing[0].microbatch})."
+            f"interleaved 1F1B needs num_microbatches ({m}) divisible by the "
+            f"pipeline size ({p}); use m = {p * max(1, round(m / p))}."
         )
+    n = m * v
+
+    def unit(k: int, kind: ActionKind, d: int) -> Action:
+        chunk = (k // p) % v
+        chunk = v - 1 - chunk if kind == "B" else chunk
+        return Action(kind, chunk * p + d, (k // (p * v)) * p + k % p)
+
+    orders = []
+    for d in range(p):
+        warm = min((p - d - 1) * 2 + (v - 1) * p, n)
+        order = [unit(k, "F", d) for k in range(warm)]
+        for k in range(n - warm):
+            order += [unit(warm + k, "F", d), unit(k, "B", d)]
+        order += [unit(k, "B", d) for k in range(n - warm, n)]
+        orders.append(order)
+    return from_orders(
+        "interleaved_1f1b", orders, num_stages=v * p, num_microbatches=m, training=True
+    )
+
+
+def zb_h1(p: int, m: int, v: int = 1) -> Schedule:
+    """Zero-bubble H1: the backward is split into B (input gradient, on the critical path) and
+    W (weight gradient, deferred to fill bubbles). Each tick a device runs, by priority, a ready
+    B, else a ready F while fewer than p − d microbatches hold activations (1F1B's memory
+    bound, counted until W), else a pending W."""
+    proto = Schedule(
+        kind="zb_h1",
+        num_devices=p,
+        num_stages=p,
+        num_microbatches=m,
+        table=(),
+        training=True,
+        split_backward=True,
+    )
+    done: dict[Action, int] = {}
+    count = [{"F": 0, "B": 0, "W": 0} for _ in range(p)]
+    rows: list[tuple[Cell, ...]] = []
+    while len(done) < 3 * p * m:
+        t = len(rows)
+        row: list[Cell] = [None] * p
+        for d in range(p):
+            n = count[d]
+            options = [
+                ("B", n["B"] < m),
+                ("F", n["F"] < m and n["F"] - n["W"] < p - d),
+                ("W", n["W"] < n["B"]),
+            ]
+            for kind, allowed in options:
+                a = Action(kind, d, n[kind])
+                if allowed and all(done.get(dep, t) < t for dep, _ in _deps(a, proto)):
+                    row[d] = a
+                    break
+        for d, a in enumerate(row):
+            if a is not None:
+                done[a] = t
+                count[d][a.kind] += 1
+        rows.append(tuple(row))
+    return dataclasses.replace(proto, table=tuple(rows))
+
+
+SCHEDULES: dict[str, Callable[..., Schedule]] = {
+    "inference": inference,
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved_1f1b": interleaved_1f1b,
+    "zb_h1": zb_h1,
+}
+
+
+def make(kind: str, p: int, m: int, v: int = 1) -> Schedule:
+    if kind not in SCHEDULES:
+        raise ValueError(f"schedule={kind!r} is not one of {sorted(SCHEDULES)}.")
+    return SCHEDULES[kind](p, m, v)

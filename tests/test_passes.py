@@ -10,7 +10,6 @@ import pytest
 
 from autopipe.cost_models.hardware import PRESETS
 from autopipe.cost_models.rules import Cost, eqn_cost, op_time
-from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
 from autopipe.passes.graph import build_program, operator_graph
 from autopipe.passes.layout import live_across, split_ops, stage_layouts
@@ -136,28 +135,6 @@ def test_cluster_cuts_at_cheap_points_and_respects_min_layers():
     assert {4, 8} <= set(bounds)
     assert len(cluster(times, cut, min_layers=12)) == 13
     assert cluster(times, cut, min_layers=1)[-1] == 12
-
-
-def test_inference_schedule_table_and_validation():
-    s = schedules.inference(4, 8)
-    schedules.validate(s)
-    assert s.num_ticks == 11 and s.bubble_fraction() == pytest.approx(3 / 11)
-    F = schedules.Action
-    assert s.table[0] == (F("F", 0, 0), None, None, None) and s.table[3][3] == F("F", 3, 0)
-    broken = dict(
-        missing=s.table[:-1],
-        early=((F("F", 0, 0), F("F", 1, 0), None, None),) + s.table[1:],
-        twice=(s.table[0],) + s.table,
-    )
-    msgs = {
-        "missing": "never runs",
-        "early": "did not run it on the tick before",
-        "twice": "runs twice",
-    }
-    for name, table in broken.items():
-        bad = schedules.Schedule(kind="inference", num_stages=4, num_microbatches=8, table=table)
-        with pytest.raises(ValueError, match=msgs[name]):
-            schedules.validate(bad)
 
 
 def test_trace_accepts_shape_structs_and_splits_batch():

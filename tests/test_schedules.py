@@ -1,0 +1,103 @@
+"""Schedules as tables: builders, validation, bubble fractions, in-flight memory."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from autopipe.passes import schedule as S
+from autopipe.passes.schedule import Action
+
+KINDS = ["inference", "gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
+SIZES = [(2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
+
+
+@pytest.mark.parametrize(("p", "m"), SIZES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_builders_make_valid_tables(kind, p, m):
+    v = 2 if kind == "interleaved_1f1b" else 1
+    s = S.make(kind, p, m, v)
+    S.validate(s)
+    per_mb = {"inference": 1, "zb_h1": 3}.get(kind, 2)
+    assert sum(c is not None for row in s.table for c in row) == per_mb * m * p * v
+
+
+@pytest.mark.parametrize(("p", "m"), SIZES)
+def test_bubble_fractions_match_formulas(p, m):
+    gpipe_formula = (p - 1) / (m + p - 1)
+    # GPipe and 1F1B: (p−1)/(m+p−1), whatever the backward costs relative to the forward
+    for kind in ("inference", "gpipe", "1f1b"):
+        for durations in ({"F": 1, "B": 1, "W": 0}, {"F": 1, "B": 2, "W": 0}):
+            s = S.make(kind, p, m)
+            assert s.bubble_fraction(durations) == pytest.approx(gpipe_formula), kind
+    # interleaved (Megatron): bubble (p−1)/(v·m) of the ideal time, i.e. (p−1)/(v·m+p−1)
+    for v in (2, 4):
+        s = S.interleaved_1f1b(p, m, v)
+        assert s.bubble_fraction() == pytest.approx((p - 1) / (v * m + p - 1))
+    # ZB-H1 (F = B = W, so 1F1B's backward is B + W = 2): below 1F1B at the same p, m
+    zb = S.zb_h1(p, m).bubble_fraction({"F": 1, "B": 1, "W": 1})
+    assert zb < S.one_f_one_b(p, m).bubble_fraction({"F": 1, "B": 2, "W": 0}) - 0.02
+
+
+def test_in_flight_microbatches_bound_activation_memory():
+    p, m = 4, 8
+    assert S.gpipe(p, m).in_flight() == [8, 8, 8, 8]  # GPipe: m per device
+    assert S.one_f_one_b(p, m).in_flight() == [4, 3, 2, 1]  # 1F1B: min(p − r, m) on rank r
+    assert S.zb_h1(p, m).in_flight() == [4, 3, 2, 1]  # counted until W: same bound
+
+
+def _swap(s: S.Schedule, t1: int, t2: int, d: int) -> S.Schedule:
+    rows = [list(r) for r in s.table]
+    rows[t1][d], rows[t2][d] = rows[t2][d], rows[t1][d]
+    return dataclasses.replace(s, table=tuple(tuple(r) for r in rows))
+
+
+def test_validation_rejects_broken_tables():
+    s = S.one_f_one_b(2, 4)
+    ticks = s.ticks()
+    # missing dependency: the last stage's backward before its forward
+    t_f, t_b = ticks[Action("F", 1, 0)], ticks[Action("B", 1, 0)]
+    with pytest.raises(ValueError, match=r"B1\.0 needs F1\.0 first"):
+        S.validate(_swap(s, t_f, t_b, 1))
+    # wrong counts: a dropped backward, a duplicated forward
+    rows = [list(r) for r in s.table]
+    rows[ticks[Action("B", 0, 3)]][0] = None
+    with pytest.raises(ValueError, match=r"never runs B0\.3"):
+        S.validate(dataclasses.replace(s, table=tuple(tuple(r) for r in rows)))
+    with pytest.raises(ValueError, match="runs twice"):
+        S.validate(dataclasses.replace(s, table=s.table + (s.table[0],)))
+    # wrong device, W in a schedule that does not split the backward
+    bad = dataclasses.replace(s, table=((None, Action("F", 0, 0)),) + s.table[1:])
+    with pytest.raises(ValueError, match="placed on device 1"):
+        S.validate(bad)
+    with pytest.raises(ValueError, match="does not split the backward"):
+        S.validate(dataclasses.replace(s, table=s.table + ((Action("W", 0, 0), None),)))
+
+
+def test_deadlocking_orders_are_refused():
+    # device 0 waits for B1.0 before running F0.0, which device 1 needs for F1.0
+    orders = [
+        [Action("B", 0, 0), Action("F", 0, 0)],
+        [Action("F", 1, 0), Action("B", 1, 0)],
+    ]
+    with pytest.raises(ValueError, match="deadlocks at tick 0"):
+        S.from_orders("bad", orders, num_stages=2, num_microbatches=1, training=True)
+
+
+def test_forward_only_table_and_unknown_name():
+    s = S.inference(4, 8)
+    assert s.num_ticks == 11 and s.table[0] == (Action("F", 0, 0), None, None, None)
+    assert s.table[3][3] == Action("F", 3, 0)
+    F = Action
+    table = ((F("F", 0, 0), None), (F("F", 0, 1), None), (None, F("F", 1, 0)), (None, F("F", 1, 1)))
+    late = S.Schedule(
+        kind="inference", num_devices=2, num_stages=2, num_microbatches=2, table=table
+    )
+    # F1.0 runs two ticks after F0.0 sent its input: the receive buffer holds F0.1's by then
+    with pytest.raises(ValueError, match="tick after its input is sent"):
+        S.validate(late)
+    with pytest.raises(ValueError, match="not one of"):
+        S.make("pipedream", 2, 2)
+    with pytest.raises(ValueError, match="divisible by the pipeline size"):
+        S.interleaved_1f1b(4, 6, 2)
