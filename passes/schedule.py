@@ -65,11 +65,12 @@ class Schedule:
     def tick_of(self, action: Action) -> int:
         return self.ticks()[action]
 
-    def bubble_fraction(self, durations: dict[str, float] | None = None) -> float:
+    def bubble_fraction(self, durations: Durations | None = None) -> float:
         """Idle share of device time when the table runs event by event (see `simulate`)."""
         durations = durations or _UNIT
-        _, makespan = simulate(self, durations)
-        work = sum(durations[c.kind] for row in self.table for c in row if c is not None)
+        cost = durations if callable(durations) else (lambda a: durations[a.kind])
+        _, makespan = simulate(self, cost)
+        work = sum(cost(c) for row in self.table for c in row if c is not None)
         return 1.0 - work / (self.num_devices * makespan) if makespan else 0.0
 
     def in_flight(self) -> list[int]:
@@ -170,25 +171,30 @@ def validate(schedule: Schedule) -> None:
 # --- timing -------------------------------------------------------------------------------
 
 
+Durations = dict[str, float] | Callable[[Action], float]
+
+
 def simulate(
-    schedule: Schedule, durations: dict[str, float], transfer: float = 0.0
+    schedule: Schedule, durations: Durations, transfer: float = 0.0
 ) -> tuple[dict[Action, tuple[float, float]], float]:
     """Event-driven times: each device runs its actions in table order, each starting once its
-    inputs are ready (plus `transfer` across devices). Returns {action: (start, end)}, makespan.
+    inputs are ready (plus `transfer` across devices). `durations` maps an action kind, or an
+    action, to seconds. Returns {action: (start, end)} and the makespan.
     """
+    cost = durations if callable(durations) else (lambda a: durations[a.kind])
     times: dict[Action, tuple[float, float]] = {}
     free = [0.0] * schedule.num_devices
     for row in schedule.table:
         for d, a in enumerate(row):
             if a is None:
                 continue
+            deps = _deps(a, schedule)
             ready = max(
-                [times[dep][1] + (transfer if cross else 0.0) for dep, cross in _deps(a, schedule)],
-                default=0.0,
+                (times[dep][1] + (transfer if cross else 0.0) for dep, cross in deps), default=0.0
             )
             start = max(free[d], ready)
-            times[a] = (start, start + durations[a.kind])
-            free[d] = start + durations[a.kind]
+            times[a] = (start, start + cost(a))
+            free[d] = start + cost(a)
     return times, max(free, default=0.0)
 
 
