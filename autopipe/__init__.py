@@ -10,7 +10,19 @@ from autopipe._api import plan as plan
 from autopipe._plan import Plan as Plan
 from autopipe._plan import Predicted as Predicted
 from autopipe._plan import Stage as Stage
+from autopipe._plan import TrainState as TrainState
+from autopipe._train import train as train
 from autopipe.cost_models.hardware import PRESETS as PRESETS
 from autopipe.cost_models.hardware import Hardware as Hardware
 
-__all__ = ["Hardware", "PRESETS", "Plan", "Predicted", "Stage", "parallelize", "plan"]
+__all__ = [
+    "Hardware",
+    "PRESETS",
+    "Plan",
+    "Predicted",
+    "Stage",
+    "TrainState",
+    "parallelize",
+    "plan",
+    "train",
+]

@@ -89,6 +89,23 @@ def _check_outputs(traced: Traced, program: Program) -> None:
             )
 
 
+def _check_loss(traced: Traced, program: Program) -> None:
+    outs = program.outvars
+    aval = program.avals[outs[0]] if len(outs) == 1 and isinstance(outs[0], int) else None
+    if aval is None or aval.shape != () or not np.issubdtype(aval.dtype, np.floating):
+        shapes = [
+            tuple(getattr(program.avals[a], "shape", ())) if isinstance(a, int) else ()
+            for a in outs
+        ]
+        raise ValueError(
+            f"{traced.spec.fn_name}: a training loss function must return one float scalar "
+            f"(the loss, a mean over the batch), but it returns {len(outs)} value(s) with "
+            f"shapes {shapes}. Return only the loss."
+        )
+    if outs[0] not in program.batch_dependent:
+        raise ValueError(f"{traced.spec.fn_name}: the loss does not depend on the batch.")
+
+
 # --- costs ---------------------------------------------------------------------------------
 
 
@@ -119,6 +136,39 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
     )
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SegmentBytes:
+    """Per candidate stage [i, j) of layers (arrays indexed [i, j], i < j): parameter bytes,
+    the largest live-values footprint inside it, and the bytes of all values it makes."""
+
+    params: np.ndarray
+    peak: np.ndarray
+    made: np.ndarray
+    inputs: np.ndarray  # bytes received at its first layer
+
+
+def segment_bytes(program: Program, costs: _Costs, layers: Sequence[int]) -> SegmentBytes:
+    n = len(layers) - 1
+    params, peak, made, inputs = (np.zeros((n + 1, n + 1)) for _ in range(4))
+    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in itertools.pairwise(layers)]
+    layer_peak = [
+        max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
+        for a, b in itertools.pairwise(layers)
+    ]
+    layer_made = [sum(costs.act_bytes[a:b]) for a, b in itertools.pairwise(layers)]
+    for i in range(n):
+        held: set[int] = set()
+        p_bytes = pk = mk = 0
+        for j in range(i + 1, n + 1):
+            new = layer_reads[j - 1] - held
+            held |= new
+            p_bytes += sum(program.nbytes(v) for v in new)
+            pk, mk = max(pk, layer_peak[j - 1]), mk + layer_made[j - 1]
+            params[i, j], peak[i, j], made[i, j] = p_bytes, pk, mk
+            inputs[i, j] = costs.cut_bytes[layers[i]] if i > 0 else 0
+    return SegmentBytes(params=params, peak=peak, made=made, inputs=inputs)
+
+
 def _segment_memory(program: Program, costs: _Costs, layers: Sequence[int], m: int) -> np.ndarray:
     """mem[i, j] = params of layers [i, j) + a forward-only activation estimate.
 
@@ -126,26 +176,12 @@ def _segment_memory(program: Program, costs: _Costs, layers: Sequence[int], m: i
     receive and send buffers) plus the replicated batch inputs (all m microbatches), plus the
     per-tick outputs the last stage keeps.
     """
-    n_layers = len(layers) - 1
+    seg = segment_bytes(program, costs, layers)
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
-    mem = np.full((n_layers + 1, n_layers + 1), np.inf)
-    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in itertools.pairwise(layers)]
-    layer_peak = [
-        max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
-        for a, b in itertools.pairwise(layers)
-    ]
-    for i in range(n_layers):
-        held: set[int] = set()
-        params = peak = 0
-        for j in range(i + 1, n_layers + 1):
-            new = layer_reads[j - 1] - held
-            held |= new
-            params += sum(program.nbytes(v) for v in new)
-            peak = max(peak, layer_peak[j - 1])
-            outs = out_bytes * (2 * m) if j == n_layers else 0
-            mem[i, j] = params + 2 * peak + batch_in + outs
-    return mem
+    mem = seg.params + 2 * seg.peak + batch_in
+    mem[:, -1] += out_bytes * 2 * m
+    return np.where(np.triu(np.ones_like(mem), 1) > 0, mem, np.inf)
 
 
 # --- planning -------------------------------------------------------------------------------
@@ -165,24 +201,35 @@ class _Front:
 
 
 def _front(
-    fn, args, *, mesh, pipeline_axis, num_microbatches, batch_argnums, num_stages, hardware
+    fn,
+    args,
+    *,
+    mesh,
+    pipeline_axis,
+    num_microbatches,
+    batch_argnums,
+    num_stages,
+    hardware,
+    training=False,
+    virtual_stages=1,
 ) -> _Front:
     axes = _mesh_axes(mesh, pipeline_axis)
-    p_axis = dict(axes)[pipeline_axis]
+    p_axis = dict(axes)[pipeline_axis] * virtual_stages
     p = p_axis if num_stages is None else num_stages
     if p != p_axis:
         raise ValueError(
-            f"num_stages={num_stages} but the pipeline axis {pipeline_axis!r} has {p_axis} "
-            "devices; each device holds one stage, so use num_stages=None (or "
-            f"{p_axis}), or a mesh whose {pipeline_axis!r} axis has {num_stages} devices."
+            f"num_stages={num_stages} but the pipeline axis {pipeline_axis!r} has "
+            f"{p_axis // virtual_stages} devices × {virtual_stages} virtual stages; use "
+            f"num_stages=None (or {p_axis}), or a mesh whose {pipeline_axis!r} axis has "
+            f"{num_stages // virtual_stages} devices."
         )
     if num_microbatches is None:
         probe = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=1)
         num_microbatches = _default_microbatches(probe.batch_size, p)
     traced = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=num_microbatches)
     program = build_program(traced.jaxpr, traced.spec.batch_leaves)
-    _check_outputs(traced, program)
-    split = split_ops(program)
+    (_check_loss if training else _check_outputs)(traced, program)
+    split = split_ops(program, training=training)
     n_ops = len(split.pipeline)
     if n_ops < p:
         raise ValueError(
@@ -311,7 +358,9 @@ def _compile(front: _Front, layouts, sched, mesh, axis) -> _Runtime:
     )
     compiled = emitted.step.lower(param_avals, batch_avals).compile()
     return _Runtime(
-        emitted=emitted, compiled=compiled, packers=make_packers(program, front.split, layouts)
+        emitted=emitted,
+        compiled=compiled,
+        packers=make_packers(program, front.split, [lay.params for lay in layouts]),
     )
 
 

@@ -17,11 +17,10 @@ import jax
 import numpy as np
 
 from autopipe.cost_models.hardware import Hardware
-from autopipe.passes.emit import Emitted
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, StageLayout
 from autopipe.passes.schedule import Schedule
-from autopipe.passes.trace import Traced
+from autopipe.passes.trace import Traced, _split_nnx
 
 JSON_VERSION = 1
 
@@ -53,9 +52,11 @@ class Predicted:
 class _Runtime:
     """Mutable call-time state behind a frozen plan: the compiled step and placed params."""
 
-    emitted: Emitted | None
+    emitted: Any  # passes.emit.Emitted or passes.emit_train.EmittedTrain
     compiled: Any
     packers: list
+    init_opt: Any = None  # training: jitted optimizer.init laid out like the step expects
+    unplace: Any = None  # training: jitted gather of parameters back to their leaves
     placed_key: tuple = ()
     placed: tuple = ()
 
@@ -80,12 +81,22 @@ class Plan:
     layouts: tuple[StageLayout, ...] = dataclasses.field(repr=False)
     mesh: Any = dataclasses.field(repr=False)
     _runtime: _Runtime = dataclasses.field(repr=False)
+    remat: bool = False  # training: stages recompute their forward in the backward
 
     # --- inspection ------------------------------------------------------------------------
 
     @property
     def num_stages(self) -> int:
         return len(self.stages)
+
+    @property
+    def num_devices(self) -> int:
+        """Devices along the pipeline axis (stages / virtual stages per device)."""
+        return dict(self.mesh_axes)[self.pipeline_axis]
+
+    @property
+    def training(self) -> bool:
+        return self.schedule.training
 
     @property
     def num_layers(self) -> int:
@@ -138,6 +149,30 @@ class Plan:
 
     def __repr__(self) -> str:
         return self.summary()
+
+    # --- pictures (autopipe._viz) ----------------------------------------------------------
+
+    def plot_schedule(self, path=None, *, timing="event"):
+        """Timeline of the schedule from predicted times (device × time, boxes per action,
+        grey = bubble); saved to `path` when given. Returns the matplotlib Figure.
+        ``timing="lockstep"`` shows what one SPMD program runs (each tick = slowest device)."""
+        from autopipe import _viz
+
+        return _viz.plot_schedule(self.schedule, _viz.plan_durations(self), path, timing=timing)
+
+    def plot_stages(self, path=None):
+        """Layers coloured by stage, and predicted time and memory per stage (a Figure)."""
+        from autopipe import _viz
+
+        return _viz.plot_stages(self, path)
+
+    def save_chrome_trace(self, path, *, timing="event") -> dict:
+        """Writes the predicted schedule as Chrome trace-event JSON (chrome://tracing)."""
+        from autopipe import _viz
+
+        return _viz.save_chrome_trace(
+            self.schedule, _viz.plan_durations(self), path, timing=timing, name=self.fn_name
+        )
 
     # --- serialisation ---------------------------------------------------------------------
 
@@ -228,7 +263,7 @@ class Plan:
         raw = dict(zip(param_ids, params, strict=True)) | dict(prog.consts)
         sharding = rt.emitted.param_sharding
         shape_of = {
-            dt: (self.num_stages, n)
+            dt: (self.num_devices, n)
             for dt, n in zip(rt.emitted.param_dtypes, rt.emitted.param_sizes, strict=True)
         }
         per_stage = {}
@@ -244,6 +279,72 @@ class Plan:
             out.append(jax.make_array_from_single_device_arrays(shape_of[dt], sharding, arrays))
         return tuple(out)
 
+    # --- training ---------------------------------------------------------------------------
+
+    def init(self, *params: Any) -> Any:
+        """Places the parameter arguments on their stages and initialises the optimizer."""
+        rt = self._require_training()
+        bufs = self.place_params(self._part(params, batch=False))
+        return TrainState(params=bufs, opt_state=rt.init_opt(bufs))
+
+    def step(self, state: Any, *batch: Any) -> tuple[Any, jax.Array]:
+        """One optimizer step on the batch arguments; returns (new state, loss). Donates
+        `state`: use only the returned one afterwards."""
+        rt = self._require_training()
+        sharding = rt.emitted.batch_sharding
+        leaves = tuple(jax.device_put(x, sharding) for x in self._part(batch, batch=True))
+        params, opt_state, loss = rt.compiled(state.params, state.opt_state, leaves)
+        return TrainState(params=params, opt_state=opt_state), loss
+
+    def unplace(self, state: Any) -> Any:
+        """The parameter arguments (same pytrees as given to `init`) from a training state."""
+        rt = self._require_training()
+        spec = self.traced.spec
+        it = iter(rt.unplace(state.params))
+        leaves = [None if b else next(it) for b in spec.batch_leaves]
+        args = jax.tree.unflatten(spec.in_tree, leaves)
+        out = [
+            a if g is None else nnx_merge(g, a)
+            for a, g in zip(args, spec.nnx_graphdefs, strict=True)
+        ]
+        params = [a for i, a in enumerate(out) if i not in spec.batch_args]
+        return params[0] if len(params) == 1 else tuple(params)
+
+    def _require_training(self) -> _Runtime:
+        self._require_compiled()
+        if not self.training:
+            raise RuntimeError("init/step/unplace belong to training plans (autopipe.train).")
+        return self._runtime
+
+    def _part(self, args: Sequence[Any], *, batch: bool) -> list[Any]:
+        """Flat leaves of the parameter (or batch) arguments, checked against the plan."""
+        spec = self.traced.spec
+        n = sum((i in spec.batch_args) == batch for i in range(spec.num_args))
+        kind = "batch" if batch else "parameter"
+        if len(args) != n:
+            raise TypeError(
+                f"plan for {spec.fn_name} takes {n} {kind} argument(s), got {len(args)}."
+            )
+        leaves = [x for a in args for x in jax.tree.leaves(_split_nnx(a)[1])]
+        want = [
+            (p, a)
+            for p, a, b in zip(spec.in_paths, spec.in_avals, spec.batch_leaves, strict=True)
+            if b == batch
+        ]
+        if len(leaves) != len(want):
+            raise ValueError(
+                f"plan for {spec.fn_name}: the {kind} arguments have {len(leaves)} "
+                f"leaves, but the plan was made for {len(want)}."
+            )
+        for (path, aval), x in zip(want, leaves, strict=True):
+            got = (tuple(np.shape(x)), np.dtype(x.dtype))
+            if got != (tuple(aval.shape), np.dtype(aval.dtype)):
+                raise ValueError(
+                    f"plan for {spec.fn_name}: argument {path} has shape {got[0]} and dtype "
+                    f"{got[1]}, but the plan was made for {tuple(aval.shape)} {aval.dtype}."
+                )
+        return leaves
+
     def _last_stage_block(self, out: jax.Array) -> jax.Array:
         rows = out.shape[0] // self.num_stages
         start = rows * (self.num_stages - 1)
@@ -251,6 +352,20 @@ class Plan:
             if (shard.index[0].start or 0) == start:
                 return shard.data
         raise RuntimeError("the last pipeline stage's output is not addressable from this process")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    """Placed parameters and optimizer state: flat per-dtype buffers sharded over stages."""
+
+    params: tuple[jax.Array, ...]
+    opt_state: Any
+
+
+def nnx_merge(graphdef: Any, state: Any) -> Any:
+    from flax import nnx
+
+    return nnx.merge(graphdef, state)
 
 
 def _stage_devices(mesh: Any, axis: str, stage: int) -> list[Any]:

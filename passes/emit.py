@@ -10,10 +10,11 @@ The program is manual over the pipeline axis only. Per device:
     ``lax.ppermute`` per dtype (collectives never run inside a branch);
   - outputs of the last stage are the scan's per-tick results, sliced to its active ticks.
 
-Every branch result and scan carry is marked varying over the pipeline axis (`to_varying`), as
-shard_map's type system requires. Parameters are packed by `make_packers`: one jitted function
-per stage that evaluates the hoisted ops and concatenates that stage's values, run on the
-stage's own devices, so no device ever holds another stage's parameters.
+Operators are replayed from a jaxpr traced outside the shard_map, which shard_map's
+varying-axes checker cannot type, so the shard_map is built with ``check_vma=False``.
+Parameters are packed by `make_packers`: one jitted function per stage that evaluates the
+hoisted ops and concatenates that stage's values, run on the stage's own devices, so no device
+ever holds another stage's parameters.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def emit(
 # --- parameter placement --------------------------------------------------------------------
 
 
-def _hoist_closure(program: Program, split: Split, values: Sequence[int]) -> tuple[list, list]:
+def _hoist_closure(program: Program, values: Sequence[int]) -> tuple[list, list]:
     """Hoisted ops (program order) and raw inputs needed to compute `values`."""
     producer = program.producers()
     ops, raw, stack, seen = set(), set(), list(values), set()
@@ -184,23 +185,22 @@ def _hoist_closure(program: Program, split: Split, values: Sequence[int]) -> tup
             continue
         ops.add(i)
         stack.extend(a for a in program.ops[i].invars if isinstance(a, int))
-    del split
     return sorted(ops), sorted(raw)
 
 
 def make_packers(
-    program: Program, split: Split, stages: Sequence[StageLayout]
+    program: Program, split: Split, layouts: Sequence[FlatLayout], *, training: bool = False
 ) -> list[tuple[Callable, list[int]]]:
-    """Per stage: (jitted pack(raw values) -> per-dtype flat buffers, raw value ids it reads)."""
-    sizes = buffer_sizes([s.params for s in stages])
-    sources = placed_sources(program, split)
+    """Per device layout: (jitted pack(raw values) -> per-dtype flat buffers, raw ids read)."""
+    sizes = buffer_sizes(layouts)
+    sources = placed_sources(program, split, training=training)
     packers = []
-    for st in stages:
-        values = st.params.values()
+    for layout in layouts:
+        values = layout.values()
         assert set(values) <= sources, "placed values must be computable before the pipeline"
-        ops, raw = _hoist_closure(program, split, values)
+        ops, raw = _hoist_closure(program, values)
 
-        def pack(*raw_vals, ops=ops, raw=raw, layout=st.params):
+        def pack(*raw_vals, ops=ops, raw=raw, layout=layout):
             env = dict(zip(raw, raw_vals, strict=True))
             eval_ops(program, ops, env)
             return tuple(b[None] for b in _pack(env, layout, sizes))

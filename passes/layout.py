@@ -66,8 +66,13 @@ class StageLayout:
     param_bytes: int
 
 
-def split_ops(program: Program) -> Split:
-    pre = set(program.invars) - program.batch_dependent | {v for v, _ in program.consts}
+def split_ops(program: Program, *, training: bool = False) -> Split:
+    """Classifies operators. For training only ``index`` ops (rows of stacked layer weights)
+    are hoisted, so every placed value is a parameter or a slice of one and gradients with
+    respect to placed values are gradients of the parameters; consts are not placed."""
+    pre = set(program.invars) - program.batch_dependent
+    if not training:
+        pre |= {v for v, _ in program.consts}
     pipeline, hoisted, local = [], set(), set()
     for i, op in enumerate(program.ops):
         if program.is_batch_op(op):
@@ -76,7 +81,8 @@ def split_ops(program: Program) -> Split:
         ins = [a for a in op.invars if isinstance(a, int)]
         grows = sum(program.nbytes(v) for v in op.outvars) > sum(program.nbytes(v) for v in ins)
         effects = op.eqn is not None and bool(op.eqn.effects)
-        if ins and all(v in pre for v in ins) and not grows and not effects:
+        hoist = op.kind == "index" if training else not grows and not effects
+        if ins and all(v in pre for v in ins) and hoist:
             hoisted.add(i)
             pre.update(op.outvars)
         else:
@@ -84,9 +90,11 @@ def split_ops(program: Program) -> Split:
     return Split(pipeline=tuple(pipeline), hoisted=frozenset(hoisted), local=frozenset(local))
 
 
-def placed_sources(program: Program, split: Split) -> frozenset[int]:
+def placed_sources(program: Program, split: Split, *, training: bool = False) -> frozenset[int]:
     """Values available before the pipeline runs: raw parameters, constants, hoisted values."""
-    raw = set(program.invars) - program.batch_dependent | {v for v, _ in program.consts}
+    raw = set(program.invars) - program.batch_dependent
+    if not training:
+        raw |= {v for v, _ in program.consts}
     return frozenset(raw | {v for i in split.hoisted for v in program.ops[i].outvars})
 
 
@@ -144,11 +152,11 @@ def live_across(program: Program, split: Split) -> list[list[int]]:
 
 
 def stage_layouts(
-    program: Program, split: Split, boundaries: Sequence[int]
+    program: Program, split: Split, boundaries: Sequence[int], *, training: bool = False
 ) -> tuple[StageLayout, ...]:
     """Layouts of the stages holding pipeline ops [boundaries[s], boundaries[s+1])."""
     live = live_across(program, split)
-    sources = placed_sources(program, split)
+    sources = placed_sources(program, split, training=training)
     stages = []
     for s in range(len(boundaries) - 1):
         lo, hi = boundaries[s], boundaries[s + 1]

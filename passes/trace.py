@@ -35,6 +35,7 @@ class ArgSpec:
     in_paths: tuple[str, ...]  # per flat leaf: "args[1]['params']['w']"-style path
     in_avals: tuple[jax.ShapeDtypeStruct, ...]  # per flat leaf, full batch
     batch_leaves: tuple[bool, ...]  # per flat leaf: does it carry the batch axis?
+    batch_args: tuple[int, ...]  # positions of the batch arguments
 
     def flatten(self, args: Sequence[Any]) -> tuple[Any, list[Any]]:
         """Splits NNX modules and flattens; returns (treedef, leaves)."""
@@ -109,6 +110,7 @@ def make_arg_spec(fn: Callable, args: Sequence[Any], batch_argnums: Sequence[int
         in_paths=paths,
         in_avals=tuple(_abstract(x, p) for p, (_, x) in zip(paths, path_leaves, strict=True)),
         batch_leaves=batch,
+        batch_args=tuple(sorted(batch_set)),
     )
 
 

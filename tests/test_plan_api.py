@@ -36,7 +36,7 @@ def _placed_raw(plan, stage: int) -> set[int]:
     """Raw parameter leaves a stage's placed values are computed from."""
     from autopipe.passes.emit import _hoist_closure
 
-    _, raw = _hoist_closure(plan.program, plan.split, plan.layouts[stage].params.values())
+    _, raw = _hoist_closure(plan.program, plan.layouts[stage].params.values())
     return set(raw)
 
 

@@ -1,0 +1,335 @@
+"""`autopipe.train`: plan and compile a pipelined optax training step from a loss function.
+
+The user writes ``loss_fn(params, batch) -> scalar`` (a mean over the batch) and picks an optax
+optimizer; `train` traces the loss at microbatch size, chooses stages for forward + backward
+time under the memory limit (parameters, gradients, optimizer state and the residuals the
+schedule keeps in flight), and emits one jitted step (see `autopipe.passes.emit_train`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from autopipe._api import _Front, _front, _is_concrete, segment_bytes
+from autopipe._plan import Plan, Predicted, Stage, _Runtime
+from autopipe.cost_models.hardware import Hardware
+from autopipe.cost_models.rules import transfer_time
+from autopipe.passes import schedule as schedules
+from autopipe.passes.cluster import cluster
+from autopipe.passes.emit import make_packers
+from autopipe.passes.emit_train import emit_train
+from autopipe.passes.layout import StageLayout, _flat, stage_layouts
+from autopipe.passes.partition import StageProblem, solve_stages
+
+BACKWARD_FACTOR = 2.0  # a backward costs about twice its forward (two matmuls per matmul)
+
+
+def _opt_factor(optimizer: optax.GradientTransformation, front: _Front) -> float:
+    """Optimizer-state bytes per parameter byte (Adam: 2), from optimizer.init's shapes."""
+    prog = front.program
+    params = [
+        jax.ShapeDtypeStruct(prog.avals[v].shape, prog.avals[v].dtype)
+        for v in prog.invars
+        if v not in prog.batch_dependent
+    ]
+    state = jax.eval_shape(optimizer.init, params)
+    p_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in params) or 1
+    s_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
+    return float(s_bytes / p_bytes)
+
+
+def _problem(front: _Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
+    """Stage time = forward + backward (+ a recomputed forward under remat); memory = params
+    × (1 + gradient + optimizer state) + residuals of the in-flight microbatches."""
+    c, hw = front.costs, front.hardware
+    seg = segment_bytes(front.program, c, layers)
+    residuals = seg.inputs + seg.made if remat else seg.made * in_flight
+    mem = seg.params * (2 + opt_factor) + residuals + 2 * seg.peak
+    mem = np.where(np.triu(np.ones_like(mem), 1) > 0, mem, np.inf)
+    scale = 1 + BACKWARD_FACTOR + (1 if remat else 0)
+    t = tuple(
+        scale * float(sum(c.op_times[a:b])) for a, b in zip(layers[:-1], layers[1:], strict=True)
+    )
+    cut = tuple(2 * transfer_time(c.cut_bytes[k], hw) for k in layers[1:-1])
+    return StageProblem(
+        layer_time=t,
+        cut_time=cut,
+        segment_memory=mem,
+        memory_limit=limit,
+        num_stages=front.num_stages,
+        num_microbatches=front.traced.num_microbatches,
+    )
+
+
+def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[int, set[int]]:
+    """raw parameter value → devices holding it (directly or as rows of a stacked layer)."""
+    prog = front.program
+    producer = prog.producers()
+    owner: dict[int, set[int]] = {}
+    for s, lay in enumerate(layouts):
+        for v in lay.params.values():
+            i = producer.get(v)
+            raw = prog.ops[i].invars[0] if i is not None else v
+            owner.setdefault(raw, set()).add(s % p)
+    return owner
+
+
+def _check_untied(front: _Front, owner: dict[int, set[int]]) -> None:
+    spec, prog = front.traced.spec, front.program
+    path = dict(zip(prog.invars, spec.in_paths, strict=True))
+    for raw, devices in sorted(owner.items()):
+        if len(devices) > 1:
+            raise ValueError(
+                f"{spec.fn_name}: parameter {path.get(raw, raw)} is used by stages on devices "
+                f"{sorted(devices)}. Training with a parameter shared across pipeline stages "
+                "(e.g. tied embeddings) is not supported yet: untie it, or use fewer stages."
+            )
+
+
+def _with_orphans(front: _Front, layouts: list[StageLayout], owner) -> list[StageLayout]:
+    """Parameters no stage reads still get the optimizer's update: keep them on the last."""
+    prog = front.program
+    orphans = [v for v in prog.invars if v not in prog.batch_dependent and v not in owner]
+    if not orphans:
+        return layouts
+    last = layouts[-1]
+    params = _flat(prog, [*last.params.values(), *orphans])
+    extra = sum(prog.nbytes(v) for v in orphans)
+    layouts[-1] = dataclasses.replace(last, params=params, param_bytes=last.param_bytes + extra)
+    return layouts
+
+
+def train(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *example_args: Any,
+    mesh: Any,
+    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "1f1b",
+    num_microbatches: int | None = None,
+    virtual_stages: int | None = None,
+    batch_argnums: Sequence[int] = (1,),
+    pipeline_axis: str = "pp",
+    hardware: str | Hardware | None = None,
+    memory_limit: float | None = None,
+    remat: bool | None = None,
+    reduction: Literal["mean", "sum"] = "mean",
+    compile: bool = True,  # noqa: A002
+) -> Plan:
+    """Plans and compiles a pipelined training step of ``loss_fn`` with ``optimizer``.
+
+    ``loss_fn(*args)`` returns a float scalar: the mean (``reduction="mean"``) or sum over the
+    examples of the batch arguments (``batch_argnums``); the others are the parameters the
+    optimizer trains. Use the returned plan as ``state = plan.init(*params)``,
+    ``state, loss = plan.step(state, *batch)`` (state is donated), and
+    ``params = plan.unplace(state)``. ``remat=None`` recomputes a stage's forward in its
+    backward only where keeping residuals would not fit ``memory_limit``. The optimizer must
+    be elementwise (SGD, momentum, Adam, AdamW, …): it runs on each stage's flat buffers.
+    """
+    started = time.perf_counter()
+    if schedule not in schedules.SCHEDULES or schedule == "inference":
+        raise ValueError(
+            f"schedule={schedule!r}; choose one of gpipe, 1f1b, interleaved_1f1b, "
+            "zb_h1 (autopipe.plan is the forward-only pipeline)."
+        )
+    v = virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)
+    if v != 1 and schedule != "interleaved_1f1b":
+        raise ValueError(f"virtual_stages={v} needs schedule='interleaved_1f1b'.")
+    front = _front(
+        loss_fn,
+        example_args,
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        num_microbatches=num_microbatches,
+        batch_argnums=batch_argnums,
+        num_stages=None,
+        hardware=hardware,
+        training=True,
+        virtual_stages=v,
+    )
+    p, m, S = front.num_stages // v, front.traced.num_microbatches, front.num_stages
+    sched = schedules.make(schedule, p, m, v)
+    schedules.validate(sched)
+    limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
+    layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
+    opt_factor = _opt_factor(optimizer, front)
+    in_flight = max(sched.in_flight()) / v
+    solution, use_remat = None, bool(remat)
+    for candidate in [remat] if remat is not None else [False, True]:
+        problem = _problem(
+            front,
+            layers,
+            limit=limit / v,
+            in_flight=in_flight,
+            opt_factor=opt_factor,
+            remat=candidate,
+        )
+        try:
+            solution, use_remat = solve_stages(problem), bool(candidate)
+            break
+        except ValueError:
+            if candidate or remat is not None:
+                raise
+    op_bounds = tuple(layers[b] for b in solution.boundaries)
+    layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
+    owner = _raw_owner(front, layouts, p)
+    _check_untied(front, owner)
+    layouts = tuple(_with_orphans(front, layouts, owner))
+    stages = tuple(
+        Stage(
+            index=s,
+            layers=(solution.boundaries[s], solution.boundaries[s + 1]),
+            operators=(op_bounds[s], op_bounds[s + 1]),
+            primitives=tuple(
+                front.program.ops[i].primitive
+                for i in front.split.pipeline[op_bounds[s] : op_bounds[s + 1]]
+            ),
+            param_bytes=lay.param_bytes,
+            send_bytes=int(front.costs.cut_bytes[op_bounds[s + 1]]) if s < S - 1 else 0,
+            time=float(solution.stage_times[s]),
+            memory=float(solution.stage_memory[s]),
+        )
+        for s, lay in enumerate(layouts)
+    )
+    predicted = _predict(front, sched, stages, p)
+    runtime = _Runtime(emitted=None, compiled=None, packers=[])
+    if compile and _is_concrete(mesh):
+        runtime = _compile_train(
+            front,
+            layouts,
+            sched,
+            mesh,
+            pipeline_axis,
+            optimizer,
+            [use_remat] * S,
+            1.0 / m if reduction == "mean" else 1.0,
+        )
+    return Plan(
+        fn_name=front.traced.spec.fn_name,
+        fingerprint=front.traced.fingerprint(),
+        mesh_axes=front.mesh_axes,
+        pipeline_axis=pipeline_axis,
+        num_microbatches=m,
+        layer_boundaries=tuple(layers),
+        stage_boundaries=tuple(solution.boundaries),
+        stages=stages,
+        schedule=sched,
+        predicted=predicted,
+        hardware=front.hardware,
+        planning_seconds=time.perf_counter() - started,
+        traced=front.traced,
+        program=front.program,
+        split=front.split,
+        layouts=layouts,
+        mesh=mesh,
+        _runtime=runtime,
+        remat=use_remat,
+    )
+
+
+def _predict(front: _Front, sched: schedules.Schedule, stages, p: int) -> Predicted:
+    """Step time and bubble from the table run event by event with per-stage times."""
+    fwd = [s.time / (1 + BACKWARD_FACTOR) for s in stages]
+
+    def duration(a: schedules.Action) -> float:
+        if a.kind == "F":
+            return fwd[a.stage]
+        if sched.split_backward:  # B and W split the backward's two matmuls
+            return fwd[a.stage] * BACKWARD_FACTOR / 2
+        return fwd[a.stage] * BACKWARD_FACTOR
+
+    _, makespan = schedules.simulate(sched, duration)
+    per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]
+    return Predicted(
+        step_time=makespan,
+        bubble_fraction=sched.bubble_fraction(duration),
+        memory_per_device=tuple(per_device),
+        bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
+        unruled_primitives=front.costs.unruled,
+    )
+
+
+def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
+    traced, program = front.traced, front.program
+    p = sched.num_devices
+    emitted = emit_train(
+        program,
+        layouts,
+        sched,
+        mesh=mesh,
+        axis=axis,
+        batch_size=traced.batch_size,
+        optimizer=optimizer,
+        remat=remat,
+        loss_scale=loss_scale,
+    )
+    param_avals = tuple(
+        jax.ShapeDtypeStruct((p, n), dt, sharding=emitted.param_sharding)
+        for dt, n in zip(emitted.param_dtypes, emitted.param_sizes, strict=True)
+    )
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_avals = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape,
+            x.dtype,
+            sharding=emitted.param_sharding if x.ndim == 2 and x.shape[0] == p else replicated,
+        ),
+        jax.eval_shape(optimizer.init, param_avals),
+    )
+    batch_avals = tuple(
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
+        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
+        if b
+    )
+    compiled = emitted.step.lower(param_avals, opt_avals, batch_avals).compile()
+    packers = make_packers(program, front.split, emitted.device_layouts, training=True)
+    init_opt = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_avals))
+    return _Runtime(
+        emitted=emitted,
+        compiled=compiled,
+        packers=packers,
+        init_opt=init_opt,
+        unplace=_unplace_fn(program, emitted),
+    )
+
+
+def _unplace_fn(program, emitted) -> Callable:
+    """Gather: flat per-dtype buffers → the parameter leaves in input order (on the host
+    device), reading each device's own shard."""
+    producer = program.producers()
+    where = {
+        sl.value: (d, dt, sl)
+        for d, lay in enumerate(emitted.device_layouts)
+        for dt, slots in lay.slots
+        for sl in slots
+    }
+    rows: dict[int, dict[int, int]] = {}
+    for v in where:
+        if (i := producer.get(v)) is not None:
+            rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
+    params = [v for v in program.invars if v not in program.batch_dependent]
+
+    def gather(bufs):
+        shards = {}
+        for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
+            for shard in buf.addressable_shards:
+                shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
+
+        def get(v):
+            d, dt, sl = where[v]
+            return shards[dt, d][sl.offset : sl.offset + sl.size].reshape(sl.shape)
+
+        leaves = [
+            get(r) if r in where else np.stack([get(rows[r][i]) for i in sorted(rows[r])])
+            for r in params
+        ]
+        return [jnp.asarray(x) for x in leaves]
+
+    return gather
