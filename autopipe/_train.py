@@ -69,27 +69,33 @@ def _problem(front: _Front, layers, *, limit, in_flight, opt_factor, remat) -> S
     )
 
 
-def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[int, set[int]]:
-    """raw parameter value → devices holding it (directly or as rows of a stacked layer)."""
+def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
+    """raw parameter value → {row (None: the whole value): devices holding it}."""
     prog = front.program
     producer = prog.producers()
-    owner: dict[int, set[int]] = {}
+    owner: dict[int, dict] = {}
     for s, lay in enumerate(layouts):
         for v in lay.params.values():
             i = producer.get(v)
-            raw = prog.ops[i].invars[0] if i is not None else v
-            owner.setdefault(raw, set()).add(s % p)
+            raw, row = (
+                (prog.ops[i].invars[0], prog.ops[i].iteration) if i is not None else (v, None)
+            )
+            owner.setdefault(raw, {}).setdefault(row, set()).add(s % p)
     return owner
 
 
-def _check_untied(front: _Front, owner: dict[int, set[int]]) -> None:
+def _check_untied(front: _Front, owner: dict[int, dict]) -> None:
     spec, prog = front.traced.spec, front.program
     path = dict(zip(prog.invars, spec.in_paths, strict=True))
-    for raw, devices in sorted(owner.items()):
-        if len(devices) > 1:
+    for raw, rows in sorted(owner.items()):
+        whole = rows.get(None, set())
+        shared = [d for d in rows.values() if len(d) > 1] + (
+            [whole | set().union(*rows.values())] if whole and len(rows) > 1 else []
+        )
+        if shared:
             raise ValueError(
                 f"{spec.fn_name}: parameter {path.get(raw, raw)} is used by stages on devices "
-                f"{sorted(devices)}. Training with a parameter shared across pipeline stages "
+                f"{sorted(shared[0])}. Training with a parameter shared across pipeline stages "
                 "(e.g. tied embeddings) is not supported yet: untie it, or use fewer stages."
             )
 

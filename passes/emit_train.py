@@ -52,18 +52,17 @@ from autopipe.passes.schedule import Action, Schedule
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SlotPlan:
-    """Per tick and device: buffer slots to store arrivals into and to read inputs from.
-
-    Each field is an int array [tick, device]; a store to slot ``n`` (the count) is a no-op.
-    """
+    """Per tick and device: buffer slots to store into and to read from (int [tick, device])."""
 
     act_store: np.ndarray
     act_read: np.ndarray
     grad_store: np.ndarray
     grad_read: np.ndarray
-    res_slot: np.ndarray  # F writes, B/W read
-    cot_slot: np.ndarray  # B writes (split backward), W reads
-    counts: dict[str, int]
+    res_store: np.ndarray  # F stores residuals
+    res_read: np.ndarray  # B (and W) read them
+    cot_store: np.ndarray  # B stores its cotangent (split backward)
+    cot_read: np.ndarray  # W reads it
+    counts: dict[str, int]  # slots per buffer
 
 
 def _assign(intervals: dict[Any, tuple[int, int]]) -> tuple[dict[Any, int], int]:
@@ -80,51 +79,66 @@ def _assign(intervals: dict[Any, tuple[int, int]]) -> tuple[dict[Any, int], int]
 
 
 def plan_slots(schedule: Schedule) -> SlotPlan:
-    """Assigns buffer slots to every stored value (see the module docstring)."""
+    """Assigns buffer slots to every stored value (see the module docstring).
+
+    Every tick stores something into each buffer (stores are unconditional, outside the
+    switch). A tick with nothing to store writes into a slot holding nothing live, so buffers
+    need a spare slot only when every slot is live at such a tick.
+    """
     s, p = schedule, schedule.num_devices
     ticks = s.ticks()
-    shape = (s.num_ticks, p)
-    # per kind and device: key -> (first tick, last tick) of the stored value, and the ticks
-    # at which the action using it looks the slot up
-    spans: dict[str, list[dict]] = {
-        k: [{} for _ in range(p)] for k in ("act", "grad", "res", "cot")
-    }
-    uses: dict[str, list[dict]] = {k: [{} for _ in range(p)] for k in ("res", "cot")}
+    # per kind and device: key -> (tick stored, tick last read), and every tick it is read
+    spans: dict[str, list[dict]] = {k: [{} for _ in range(p)] for k in SLOT_KINDS}
+    reads: dict[str, list[dict]] = {k: [{} for _ in range(p)] for k in SLOT_KINDS}
     for a, t in ticks.items():
         d, j = s.device_of(a.stage), a.microbatch
         if a.kind == "F" and a.stage > 0:
-            spans["act"][d][a] = (ticks[Action("F", a.stage - 1, j)] + 1, t)
+            sent = ticks[Action("F", a.stage - 1, j)]
+            spans["act"][d][a], reads["act"][d][a] = (sent + 1, t), [t]
         if a.kind == "B" and a.stage < s.num_stages - 1:
-            spans["grad"][d][a] = (ticks[Action("B", a.stage + 1, j)] + 1, t)
+            sent = ticks[Action("B", a.stage + 1, j)]
+            spans["grad"][d][a], reads["grad"][d][a] = (sent + 1, t), [t]
         if a.kind == "F":
             users = [ticks[Action("B", a.stage, j)]]
             users += [ticks[Action("W", a.stage, j)]] if s.split_backward else []
-            spans["res"][d][a] = (t, max(users))
-            uses["res"][d][a] = [t, *users]
+            spans["res"][d][a], reads["res"][d][a] = (t, max(users)), users
         if a.kind == "B" and s.split_backward:
             w = ticks[Action("W", a.stage, j)]
-            spans["cot"][d][a] = (t, w)
-            uses["cot"][d][a] = [t, w]
-    counts: dict[str, int] = {}
+            spans["cot"][d][a], reads["cot"][d][a] = (t, w), [w]
     tables: dict[str, np.ndarray] = {}
-    for kind, per_device in spans.items():
-        assigned = [_assign(iv) for iv in per_device]
-        counts[kind] = max((c for _, c in assigned), default=0)
-        if kind in uses:  # one lookup table: the action at that tick writes or reads the slot
-            table = np.zeros(shape, np.int32)
-            for d, (slots, _) in enumerate(assigned):
-                for key, slot in slots.items():
-                    table[uses[kind][d][key], d] = slot
-            tables[f"{kind}_slot"] = table
-            continue
-        store = np.full(shape, counts[kind], np.int32)  # the spare slot: a no-op store
-        read = np.zeros(shape, np.int32)
-        for d, (slots, _) in enumerate(assigned):
-            for key, slot in slots.items():
-                start, end = per_device[d][key]
-                store[start, d], read[end, d] = slot, slot
-        tables[f"{kind}_store"], tables[f"{kind}_read"] = store, read
+    counts: dict[str, int] = {}
+    for kind in SLOT_KINDS:
+        # arrivals are stored before the action reads them; residuals/cotangents after
+        store_first = kind in ("act", "grad")
+        store, read, n = _slot_tables(spans[kind], reads[kind], s.num_ticks, store_first)
+        tables[f"{kind}_store"], tables[f"{kind}_read"], counts[kind] = store, read, n
     return SlotPlan(**tables, counts=counts)
+
+
+SLOT_KINDS = ("act", "grad", "res", "cot")
+
+
+def _slot_tables(spans, reads, num_ticks: int, store_first: bool):
+    p = len(spans)
+    assigned = [_assign(iv) for iv in spans]
+    count = max((c for _, c in assigned), default=0)
+    store = np.full((num_ticks, p), -1, np.int32)
+    read = np.zeros((num_ticks, p), np.int32)
+    spare = False
+    for d, (slots, _) in enumerate(assigned):
+        live = np.zeros((num_ticks, max(count, 1)), bool)  # slot holds a value still needed
+        for key, slot in slots.items():
+            start, end = spans[d][key]
+            store[start, d] = slot
+            read[reads[d][key], d] = slot
+            live[start : end + 1 if store_first else end, slot] = True
+        for t in np.flatnonzero(store[:, d] < 0):
+            free = np.flatnonzero(~live[t, :count])
+            if free.size or not store_first:  # residual buffers: rewrite what a slot holds
+                store[t, d] = free[0] if free.size else 0
+            else:
+                store[t, d], spare = count, True
+    return store, read, count + int(spare or count == 0)
 
 
 # --- stage functions under vjp -------------------------------------------------------------
@@ -311,12 +325,15 @@ def emit_train(
     def zeros(sizes):
         return tuple(jnp.zeros((k,), dt) for dt, k in sizes.items())
 
-    def result(send_f=None, send_b=None, res=None, cot=None, grads=None, loss=None):
+    def result(bufs, send_f=None, send_b=None, res=None, cot=None, grads=None, loss=None):
+        """Branch outputs. An action that stores no residual (cotangent) returns what the
+        slot it is told to store into holds, so that slot may be live: no spare slot."""
+        ress, cots, _, _, r_store, c_store = bufs
         return (
             send_f if send_f is not None else zeros(bsizes),
             send_b if send_b is not None else zeros(bsizes),
-            res if res is not None else zeros(rsizes),
-            cot if cot is not None else zeros(bsizes),
+            res if res is not None else tuple(read(b, r_store) for b in ress),
+            cot if cot is not None else tuple(read(b, c_store) for b in cots),
             grads if grads is not None else zeros(param_sizes),
             loss if loss is not None else jnp.zeros((), jnp.float32),
         )
@@ -324,7 +341,7 @@ def emit_train(
     def forward(s: int):
         io, st = ios[s], stages[s]
 
-        def f(params, xs, act, grad, res, cot):
+        def f(params, xs, act, grad, bufs):
             env = unpack_dev(params, s)
             recv_env: dict = {}
             _unpack(recv_env, st.recv, dict(zip(bsizes, act, strict=True)))
@@ -339,16 +356,19 @@ def emit_train(
                 stored = [x for x, i in zip(leaves, res_specs[s].param_index, strict=True) if i < 0]
             res_out = _pack(dict(enumerate(stored)), res_specs[s].layout, rsizes)
             if s == S - 1:
-                return result(res=res_out, loss=outs[0].astype(jnp.float32))
+                return result(bufs, res=res_out, loss=outs[0].astype(jnp.float32))
             send = _pack(dict(zip(io.outputs, outs, strict=True)), st.send, bsizes)
-            return result(send_f=send, res=res_out)
+            return result(bufs, send_f=send, res=res_out)
 
         return f
 
     def backward(s: int, weights: bool, inputs: bool):
         io, st = ios[s], stages[s]
 
-        def f(params, xs, act, grad, res, cot):
+        def f(params, xs, act, grad, bufs):
+            ress, cots, r_slot, c_slot, _, _ = bufs  # read-only here: nothing is copied
+            res = tuple(read(b, r_slot) for b in ress)
+            cot = tuple(read(b, c_slot) for b in cots)
             env = unpack_dev(params, s)
             recv_env: dict = {}
             if inputs:  # the cotangent arrives from the next stage (or is the loss seed)
@@ -376,9 +396,7 @@ def emit_train(
                 out["send_b"] = _pack(dict(zip(io.recv, d_recv, strict=True)), st.recv, bsizes)
             if inputs and not weights and s < S - 1:
                 out["cot"] = _pack(dict(zip(io.outputs, g, strict=True)), st.send, bsizes)
-            elif inputs and not weights:
-                out["cot"] = zeros(bsizes)
-            return result(**out)
+            return result(bufs, **out)
 
         return f
 
@@ -387,7 +405,7 @@ def emit_train(
     branches += [backward(s, weights=not split, inputs=True) for s in range(S)]
     if split:
         branches += [backward(s, weights=True, inputs=False) for s in range(S)]
-    branches.append(lambda *a: result())
+    branches.append(lambda params, xs, act, grad, bufs: result(bufs))
     idle = len(branches) - 1
     kind_base = {"F": 0, "B": S, "W": 2 * S}
     branch_t = np.array(
@@ -420,7 +438,7 @@ def emit_train(
         branch_a, mb_a = jnp.asarray(branch_t), jnp.asarray(mb_t)
 
         def buffers(count, sizes):
-            return tuple(jnp.zeros((count + 1, k), dt) for dt, k in sizes.items())
+            return tuple(jnp.zeros((count, k), dt) for dt, k in sizes.items())
 
         def tick(carry, t):
             fwd_in, bwd_in, acts, grads_in, ress, cots, gacc, loss = carry
@@ -431,18 +449,20 @@ def emit_train(
             )
             act = tuple(read(b, cell("act_read")) for b in acts)
             grad = tuple(read(b, cell("grad_read")) for b in grads_in)
-            res = tuple(read(b, cell("res_slot")) for b in ress)
-            cot = tuple(read(b, cell("cot_slot")) for b in cots)
             j = mb_a[t, dev]
             xs = [jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in batch]
-            send_f, send_b, res_out, cot_out, g, mb_loss = jax.lax.switch(
-                branch_a[t, dev], branches, params, xs, act, grad, res, cot
+            bufs = (
+                ress,
+                cots,
+                cell("res_read"),
+                cell("cot_read"),
+                cell("res_store"),
+                cell("cot_store"),
             )
-            kind = branch_a[t, dev]
-            is_f = kind < S
-            is_b = (kind >= S) & (kind < 2 * S)
-            r_slot = jnp.where(is_f, cell("res_slot"), n["res"])
-            c_slot = jnp.where(is_b, cell("cot_slot"), n["cot"])
+            send_f, send_b, res_out, cot_out, g, mb_loss = jax.lax.switch(
+                branch_a[t, dev], branches, params, xs, act, grad, bufs
+            )
+            r_slot, c_slot = cell("res_store"), cell("cot_store")
             ress = tuple(store(b, r_slot, x) for b, x in zip(ress, res_out, strict=True))
             cots = tuple(store(b, c_slot, x) for b, x in zip(cots, cot_out, strict=True))
             gacc = tuple(a + x for a, x in zip(gacc, g, strict=True))

@@ -1,0 +1,228 @@
+"""Pipelined training equals single-device training: losses and parameters after 5 steps."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import autopipe
+from autopipe import models
+from conftest import BATCH, GPT, fill, mesh
+
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
+STEPS = 5
+# eps=1e-6: a few GPT leaves (attention key biases) have exactly zero gradient in exact
+# arithmetic (softmax is shift-invariant); Adam's default eps=1e-8 would blow their float noise
+# (~1e-10, different for any summation order) up to lr-sized steps in *both* runs.
+OPTIMIZER = optax.adamw(1e-2, eps=1e-6)
+
+
+def _mlp_task():
+    model = models.LinenMLP(features=(32, 32, 32, 32, 8))
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(BATCH, 16)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(BATCH, 8)), jnp.float32)
+
+    def loss_fn(params, batch):
+        x, y = batch
+        return jnp.mean((model.apply(params, x) - y) ** 2)
+
+    return loss_fn, fill(models.abstract_linen(model, x)), (x, y)
+
+
+def _gpt_task(model_cls=models.LinenGPT, params_fn=None):
+    model = model_cls(GPT)
+    tokens = models.make_tokens(GPT, BATCH)
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    def loss_fn(params, batch):
+        t, lab = batch
+        logits = model.apply(params, t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, lab).mean()
+
+    params = fill(models.abstract_linen(models.LinenGPT(GPT), tokens))
+    return loss_fn, (params_fn(params) if params_fn else params), (tokens, labels)
+
+
+TASKS = {
+    "mlp": _mlp_task,
+    "gpt": _gpt_task,
+    "scanned_gpt": functools.partial(
+        _gpt_task, models.ScannedLinenGPT, lambda p: models.stack_linen_gpt_params(p, GPT.layers)
+    ),
+}
+
+
+@functools.cache
+def _task(name):
+    return TASKS[name]()
+
+
+@functools.cache
+def _reference(name):
+    """Single-device training on the whole batch: per-step losses and final parameters."""
+    loss_fn, params, batch = _task(name)
+    state = OPTIMIZER.init(params)
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
+    losses = []
+    for _ in range(STEPS):
+        loss, grads = grad_fn(params, batch)
+        updates, state = OPTIMIZER.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    return np.array(losses), params
+
+
+def _check_training(name, schedule, pp, m, **options):
+    loss_fn, params, batch = _task(name)
+    plan = autopipe.train(
+        loss_fn,
+        OPTIMIZER,
+        params,
+        batch,
+        mesh=mesh(pp),
+        schedule=schedule,
+        num_microbatches=m,
+        **options,
+    )
+    state = plan.init(params)
+    losses = []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+    want_losses, want_params = _reference(name)
+    np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
+    got = plan.unplace(state)
+    assert jax.tree.structure(got) == jax.tree.structure(want_params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
+    return plan
+
+
+GRID = [(pp, m) for pp in (2, 4) for m in (4, 8)]
+
+
+@pytest.mark.parametrize(("pp", "m"), GRID)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_mlp_training_matches_single_device(schedule, pp, m):
+    plan = _check_training("mlp", schedule, pp, m)
+    assert plan.schedule.kind == schedule and plan.training
+
+
+@pytest.mark.parametrize(("pp", "m"), [(2, 4), (4, 8)])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpt_training_matches_single_device(schedule, pp, m):
+    _check_training("gpt", schedule, pp, m)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("pp", "m"), [(2, 8), (4, 4)])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+def test_gpt_training_matches_single_device_rest_of_grid(schedule, pp, m):
+    _check_training("gpt", schedule, pp, m)
+
+
+def test_scanned_layers_train_and_unplace_restacks_rows():
+    _check_training("scanned_gpt", "1f1b", 4, 4)
+
+
+def test_remat_gives_the_same_training():
+    plan = _check_training("mlp", "1f1b", 4, 8, remat=True)
+    assert plan.remat
+
+
+def test_interleaved_places_two_stages_per_device():
+    loss_fn, params, batch = _task("mlp")
+    plan = autopipe.train(
+        loss_fn,
+        OPTIMIZER,
+        params,
+        batch,
+        mesh=mesh(2),
+        schedule="interleaved_1f1b",
+        num_microbatches=4,
+    )
+    assert plan.num_stages == 4 and plan.num_devices == 2
+    assert plan.schedule.virtual_stages == 2
+
+
+def test_predicted_bubbles_follow_the_tables():
+    loss_fn, params, batch = _task("mlp")
+    bubbles = {}
+    for schedule in SCHEDULES:
+        plan = autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh=mesh(4),
+            schedule=schedule,
+            num_microbatches=8,
+            compile=False,
+        )
+        bubbles[schedule] = plan.predicted.bubble_fraction
+        assert plan.compiled is None
+    assert bubbles["interleaved_1f1b"] < bubbles["1f1b"]
+    assert bubbles["zb_h1"] < bubbles["1f1b"]
+
+
+def test_nnx_module_trains_and_unplaces_to_a_module():
+    from flax import nnx
+
+    rng = np.random.default_rng(4)
+    x = jnp.asarray(rng.normal(size=(BATCH, 16)), jnp.float32)
+    y = jnp.asarray(rng.normal(size=(BATCH, 8)), jnp.float32)
+    abstract = models.abstract_nnx(lambda: models.NnxMLP((16, 32, 32, 8), rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    module = nnx.merge(graphdef, fill(state))
+
+    def loss_fn(model, batch):
+        x, y = batch
+        return jnp.mean((model(x) - y) ** 2)
+
+    plan = autopipe.train(loss_fn, optax.sgd(0.1), module, (x, y), mesh=mesh(2), num_microbatches=4)
+    state = plan.init(module)
+    for _ in range(3):
+        state, loss = plan.step(state, (x, y))
+    trained = plan.unplace(state)
+    assert isinstance(trained, models.NnxMLP)
+    ref_params = nnx.state(module)
+    for _ in range(3):
+        grads = jax.grad(lambda p: loss_fn(nnx.merge(graphdef, p), (x, y)))(ref_params)
+        ref_params = jax.tree.map(lambda p, g: p - 0.1 * g, ref_params, grads)
+    for a, b in zip(jax.tree.leaves(nnx.state(trained)), jax.tree.leaves(ref_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_errors_for_training():
+    loss_fn, params, batch = _task("mlp")
+    with pytest.raises(ValueError, match="must return one float scalar"):
+        autopipe.train(lambda p, b: (loss_fn(p, b), 1.0), OPTIMIZER, params, batch, mesh=mesh(2))
+    with pytest.raises(ValueError, match="choose one of gpipe"):
+        autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), schedule="pipedream")
+    with pytest.raises(ValueError, match="virtual_stages=2 needs"):
+        autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), virtual_stages=2)
+
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(16, 16)), jnp.float32)
+
+    def tied(w, x):  # the same matrix at both ends of the network
+        h = x @ w
+        for _ in range(6):
+            h = jnp.tanh(h) + 1.0
+        return jnp.mean(h @ w.T)
+
+    with pytest.raises(ValueError, match=r"args\[0\] is used by stages on devices \[0, 1\]"):
+        autopipe.train(tied, OPTIMIZER, w, batch[0], mesh=mesh(2), num_microbatches=2)
+    plan = autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), num_microbatches=2)
+    forward_only = autopipe.plan(
+        lambda w, x: jnp.tanh(jnp.tanh(x @ w) @ w), w, batch[0], mesh=mesh(2), num_microbatches=2
+    )
+    with pytest.raises(RuntimeError, match="training plans"):
+        forward_only.init(w)
+    with pytest.raises(ValueError, match=r"has shape \(4, 16\)"):
+        plan.step(plan.init(params), (batch[0][:4], batch[1]))
