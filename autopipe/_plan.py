@@ -57,6 +57,7 @@ class _Runtime:
     packers: list
     init_opt: Any = None  # training: jitted optimizer.init laid out like the step expects
     unplace: Any = None  # training: jitted gather of parameters back to their leaves
+    differentiable: Any = None  # the step behind Plan.apply, built on first use
     placed_key: tuple = ()
     placed: tuple = ()
 
@@ -150,6 +151,13 @@ class Plan:
     def __repr__(self) -> str:
         return self.summary()
 
+    def profile(self, *args: Any, repeats: int = 7) -> tuple:
+        """Compiles and times each stage alone on the current backend (median of `repeats`);
+        returns one `StageProfile` (measured vs predicted seconds per microbatch) per stage."""
+        from autopipe._profile import profile_stages
+
+        return profile_stages(self, *args, repeats=repeats)
+
     # --- pictures (autopipe._viz) ----------------------------------------------------------
 
     def plot_schedule(self, path=None, *, timing="event"):
@@ -222,6 +230,38 @@ class Plan:
         outs = compiled(bufs, tuple(jax.device_put(x, sharding) for x in batch))
         return jax.tree.unflatten(self.traced.out_tree, [self._last_stage_block(o) for o in outs])
 
+    def apply(self, *args: Any) -> Any:
+        """``fn(*args)`` as a traceable, differentiable function of the arguments: use it under
+        ``jax.grad``/``jax.jit`` (the gradient of the forward pipeline is GPipe by autodiff).
+        Unlike calling the plan it packs parameters on every call and replicates outputs."""
+        from autopipe.passes.emit import emit, pack_traced
+
+        self._require_compiled()
+        rt = self._runtime
+        if rt.differentiable is None:
+            rt.differentiable = emit(
+                self.program,
+                self.layouts,
+                self.schedule,
+                mesh=self.mesh,
+                axis=self.pipeline_axis,
+                batch_size=self.traced.batch_size,
+                replicate_outputs=True,
+            ).step
+        leaves = self._check_args(args)
+        spec = self.traced.spec
+        params = [x for x, b in zip(leaves, spec.batch_leaves, strict=True) if not b]
+        batch = [x for x, b in zip(leaves, spec.batch_leaves, strict=True) if b]
+        bufs = pack_traced(
+            self.program,
+            self.split,
+            [s.params for s in self.layouts],
+            params,
+            rt.emitted.param_sharding,
+        )
+        outs = rt.differentiable(bufs, tuple(batch))
+        return jax.tree.unflatten(self.traced.out_tree, list(outs))
+
     def _check_args(self, args: Sequence[Any]) -> list[Any]:
         spec = self.traced.spec
         if len(args) != spec.num_args:
@@ -236,7 +276,10 @@ class Plan:
                 "example arguments, or make a new plan."
             )
         for path, want, x in zip(spec.in_paths, spec.in_avals, leaves, strict=True):
-            got = (tuple(np.shape(x)), np.dtype(getattr(x, "dtype", np.asarray(x).dtype)))
+            got = (
+                tuple(np.shape(x)),
+                np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype),
+            )
             if got != (tuple(want.shape), np.dtype(want.dtype)):
                 raise ValueError(
                     f"plan for {spec.fn_name}: argument {path} has shape {got[0]} and dtype "

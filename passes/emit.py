@@ -92,7 +92,10 @@ def emit(
     mesh: Any,
     axis: str,
     batch_size: int,
+    replicate_outputs: bool = False,
 ) -> Emitted:
+    """``replicate_outputs``: every device returns the outputs (an all-reduce from the last
+    stage) instead of each returning its own block; used by the differentiable `Plan.apply`."""
     p, m = len(stages), schedule.num_microbatches
     param_sizes = buffer_sizes([s.params for s in stages])
     boundary_sizes = buffer_sizes([s.send for s in stages])
@@ -141,13 +144,17 @@ def emit(
 
         init = tuple(jnp.zeros((n,), dt) for dt, n in boundary_sizes.items())
         _, ys = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
-        return tuple(y[first : first + m].reshape(batch_size, *y.shape[2:]) for y in ys)
+        outs = tuple(y[first : first + m].reshape(batch_size, *y.shape[2:]) for y in ys)
+        if replicate_outputs:
+            last = jax.lax.axis_index(axis) == p - 1
+            outs = tuple(jax.lax.psum(jnp.where(last, y, jnp.zeros_like(y)), axis) for y in outs)
+        return outs
 
     smap = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(tuple(P(axis) for _ in dtypes), P()),
-        out_specs=tuple(P(axis) for _ in program.outvars),
+        out_specs=tuple(P() if replicate_outputs else P(axis) for _ in program.outvars),
         axis_names={axis},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
@@ -207,3 +214,21 @@ def make_packers(
 
         packers.append((jax.jit(pack), raw))
     return packers
+
+
+def pack_traced(
+    program: Program, split: Split, layouts: Sequence[FlatLayout], params: Sequence[Any], sharding
+) -> tuple[Any, ...]:
+    """Traceable packing of parameter leaves into the (p, L) buffers (differentiable)."""
+    del split
+    sizes = buffer_sizes(layouts)
+    param_ids = [v for v in program.invars if v not in program.batch_dependent]
+    raw = dict(zip(param_ids, params, strict=True)) | dict(program.consts)
+    per_stage = []
+    for layout in layouts:
+        ops, needed = _hoist_closure(program, layout.values())
+        env = {v: raw[v] for v in needed}
+        eval_ops(program, ops, env)
+        per_stage.append(_pack(env, layout, sizes))
+    stacked = [jnp.stack(bufs) for bufs in zip(*per_stage, strict=True)]
+    return tuple(jax.sharding.reshard(b, sharding) for b in stacked)

@@ -247,3 +247,17 @@ def test_error_num_stages_disagrees_with_mesh(cases):
     fn, args = cases["linen_mlp"]
     with pytest.raises(ValueError, match=r"num_stages=3 but the pipeline axis 'pp' has 2"):
         autopipe.plan(fn, *args, mesh=mesh(2), num_stages=3)
+
+
+@pytest.mark.parametrize("name", ["linen_gpt", "scanned_gpt"])
+def test_grad_of_pipelined_forward_is_gpipe_by_autodiff(cases, name):
+    fn, (variables, x) = cases[name]
+    plan = autopipe.plan(fn, variables, x, mesh=mesh(4), num_microbatches=4)
+
+    def loss(apply, v):
+        return jnp.mean(jnp.tanh(apply(v, x)))
+
+    got = jax.jit(jax.grad(lambda v: loss(plan.apply, v)))(variables)
+    want = jax.grad(lambda v: loss(fn, v))(variables)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
