@@ -135,10 +135,7 @@ def emit(
             recv = dict(zip(boundary_sizes, recv_bufs, strict=True))
             j = mbs_t[t, dev]
             xs = [jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in batch]
-            if p == 1:
-                send, outs = branches[0](params, recv, xs)
-            else:
-                send, outs = jax.lax.switch(stages_t[t, dev], branches, params, recv, xs)
+            send, outs = jax.lax.switch(stages_t[t, dev], branches, params, recv, xs)
             recv_next = tuple(jax.lax.ppermute(x, axis, perm) for x in send)
             return recv_next, outs
 
