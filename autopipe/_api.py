@@ -20,6 +20,7 @@ import numpy as np
 
 from autopipe._plan import Plan, Predicted, Stage, _Runtime
 from autopipe.cost_models.hardware import Hardware, get_hardware
+from autopipe.cost_models.memory import forward_program_bytes
 from autopipe.cost_models.rules import transfer_time
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
@@ -169,18 +170,31 @@ def segment_bytes(program: Program, costs: _Costs, layers: Sequence[int]) -> Seg
     return SegmentBytes(params=params, peak=peak, made=made, inputs=inputs)
 
 
-def _segment_memory(program: Program, costs: _Costs, layers: Sequence[int], m: int) -> np.ndarray:
-    """mem[i, j] = params of layers [i, j) + a forward-only activation estimate.
+def _segment_memory(
+    program: Program, costs: _Costs, layers: Sequence[int], m: int, p: int = 1
+) -> np.ndarray:
+    """mem[i, j] = per-device bytes of the forward-only program for a stage of layers [i, j)
+    (`cost_models.memory.forward_program_bytes`), plus its receive and send buffers.
 
-    Activations: the values alive inside the stage (largest cut in its range, twice for the
-    receive and send buffers) plus the replicated batch inputs (all m microbatches), plus the
-    per-tick outputs the last stage keeps.
+    The unpacked-parameter copy XLA keeps today (see `forward_program_bytes`) is left out
+    (param_copies=0): it is an artefact of the emitted program, not a property of the stage.
     """
     seg = segment_bytes(program, costs, layers)
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
-    mem = seg.params + 2 * seg.peak + batch_in
-    mem[:, -1] += out_bytes * 2 * m
+    send = np.array([0, *(costs.cut_bytes[k] for k in layers[1:-1]), 0], dtype=float)
+    mem = (
+        2 * np.maximum(seg.inputs, send[None, :])
+        + forward_program_bytes(
+            param_bytes=seg.params,
+            batch_input_bytes=batch_in,
+            live_peak_bytes=seg.peak,
+            output_bytes=out_bytes,
+            num_microbatches=m,
+            num_stages=p,
+            param_copies=0.0,
+        ).total
+    )
     return np.where(np.triu(np.ones_like(mem), 1) > 0, mem, np.inf)
 
 
@@ -258,7 +272,9 @@ def _layer_problem(front: _Front, layers: Sequence[int], memory_limit: float) ->
     return StageProblem(
         layer_time=t,
         cut_time=cut,
-        segment_memory=_segment_memory(front.program, c, layers, front.traced.num_microbatches),
+        segment_memory=_segment_memory(
+            front.program, c, layers, front.traced.num_microbatches, front.num_stages
+        ),
         memory_limit=memory_limit,
         num_stages=front.num_stages,
         num_microbatches=front.traced.num_microbatches,

@@ -6,6 +6,8 @@ Tested against jax 0.10.2.
 
 from __future__ import annotations
 
+import functools
+import importlib
 from typing import Any
 
 import jax
@@ -42,3 +44,51 @@ def to_varying(x: Any, axis: str) -> Any:
     if axis in varying_axes(x):
         return x
     return jax.lax.pcast(x, (axis,), to="varying")
+
+
+# --- jax.experimental.roofline: per-primitive FLOP/byte rules ---------------------------------
+# Used by autopipe.cost_models.rules where JAX's rule matches XLA (convolution FLOPs over valid
+# window positions, gather/scatter traffic). The rule table and the rule context are not public.
+
+
+@functools.cache
+def _roofline_tables() -> tuple[Any, dict[str, Any]]:
+    import jax.experimental.roofline  # noqa: F401  (registers jax's rules)
+
+    roofline_module = importlib.import_module("jax.experimental.roofline.roofline")
+    table = getattr(roofline_module, "_rooflines", {})
+    return roofline_module, {p.name: (p, rule) for p, rule in table.items()}
+
+
+def _shaped(aval: Any) -> Any:
+    from jax._src import core
+
+    if isinstance(aval, core.ShapedArray):
+        return aval
+    return core.ShapedArray(tuple(aval.shape), aval.dtype)
+
+
+def roofline_flops_bytes(
+    primitive: str, avals_in: Any, avals_out: Any, params: dict
+) -> tuple[int, int]:
+    """(FLOPs, HBM bytes) of one equation by `jax.experimental.roofline`'s rule (unfused)."""
+    from jax._src import source_info_util
+
+    module, rules = _roofline_tables()
+    prim, rule = rules[primitive]
+    ins, outs = [_shaped(a) for a in avals_in], [_shaped(a) for a in avals_out]
+    ctx = module.RooflineRuleContext(
+        name_stack=source_info_util.new_name_stack(),
+        primitive=prim,
+        avals_in=ins,
+        avals_out=outs,
+        jaxpr_eqn_ctx=None,
+        mesh=None,
+        pin_lhs_in_vmem=False,
+        pin_rhs_in_vmem=False,
+    )
+    result = rule(ctx, *[module.RooflineShape.from_aval(a) for a in ins], **params)
+    return (
+        max(result.flops, result.unfused_flops),
+        max(result.hbm_bytes, result.unfused_hbm_bytes),
+    )

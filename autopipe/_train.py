@@ -204,7 +204,7 @@ def train(
         )
         for s, lay in enumerate(layouts)
     )
-    predicted = _predict(front, sched, stages, p)
+    predicted = _predict(front, sched, stages, p, remat=use_remat)
     runtime = _Runtime(emitted=None, compiled=None, packers=[])
     if compile and _is_concrete(mesh):
         runtime = _compile_train(
@@ -240,16 +240,18 @@ def train(
     )
 
 
-def _predict(front: _Front, sched: schedules.Schedule, stages, p: int) -> Predicted:
-    """Step time and bubble from the table run event by event with per-stage times."""
-    fwd = [s.time / (1 + BACKWARD_FACTOR) for s in stages]
+def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat: bool):
+    """Step time and bubble from the table run event by event with per-stage times (a stage's
+    time is forward + backward, plus a recomputed forward under remat)."""
+    fwd = [s.time / (1 + BACKWARD_FACTOR + remat) for s in stages]
 
     def duration(a: schedules.Action) -> float:
         if a.kind == "F":
             return fwd[a.stage]
+        recompute = fwd[a.stage] if remat and a.kind in ("B", "W") else 0.0
         if sched.split_backward:  # B and W split the backward's two matmuls
-            return fwd[a.stage] * BACKWARD_FACTOR / 2
-        return fwd[a.stage] * BACKWARD_FACTOR
+            return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute
+        return fwd[a.stage] * BACKWARD_FACTOR + recompute
 
     _, makespan = schedules.simulate(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]

@@ -74,7 +74,8 @@ class Hardware:
     bandwidth_efficiency: float = 0.7  # fraction of peak bandwidth a typical kernel reaches
     # --- refinements (all optional; defaults keep the flat model above) -----------------------
     flops_by_dtype: tuple[tuple[str, float], ...] = ()  # dense matmul FLOP/s per dtype class
-    vector_flops: float | None = None  # FLOP/s of non-matmul arithmetic; None = peak_flops / 8
+    vector_flops: float | None = None  # achievable FLOP/s of non-matmul arithmetic; None = matmul's
+    conv_efficiency: float = 1.0  # convolutions' achievable rate relative to matmuls'
     transcendental_time: float = 0.0  # extra seconds per exp/log/tanh/erf element
     fusion_discount: float = 0.5  # share of elementwise/layout bytes that fusion removes
     devices_per_node: int = 8  # devices sharing the fast link
@@ -100,7 +101,10 @@ class Hardware:
 
     @property
     def vector_rate(self) -> float:
-        return self.vector_flops if self.vector_flops is not None else self.peak_flops / 8
+        """Achievable FLOP/s of arithmetic outside matmuls."""
+        if self.vector_flops is not None:
+            return self.vector_flops
+        return self.peak_flops * self.flops_efficiency
 
     @property
     def intra_node(self) -> Link:
@@ -168,7 +172,6 @@ PRESETS: dict[str, Hardware] = {
             ("float16", 989e12),
             ("float8", 1979e12),
         ),
-        vector_flops=67e12,
         inter_node_bandwidth=50e9,
         inter_node_latency=10e-6,
         source=f"NVIDIA H100 SXM5 datasheet (dense); {_NVLINK}",
@@ -188,7 +191,6 @@ PRESETS: dict[str, Hardware] = {
             ("float16", 989e12),
             ("float8", 1979e12),
         ),
-        vector_flops=67e12,
         inter_node_bandwidth=50e9,
         inter_node_latency=10e-6,
         source=f"NVIDIA H200 SXM datasheet (dense); {_NVLINK}",
@@ -208,7 +210,6 @@ PRESETS: dict[str, Hardware] = {
             ("float16", 312e12),
             ("int8", 624e12),
         ),
-        vector_flops=19.5e12,
         inter_node_bandwidth=25e9,
         inter_node_latency=10e-6,
         source=f"NVIDIA A100 80GB SXM datasheet (dense); {_NVLINK}",
@@ -227,7 +228,6 @@ PRESETS: dict[str, Hardware] = {
             ("float16", 312e12),
             ("int8", 624e12),
         ),
-        vector_flops=19.5e12,
         inter_node_bandwidth=25e9,
         inter_node_latency=10e-6,
         source=f"NVIDIA A100 40GB SXM datasheet (dense); {_NVLINK}",
@@ -242,7 +242,6 @@ PRESETS: dict[str, Hardware] = {
         link_bandwidth=150e9,
         link_latency=8e-6,
         flops_by_dtype=(("float32", 15.7e12), ("float16", 125e12), ("bfloat16", 15.7e12)),
-        vector_flops=15.7e12,
         inter_node_bandwidth=12.5e9,
         inter_node_latency=12e-6,
         source=f"NVIDIA V100 SXM2 datasheet; {_NVLINK}",

@@ -8,7 +8,8 @@ The program is manual over the pipeline axis only. Per device:
     with ``lax.switch`` (an extra branch idles), packs the values for the next stage into one
     flat buffer per dtype, and after the switch sends it with one unconditional
     ``lax.ppermute`` per dtype (collectives never run inside a branch);
-  - outputs of the last stage are the scan's per-tick results, sliced to its active ticks.
+  - the last stage writes its outputs into an (m + 1, microbatch, ...) buffer at the
+    microbatch's row (other actions write the spare row), so each device keeps m outputs.
 
 Operators are replayed from a jaxpr traced outside the shard_map, which shard_map's
 varying-axes checker cannot type, so the shard_map is built with ``check_vma=False``.
@@ -31,7 +32,7 @@ from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program, eval_ops, read_atom
 from autopipe.passes.layout import FlatLayout, Split, StageLayout, buffer_sizes, placed_sources
-from autopipe.passes.schedule import Action, Schedule
+from autopipe.passes.schedule import Schedule
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -41,7 +42,6 @@ class Emitted:
     param_sizes: tuple[int, ...]
     param_sharding: NamedSharding
     batch_sharding: NamedSharding
-    out_tick_slice: tuple[int, int]
 
 
 def _unpack(env: dict, layout: FlatLayout, bufs: dict[str, Any]) -> None:
@@ -105,10 +105,6 @@ def emit(
     ]
     stage_table = np.array([[p if c is None else c.stage for c in row] for row in schedule.table])
     mb_table = np.array([[0 if c is None else c.microbatch for c in row] for row in schedule.table])
-    first = schedule.tick_of(Action("F", p - 1, 0))
-    out_ticks = [schedule.tick_of(Action("F", p - 1, j)) for j in range(m)]
-    if out_ticks != list(range(first, first + m)):
-        raise NotImplementedError("the last stage must run its microbatches on consecutive ticks")
     perm = [(d, d + 1) for d in range(p - 1)]
 
     def branch(s):
@@ -131,17 +127,29 @@ def emit(
         dev = jax.lax.axis_index(axis)
         stages_t, mbs_t = jnp.asarray(stage_table, jnp.int32), jnp.asarray(mb_table, jnp.int32)
 
-        def tick(recv_bufs, t):
+        def tick(carry, t):
+            recv_bufs, out_bufs = carry
             recv = dict(zip(boundary_sizes, recv_bufs, strict=True))
             j = mbs_t[t, dev]
             xs = [jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in batch]
             send, outs = jax.lax.switch(stages_t[t, dev], branches, params, recv, xs)
+            row = jnp.where(stages_t[t, dev] == p - 1, j, m)  # other actions: the spare row
+            out_bufs = tuple(
+                jax.lax.dynamic_update_index_in_dim(b, o, row, 0)
+                for b, o in zip(out_bufs, outs, strict=True)
+            )
             recv_next = tuple(jax.lax.ppermute(x, axis, perm) for x in send)
-            return recv_next, outs
+            return (recv_next, out_bufs), None
 
-        init = tuple(jnp.zeros((n,), dt) for dt, n in boundary_sizes.items())
-        _, ys = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
-        outs = tuple(y[first : first + m].reshape(batch_size, *y.shape[2:]) for y in ys)
+        init = (
+            tuple(jnp.zeros((n,), dt) for dt, n in boundary_sizes.items()),
+            tuple(
+                jnp.zeros((m + 1, *program.avals[a].shape), program.avals[a].dtype)
+                for a in program.outvars
+            ),
+        )
+        (_, ys), _ = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
+        outs = tuple(y[:m].reshape(batch_size, *y.shape[2:]) for y in ys)
         if replicate_outputs:
             last = jax.lax.axis_index(axis) == p - 1
             outs = tuple(jax.lax.psum(jnp.where(last, y, jnp.zeros_like(y)), axis) for y in outs)
@@ -167,7 +175,6 @@ def emit(
         param_sizes=tuple(param_sizes.values()),
         param_sharding=NamedSharding(mesh, P(axis)),
         batch_sharding=NamedSharding(mesh, P()),
-        out_tick_slice=(first, first + m),
     )
 
 

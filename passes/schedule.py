@@ -74,7 +74,10 @@ class Schedule:
         return 1.0 - work / (self.num_devices * makespan) if makespan else 0.0
 
     def in_flight(self) -> list[int]:
-        """Per device: the most microbatches whose forward ran and backward has not finished."""
+        """Per device: the most microbatches whose activations it holds at once — forward run,
+        backward (or W) not yet — and 1 for a forward-only table (nothing waits)."""
+        if not self.training:
+            return [1] * self.num_devices
         peak = []
         for d in range(self.num_devices):
             live = best = 0

@@ -64,6 +64,9 @@ class Traced:
 
 
 def function_name(fn: Callable) -> str:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None and not isinstance(owner, type):  # a bound method: model.apply
+        return f"{type(owner).__name__}.{getattr(fn, '__name__', 'method')}"
     name = getattr(fn, "__qualname__", None) or getattr(fn, "__name__", None) or repr(fn)
     module = getattr(fn, "__module__", None)
     return f"{module}.{name}" if module else name

@@ -1,0 +1,294 @@
+"""Runtime benchmarks: parameter bytes, activation memory per schedule, pp = 1 overhead, and
+the measured CPU pipeline speedup with an attribution of the per-tick overheads.
+
+Timing ratios are measured within one run, interleaving the things compared, because this
+machine (2 cores, shared) is noisy. The speedup benchmark runs its two sides in two worker
+processes (`bench/_worker.py`): a single-device baseline pinned to core 0 with ``taskset``
+(one unpinned simulated device already uses both cores through XLA's intra-op threads) and a
+two-device pipeline using both cores.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+WORKER = pathlib.Path(__file__).with_name("_worker.py")
+
+
+def _devices(args):
+    import jax
+
+    return jax.devices("gpu") if args.gpu else jax.devices("cpu")
+
+
+def _interleaved_median(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
+    import jax
+
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for f in fns.values():  # warm up
+        jax.block_until_ready(f())
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            jax.block_until_ready(f())
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def _small_gpt(**kw):
+    from autopipe import models
+
+    cfg = models.GPTConfig(
+        **{"vocab": 512, "seq": 32, "d_model": 128, "heads": 4, "layers": 8, **kw}
+    )
+    model = models.LinenGPT(cfg)
+    return cfg, model
+
+
+def param_bytes(args) -> list[dict]:
+    """Per-device parameter bytes (XLA memory_analysis) vs the largest stage's own bytes."""
+    import jax
+
+    import autopipe
+    from autopipe import models
+
+    cfg, model = _small_gpt()
+    tokens = models.make_tokens(cfg, 8)
+    variables = models.init_linen(model, tokens)
+    rows = []
+    devices = _devices(args)
+    for pp in (p for p in (2, 4, 8) if p <= len(devices)):
+        mesh = jax.make_mesh((pp,), ("pp",), devices=devices[:pp])
+        plan = autopipe.plan(model.apply, variables, tokens, mesh=mesh, num_microbatches=4)
+        per_device = plan.compiled.memory_analysis().argument_size_in_bytes
+        largest = max(s.param_bytes for s in plan.stages)
+        rows.append(
+            {
+                "model": "gpt 8x128",
+                "pp": pp,
+                "per_device_arg_bytes": per_device,
+                "largest_stage_param_bytes": largest,
+                "ratio": round(per_device / largest, 4),
+                "target": "<= 1.10",
+            }
+        )
+    return rows
+
+
+def activation_memory(args) -> list[dict]:
+    """Training: XLA's temp bytes per device (memory_analysis) per schedule, against the
+    schedule's predicted peak in-flight activations (units of one stage's activations A)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import autopipe
+    from autopipe import models
+
+    p, m = 4, 8
+    devices = _devices(args)
+    if len(devices) < p:
+        return [{"skipped": f"needs {p} devices, have {len(devices)}"}]
+    cfg, model = _small_gpt(layers=8, seq=32)
+    tokens = models.make_tokens(cfg, 16)
+    variables = models.init_linen(model, tokens)
+
+    def loss(variables, tokens):
+        logits = model.apply(variables, tokens)
+        return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
+
+    mesh = jax.make_mesh((p,), ("pp",), devices=devices[:p])
+    kinds = ("gpipe", "1f1b") if args.quick else ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+    rows = []
+    for kind in kinds:
+        started = time.perf_counter()
+        plan = autopipe.train(
+            loss,
+            optax.sgd(1e-3),
+            variables,
+            tokens,
+            mesh=mesh,
+            schedule=kind,
+            num_microbatches=m,
+            remat=False,
+        )
+        mem = plan.compiled.memory_analysis()
+        v = plan.schedule.virtual_stages
+        rows.append(
+            {
+                "schedule": kind,
+                "p": p,
+                "m": m,
+                "in_flight_dev0_A": round(plan.schedule.in_flight()[0] / v, 2),
+                "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 2),
+                "argument_MiB": round(mem.argument_size_in_bytes / 2**20, 2),
+                "predicted_peak_MiB": round(max(plan.predicted.memory_per_device) / 2**20, 2),
+                "plan_compile_s": round(time.perf_counter() - started, 1),
+            }
+        )
+    return rows
+
+
+def runtime_overhead(args) -> list[dict]:
+    """A pp = 1 plan vs jax.jit(fn) on the same inputs (ratio of medians, one run)."""
+    import jax
+
+    import autopipe
+    from autopipe import models
+
+    cfg, model = _small_gpt(vocab=1024, seq=128, d_model=256, layers=4)
+    tokens = models.make_tokens(cfg, 16)
+    variables = models.init_linen(model, tokens)
+    device = _devices(args)[0]
+    mesh = jax.make_mesh((1,), ("pp",), devices=[device])
+    tokens, variables = jax.device_put((tokens, variables), device)
+    plain = jax.jit(model.apply)
+    rows = []
+    for m in (1, 2):
+        plan = autopipe.plan(model.apply, variables, tokens, mesh=mesh, num_microbatches=m)
+        med = _interleaved_median(
+            {
+                "jit": lambda: plain(variables, tokens),
+                "plan": lambda plan=plan: plan(variables, tokens),
+            },
+            reps=args.reps,
+        )
+        rows.append(
+            {
+                "model": "gpt 4x256, batch 16",
+                "microbatches": m,
+                "jit_ms": round(med["jit"] * 1e3, 3),
+                "plan_ms": round(med["plan"] * 1e3, 3),
+                "ratio": round(med["plan"] / med["jit"], 3),
+                "target": "<= 1.05 (m = 1)",
+            }
+        )
+    return rows
+
+
+# --- measured pipeline speedup ---------------------------------------------------------------
+
+
+class _Proc:
+    """A running `bench/_worker.py`: send a request, read one JSON answer."""
+
+    def __init__(self, argv: list[str], env: dict | None = None) -> None:
+        self.proc = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env
+        )
+        self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"benchmark worker {self.proc.args} exited ({self.proc.wait()})")
+        return json.loads(line)
+
+    def ask(self, **req) -> dict:
+        self.proc.stdin.write(json.dumps(req) + "\n")
+        self.proc.stdin.flush()
+        answer = self._read()
+        if "error" in answer:
+            raise RuntimeError(f"benchmark worker: {answer['error']} (request {req})")
+        return answer
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write(json.dumps({"what": "quit"}) + "\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=60)
+
+
+def _load() -> str:
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return "?"
+
+
+def pipeline_speedup(args) -> list[dict]:
+    """2 stages on 2 simulated CPU devices (both cores) vs the same model on one device pinned
+    to one core, m = 8 and 32, against the ideal 2m/(m + 1); per-tick overhead attributed.
+
+    Baselines (pinned to core 0): ``jax.jit(model.apply)`` on the whole batch, and the same
+    batch as m sequential microbatches (a pp = 1 plan), which isolates the pipelining from
+    the change in matmul sizes. ``stage_ms`` is each stage alone on one microbatch, pinned;
+    the lock-step ideal of the pipeline is ``ticks × max(stage_ms)``, and
+    ``overhead_ms_per_tick = (pipeline − ideal) / ticks``.
+    """
+    if args.gpu:
+        return [{"skipped": "CPU-only benchmark (one device pinned to one core vs two cores)"}]
+    if shutil.which("taskset") is None:
+        return [{"skipped": "taskset not found (util-linux); cannot pin the baseline"}]
+    config = {
+        "gpt": {"vocab": 512, "seq": 128, "d_model": 256, "heads": 4, "layers": 8},
+        "batch": 64,
+    }
+    argv = [sys.executable, str(WORKER), "--devices", "2", json.dumps(config)]
+    pinned = _Proc(["taskset", "-c", "0", *argv])
+    both = _Proc(argv)
+    ms = (8, 32)
+    rounds = 2 if args.quick else 5
+    try:
+        for m in ms:  # compile everything first
+            pinned.ask(what="plan", pp=1, m=m, reps=1)
+            both.ask(what="plan", pp=2, m=m, reps=1)
+        pinned.ask(what="jit", reps=1)
+        samples: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            samples.setdefault("jit", []).append(pinned.ask(what="jit", reps=1)["median"])
+            for m in ms:
+                for key, proc, pp in ((f"seq{m}", pinned, 1), (f"pipe{m}", both, 2)):
+                    samples.setdefault(key, []).append(
+                        proc.ask(what="plan", pp=pp, m=m, reps=1)["median"]
+                    )
+        rows = []
+        for m in ms:
+            stage = pinned.ask(what="stages", pp=2, m=m, reps=5)["medians"]
+            parts = both.ask(what="parts", pp=2, m=m, reps=5)["medians"]
+            ticks = m + 1
+            rows.append(
+                _speedup_row(m, ticks, {k: statistics.median(v) for k, v in samples.items()})
+                | _overhead_cols(m, ticks, stage, parts, statistics.median(samples[f"pipe{m}"]))
+            )
+    finally:
+        pinned.close()
+        both.close()
+    for row in rows:
+        row["load_avg"] = _load()
+    return rows
+
+
+def _speedup_row(m: int, ticks: int, med: dict[str, float]) -> dict:
+    pipe = med[f"pipe{m}"]
+    return {
+        "model": "gpt 8x256 seq128, batch 64",
+        "m": m,
+        "jit_1core_ms": round(med["jit"] * 1e3, 1),
+        "microbatched_1core_ms": round(med[f"seq{m}"] * 1e3, 1),
+        "pipeline_2dev_ms": round(pipe * 1e3, 1),
+        "speedup_vs_jit": round(med["jit"] / pipe, 2),
+        "speedup_vs_microbatched": round(med[f"seq{m}"] / pipe, 2),
+        "ideal": round(2 * m / (m + 1), 2),
+    }
+
+
+def _overhead_cols(m: int, ticks: int, stage: list[float], parts: dict, pipe: float) -> dict:
+    ideal = ticks * max(stage)
+    return {
+        "stage_ms": "/".join(f"{t * 1e3:.1f}" for t in stage),
+        "lockstep_ideal_ms": round(ideal * 1e3, 1),
+        "overhead_ms_per_tick": round((pipe - ideal) / ticks * 1e3, 2),
+        "ppermute_us_per_tick": round(parts["ppermute"] * 1e6, 1),
+        "outputs_us_per_tick": round(parts["outputs"] * 1e6, 1),
+        "switch_us_per_tick": round(parts["switch_idle"] * 1e6, 1),
+        "batch_index_us_per_tick": round(parts["batch_index"] * 1e6, 1),
+    }

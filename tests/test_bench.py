@@ -1,0 +1,35 @@
+"""The bench entry point runs (reduced) and writes its JSON and markdown."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import subprocess
+import sys
+
+RUN = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run.py"
+
+
+def test_bench_quick_writes_json_and_markdown(tmp_path):
+    names = ["dp_optimality", "schedules"]
+    result = subprocess.run(
+        [sys.executable, str(RUN), "--quick", "--out", str(tmp_path), *names],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    for name in names:
+        saved = json.loads((tmp_path / f"{name}.json").read_text())
+        assert saved["rows"] and saved["meta"]["quick"] is True
+    dp = json.loads((tmp_path / "dp_optimality.json").read_text())["rows"]
+    assert all(r["max_rel_gap"] < 1e-9 for r in dp)  # the DP is exact
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### dp_optimality" in summary and "| schedule |" in summary
+
+
+def test_bench_rejects_unknown_names(tmp_path):
+    result = subprocess.run(
+        [sys.executable, str(RUN), "--out", str(tmp_path), "nope"], capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "unknown benchmark" in result.stderr
