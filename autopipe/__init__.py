@@ -9,6 +9,7 @@ from autopipe._api import parallelize as parallelize
 from autopipe._api import plan as plan
 from autopipe._calibrate import Calibration as Calibration
 from autopipe._calibrate import calibrate as calibrate
+from autopipe._distributed import initialize as initialize
 from autopipe._plan import Plan as Plan
 from autopipe._plan import Predicted as Predicted
 from autopipe._plan import Stage as Stage
@@ -33,6 +34,7 @@ __all__ = [
     "calibrate",
     "chrome_trace",
     "compare_schedules",
+    "initialize",
     "load_hardware",
     "parallelize",
     "plan",

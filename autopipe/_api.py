@@ -309,12 +309,43 @@ def _finish(
     runtime = _Runtime(emitted=None, compiled=None, packers=[])
     if compile_ and _is_concrete(mesh):
         runtime = _compile(front, layouts, sched, mesh, pipeline_axis)
+    return make_plan(
+        front,
+        layers,
+        stage_bounds,
+        layouts,
+        stages,
+        sched,
+        predicted,
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        runtime=runtime,
+        started=started,
+    )
+
+
+def make_plan(
+    front: _Front,
+    layers,
+    stage_bounds,
+    layouts,
+    stages,
+    sched,
+    predicted,
+    *,
+    mesh,
+    pipeline_axis,
+    runtime,
+    started,
+    **extra,
+) -> Plan:
+    """Assembles the `Plan` of a finished search (forward-only or training)."""
     return Plan(
         fn_name=front.traced.spec.fn_name,
         fingerprint=front.traced.fingerprint(),
         mesh_axes=front.mesh_axes,
         pipeline_axis=pipeline_axis,
-        num_microbatches=m,
+        num_microbatches=front.traced.num_microbatches,
         layer_boundaries=tuple(layers),
         stage_boundaries=tuple(stage_bounds),
         stages=stages,
@@ -325,9 +356,10 @@ def _finish(
         traced=front.traced,
         program=front.program,
         split=front.split,
-        layouts=layouts,
+        layouts=tuple(layouts),
         mesh=mesh,
         _runtime=runtime,
+        **extra,
     )
 
 

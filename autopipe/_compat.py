@@ -10,7 +10,6 @@ import functools
 import importlib
 from typing import Any
 
-import jax
 import jax.extend.core as jex_core
 
 ClosedJaxpr = jex_core.ClosedJaxpr
@@ -28,22 +27,6 @@ def bind_eqn(eqn: JaxprEqn, *args: Any) -> list[Any]:
     with eqn.ctx.manager:
         out = eqn.primitive.bind(*args, **bind_params)
     return list(out) if eqn.primitive.multiple_results else [out]
-
-
-def varying_axes(x: Any) -> frozenset[str]:
-    """Manual mesh axes over which `x` is marked varying inside a shard_map."""
-    aval = jax.typeof(x)
-    manual = getattr(aval, "manual_axis_type", None)
-    if manual is not None:
-        return frozenset(manual.varying)
-    return frozenset(getattr(aval, "vma", ()))
-
-
-def to_varying(x: Any, axis: str) -> Any:
-    """Marks `x` varying over the manual `axis` (needed for switch branches and scan carries)."""
-    if axis in varying_axes(x):
-        return x
-    return jax.lax.pcast(x, (axis,), to="varying")
 
 
 # --- jax.experimental.roofline: per-primitive FLOP/byte rules ---------------------------------
@@ -92,3 +75,13 @@ def roofline_flops_bytes(
         max(result.flops, result.unfused_flops),
         max(result.hbm_bytes, result.unfused_hbm_bytes),
     )
+
+
+# --- jax.experimental.multihost_utils: collectives between processes (autopipe._distributed) --
+
+
+def process_allgather(x: Any) -> Any:
+    """Every process's copy of the host value `x`, stacked on a new leading axis."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x)

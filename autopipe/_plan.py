@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from autopipe import _distributed
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, StageLayout
@@ -60,6 +61,7 @@ class _Runtime:
     differentiable: Any = None  # the step behind Plan.apply, built on first use
     placed_key: tuple = ()
     placed: tuple = ()
+    processes_checked: bool = False  # multi-process: mesh and plan hash checked (_distributed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
@@ -223,12 +225,22 @@ class Plan:
     def __call__(self, *args: Any) -> Any:
         compiled = self._require_compiled()
         leaves = self._check_args(args)
+        self._check_processes()
         params = [x for x, b in zip(leaves, self.traced.spec.batch_leaves, strict=True) if not b]
         batch = [x for x, b in zip(leaves, self.traced.spec.batch_leaves, strict=True) if b]
         bufs = self._place_params(params)
         sharding = self._runtime.emitted.batch_sharding
         outs = compiled(bufs, tuple(jax.device_put(x, sharding) for x in batch))
+        last = _stage_devices(self.mesh, self.pipeline_axis, self.num_stages - 1)
+        if not _distributed.owns_any(last):
+            return None  # multi-process: outputs live in the processes holding the last stage
         return jax.tree.unflatten(self.traced.out_tree, [self._last_stage_block(o) for o in outs])
+
+    def _check_processes(self) -> None:
+        rt = self._runtime
+        if not rt.processes_checked:
+            _distributed.check_plan(self)
+            rt.processes_checked = True
 
     def apply(self, *args: Any) -> Any:
         """``fn(*args)`` as a traceable, differentiable function of the arguments: use it under
@@ -311,8 +323,10 @@ class Plan:
         }
         per_stage = {}
         for s, (pack, ids) in enumerate(rt.packers):
-            home = _stage_devices(self.mesh, self.pipeline_axis, s)[0]
-            per_stage[s] = pack(*[jax.device_put(raw[v], home) for v in ids])
+            # only stages with a device in this process (all of them in a single process)
+            local = _distributed.local_devices(_stage_devices(self.mesh, self.pipeline_axis, s))
+            if local:
+                per_stage[s] = pack(*[jax.device_put(raw[v], local[0]) for v in ids])
         out = []
         for k, dt in enumerate(rt.emitted.param_dtypes):
             index_map = sharding.addressable_devices_indices_map(shape_of[dt])
@@ -327,6 +341,7 @@ class Plan:
     def init(self, *params: Any) -> Any:
         """Places the parameter arguments on their stages and initialises the optimizer."""
         rt = self._require_training()
+        self._check_processes()
         bufs = self.place_params(self._part(params, batch=False))
         return TrainState(params=bufs, opt_state=rt.init_opt(bufs))
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from autopipe._api import _Front, _front, _is_concrete, segment_bytes
+from autopipe._api import _Front, _front, _is_concrete, make_plan, segment_bytes
 from autopipe._plan import Plan, Predicted, Stage, _Runtime
 from autopipe.cost_models.hardware import Hardware
 from autopipe.cost_models.rules import transfer_time
@@ -217,25 +217,18 @@ def train(
             [use_remat] * S,
             1.0 / m if reduction == "mean" else 1.0,
         )
-    return Plan(
-        fn_name=front.traced.spec.fn_name,
-        fingerprint=front.traced.fingerprint(),
-        mesh_axes=front.mesh_axes,
-        pipeline_axis=pipeline_axis,
-        num_microbatches=m,
-        layer_boundaries=tuple(layers),
-        stage_boundaries=tuple(solution.boundaries),
-        stages=stages,
-        schedule=sched,
-        predicted=predicted,
-        hardware=front.hardware,
-        planning_seconds=time.perf_counter() - started,
-        traced=front.traced,
-        program=front.program,
-        split=front.split,
-        layouts=layouts,
+    return make_plan(
+        front,
+        layers,
+        solution.boundaries,
+        layouts,
+        stages,
+        sched,
+        predicted,
         mesh=mesh,
-        _runtime=runtime,
+        pipeline_axis=pipeline_axis,
+        runtime=runtime,
+        started=started,
         remat=use_remat,
     )
 

@@ -25,28 +25,11 @@ from autopipe.models import (
     NnxMLP,
     ScannedLinenGPT,
 )
+from conftest import fill
 
 TINY = GPTConfig(vocab=37, seq=8, d_model=16, heads=2, layers=2, mlp_ratio=2)
 BATCH = 3
 IMAGE = jax.ShapeDtypeStruct((BATCH, 8, 8, 3), jnp.float32)
-
-
-def _fill(abstract, seed: int = 0):
-    """Deterministic numpy values for an abstract variable tree.
-
-    Used instead of ``init_linen`` where the init itself is not under test: compiling the
-    threefry PRNG for every init costs seconds on a slow CPU. Leaves named ``var`` (BatchNorm
-    running variance) are kept positive.
-    """
-    rng = np.random.default_rng(seed)
-
-    def leaf(path, x):
-        value = rng.normal(0.0, 0.3, size=x.shape)
-        if jax.tree_util.keystr(path).endswith("['var']"):
-            value = np.abs(value) + 0.5
-        return jnp.asarray(value, x.dtype)
-
-    return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
 _JITTED: dict = {}
@@ -71,7 +54,7 @@ def tokens() -> jax.Array:
 
 @pytest.fixture(scope="module")
 def linen_vars(tokens: jax.Array) -> dict:
-    return _fill(models.abstract_linen(LinenGPT(TINY), tokens))
+    return fill(models.abstract_linen(LinenGPT(TINY), tokens))
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +69,7 @@ def images() -> jax.Array:
 
 @pytest.fixture(scope="module")
 def cnn_vars() -> dict:
-    return _fill(models.abstract_linen(LinenCNN(), IMAGE))
+    return fill(models.abstract_linen(LinenCNN(), IMAGE))
 
 
 def _is_struct_tree(tree) -> bool:
