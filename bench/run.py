@@ -38,9 +38,9 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "activation_memory": ("_runtime", "activation_memory"),
     "runtime_overhead": ("_runtime", "runtime_overhead"),
     "pipeline_speedup": ("_runtime", "pipeline_speedup"),
+    "training": ("training", "run"),
+    "cost_model": ("cost_model", "run"),
 }
-if (HERE / "cost_model.py").exists():
-    BENCHMARKS["cost_model"] = ("cost_model", "run")
 
 
 def load(name: str) -> Callable[[argparse.Namespace], list[dict]]:
