@@ -84,7 +84,7 @@ class Plan:
     layouts: tuple[StageLayout, ...] = dataclasses.field(repr=False)
     mesh: Any = dataclasses.field(repr=False)
     _runtime: _Runtime = dataclasses.field(repr=False)
-    remat: bool = False  # training: stages recompute their forward in the backward
+    remat: tuple[bool, ...] = ()  # training, per stage: recompute the forward in the backward
 
     # --- inspection ------------------------------------------------------------------------
 

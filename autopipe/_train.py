@@ -167,22 +167,35 @@ def train(
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front)
     in_flight = max(sched.in_flight()) / v
-    solution, use_remat = None, bool(remat)
-    for candidate in [remat] if remat is not None else [False, True]:
-        problem = _problem(
-            front,
-            layers,
-            limit=limit / v,
-            in_flight=in_flight,
-            opt_factor=opt_factor,
-            remat=candidate,
+    problems = {
+        r: _problem(
+            front, layers, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
         )
-        try:
-            solution, use_remat = solve_stages(problem), bool(candidate)
-            break
-        except ValueError:
-            if candidate or remat is not None:
-                raise
+        for r in ([remat] if remat is not None else [False, True])
+    }
+    try:
+        solution = solve_stages(problems[bool(remat)])
+        remat_stages = (bool(remat),) * S
+    except ValueError:
+        if remat is not None:
+            raise
+        # keeping residuals does not fit: cut stages for remat, then let every stage that
+        # can afford its residuals keep them
+        solution = solve_stages(problems[True])
+        keep = problems[False].segment_memory
+        b = solution.boundaries
+        remat_stages = tuple(bool(keep[b[s], b[s + 1]] > limit / v) for s in range(S))
+        solution = dataclasses.replace(
+            solution,
+            stage_times=tuple(
+                t if r else t * (1 + BACKWARD_FACTOR) / (2 + BACKWARD_FACTOR)
+                for t, r in zip(solution.stage_times, remat_stages, strict=True)
+            ),
+            stage_memory=tuple(
+                m_ if r else float(keep[b[s], b[s + 1]])
+                for s, (m_, r) in enumerate(zip(solution.stage_memory, remat_stages, strict=True))
+            ),
+        )
     op_bounds = tuple(layers[b] for b in solution.boundaries)
     layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
     owner = _raw_owner(front, layouts, p)
@@ -204,7 +217,7 @@ def train(
         )
         for s, lay in enumerate(layouts)
     )
-    predicted = _predict(front, sched, stages, p, remat=use_remat)
+    predicted = _predict(front, sched, stages, p, remat=remat_stages)
     runtime = _Runtime(emitted=None, compiled=None, packers=[])
     if compile and _is_concrete(mesh):
         runtime = _compile_train(
@@ -214,7 +227,7 @@ def train(
             mesh,
             pipeline_axis,
             optimizer,
-            [use_remat] * S,
+            remat_stages,
             1.0 / m if reduction == "mean" else 1.0,
         )
     return make_plan(
@@ -229,19 +242,19 @@ def train(
         pipeline_axis=pipeline_axis,
         runtime=runtime,
         started=started,
-        remat=use_remat,
+        remat=remat_stages,
     )
 
 
-def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat: bool):
+def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat: Sequence[bool]):
     """Step time and bubble from the table run event by event with per-stage times (a stage's
     time is forward + backward, plus a recomputed forward under remat)."""
-    fwd = [s.time / (1 + BACKWARD_FACTOR + remat) for s in stages]
+    fwd = [s.time / (1 + BACKWARD_FACTOR + r) for s, r in zip(stages, remat, strict=True)]
 
     def duration(a: schedules.Action) -> float:
         if a.kind == "F":
             return fwd[a.stage]
-        recompute = fwd[a.stage] if remat and a.kind in ("B", "W") else 0.0
+        recompute = fwd[a.stage] if remat[a.stage] and a.kind in ("B", "W") else 0.0
         if sched.split_backward:  # B and W split the backward's two matmuls
             return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute
         return fwd[a.stage] * BACKWARD_FACTOR + recompute

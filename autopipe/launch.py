@@ -7,7 +7,7 @@ calls ``autopipe.initialize()`` (before any other JAX work), which reads where i
 launcher and gives it ``--devices`` simulated CPU devices talking over gloo. ``--pin`` pins
 process i to CPU core i (modulo the cores available), so stages really run apart.
 
-The launcher never waits forever: when a process fails, the others get ``--timeout`` seconds to
+The launcher never waits forever: when a process fails, the others get 2 × ``--timeout`` seconds to
 end on their own (they normally stop with JAX's error about the dead peer), then are killed;
 ``--job-timeout`` bounds the whole run. Its exit status is the first failing process's (or 0).
 """
@@ -76,6 +76,7 @@ def launch(
     num_processes: int,
     devices: int = 1,
     timeout: int = 60,
+    grace: float | None = None,
     job_timeout: float | None = None,
     pin: bool = False,
     capture: bool = True,
@@ -84,7 +85,8 @@ def launch(
     of one JAX run on this machine; returns one `ProcessResult` per process, in rank order.
 
     ``timeout``: seconds each process waits for its peers in ``autopipe.initialize`` (arrival
-    and heartbeats), and the grace the launcher gives the others once one has failed.
+    and heartbeats). ``grace``: seconds the launcher gives the others to end on their own once
+    one has failed (default 2 × timeout, so JAX's own dead-peer error comes first).
     ``job_timeout``: seconds after which every process still running is killed.
     """
     if num_processes < 1 or devices < 1:
@@ -107,7 +109,8 @@ def launch(
         )
         for i in range(num_processes)
     ]
-    killed = _supervise(procs, timeout=timeout, job_timeout=job_timeout)
+    grace = 2 * timeout if grace is None else grace
+    killed = _supervise(procs, grace=grace, job_timeout=job_timeout)
     results = []
     for i, p in enumerate(procs):
         p.wait()
@@ -128,14 +131,14 @@ def _read(f) -> str:
         return f.read()
 
 
-def _supervise(procs: list, *, timeout: float, job_timeout: float | None) -> set[int]:
-    """Waits for the processes; kills the rest `timeout` s after a failure or at job_timeout."""
+def _supervise(procs: list, *, grace: float, job_timeout: float | None) -> set[int]:
+    """Waits for the processes; kills the rest `grace` s after a failure or at job_timeout."""
     started, failed_at, killed = time.monotonic(), None, set()
     while any(p.poll() is None for p in procs):
         now = time.monotonic()
         if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
             failed_at = now
-        late = failed_at is not None and now - failed_at > timeout
+        late = failed_at is not None and now - failed_at > grace
         if late or (job_timeout is not None and now - started > job_timeout):
             for i, p in enumerate(procs):
                 if p.poll() is None:

@@ -133,7 +133,28 @@ def test_scanned_layers_train_and_unplace_restacks_rows():
 
 def test_remat_gives_the_same_training():
     plan = _check_training("mlp", "1f1b", 4, 8, remat=True)
-    assert plan.remat
+    assert plan.remat == (True,) * 4
+
+
+def test_planner_remats_only_the_stages_that_need_it():
+    loss_fn, params, batch = _task("gpt")
+    kept = autopipe.train(
+        loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), num_microbatches=4, compile=False
+    )
+    assert kept.remat == (False, False)
+    # a limit just under what the larger stage needs with its residuals kept
+    limit = 0.99 * max(s.memory for s in kept.stages)
+    plan = autopipe.train(
+        loss_fn,
+        OPTIMIZER,
+        params,
+        batch,
+        mesh=mesh(2),
+        num_microbatches=4,
+        memory_limit=limit,
+        compile=False,
+    )
+    assert any(plan.remat) and max(s.memory for s in plan.stages) <= limit
 
 
 def test_interleaved_places_two_stages_per_device():
