@@ -226,8 +226,7 @@ class Plan:
         compiled = self._require_compiled()
         leaves = self._check_args(args)
         self._check_processes()
-        params = [x for x, b in zip(leaves, self.traced.spec.batch_leaves, strict=True) if not b]
-        batch = [x for x, b in zip(leaves, self.traced.spec.batch_leaves, strict=True) if b]
+        params, batch = self._split_leaves(leaves)
         bufs = self._place_params(params)
         sharding = self._runtime.emitted.batch_sharding
         outs = compiled(bufs, tuple(jax.device_put(x, sharding) for x in batch))
@@ -260,10 +259,7 @@ class Plan:
                 batch_size=self.traced.batch_size,
                 replicate_outputs=True,
             ).step
-        leaves = self._check_args(args)
-        spec = self.traced.spec
-        params = [x for x, b in zip(leaves, spec.batch_leaves, strict=True) if not b]
-        batch = [x for x, b in zip(leaves, spec.batch_leaves, strict=True) if b]
+        params, batch = self._split_leaves(self._check_args(args))
         bufs = pack_traced(
             self.program,
             self.split,
@@ -288,17 +284,16 @@ class Plan:
                 "example arguments, or make a new plan."
             )
         for path, want, x in zip(spec.in_paths, spec.in_avals, leaves, strict=True):
-            got = (
-                tuple(np.shape(x)),
-                np.dtype(x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype),
-            )
-            if got != (tuple(want.shape), np.dtype(want.dtype)):
-                raise ValueError(
-                    f"plan for {spec.fn_name}: argument {path} has shape {got[0]} and dtype "
-                    f"{got[1]}, but the plan was made for {tuple(want.shape)} {want.dtype}. "
-                    "Make a new plan for these shapes (the decorator does this automatically)."
-                )
+            _check_leaf(spec.fn_name, path, want, x)
         return leaves
+
+    def _split_leaves(self, leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
+        """(parameter leaves, batch leaves) of a call's flat arguments."""
+        batch = self.traced.spec.batch_leaves
+        return (
+            [x for x, b in zip(leaves, batch, strict=True) if not b],
+            [x for x, b in zip(leaves, batch, strict=True) if b],
+        )
 
     def _place_params(self, params: list[Any]) -> tuple[Any, ...]:
         rt = self._runtime
@@ -395,12 +390,7 @@ class Plan:
                 f"leaves, but the plan was made for {len(want)}."
             )
         for (path, aval), x in zip(want, leaves, strict=True):
-            got = (tuple(np.shape(x)), np.dtype(x.dtype))
-            if got != (tuple(aval.shape), np.dtype(aval.dtype)):
-                raise ValueError(
-                    f"plan for {spec.fn_name}: argument {path} has shape {got[0]} and dtype "
-                    f"{got[1]}, but the plan was made for {tuple(aval.shape)} {aval.dtype}."
-                )
+            _check_leaf(spec.fn_name, path, aval, x)
         return leaves
 
     def _last_stage_block(self, out: jax.Array) -> jax.Array:
@@ -418,6 +408,17 @@ class TrainState:
 
     params: tuple[jax.Array, ...]
     opt_state: Any
+
+
+def _check_leaf(fn_name: str, path: str, want: Any, x: Any) -> None:
+    dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
+    got = (tuple(np.shape(x)), np.dtype(dtype))
+    if got != (tuple(want.shape), np.dtype(want.dtype)):
+        raise ValueError(
+            f"plan for {fn_name}: argument {path} has shape {got[0]} and dtype {got[1]}, but "
+            f"the plan was made for {tuple(want.shape)} {want.dtype}. Make a new plan for "
+            "these shapes (the decorator does this automatically)."
+        )
 
 
 def nnx_merge(graphdef: Any, state: Any) -> Any:
