@@ -19,25 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from _worker import _median  # bench/ is sys.path[0] when this script runs
+
 D, BLOCKS, BATCH = 512, 8, 256
-
-
-def _median_seconds(fn, reps: int) -> float:
-    import jax
-
-    jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
 
 
 def _mlp():
@@ -76,8 +65,8 @@ def _worker_single(m: int, reps: int) -> dict:
     jitted = jax.jit(fn)
     plan = autopipe.plan(fn, variables, x, mesh=jax.make_mesh((1,), ("pp",)), num_microbatches=m)
     return {
-        "jit_s": _median_seconds(lambda: jitted(variables, x), reps),
-        "microbatched_s": _median_seconds(lambda: plan(variables, x), reps),
+        "jit_s": _median(lambda: jitted(variables, x), reps),
+        "microbatched_s": _median(lambda: plan(variables, x), reps),
     }
 
 
@@ -89,7 +78,7 @@ def _worker_inprocess(m: int, reps: int) -> dict:
 
     fn, variables, x = _mlp()
     plan = autopipe.plan(fn, variables, x, mesh=jax.make_mesh((2,), ("pp",)), num_microbatches=m)
-    return {"inprocess_s": _median_seconds(lambda: plan(variables, x), reps)}
+    return {"inprocess_s": _median(lambda: plan(variables, x), reps)}
 
 
 def _worker_pipeline(m: int, reps: int) -> dict:
@@ -113,7 +102,7 @@ def _worker_pipeline(m: int, reps: int) -> dict:
         for _ in range(reps + 1):
             plan(variables, x)
         return {"plan_compile_s": planned}
-    step = _median_seconds(lambda: plan(variables, x), reps)
+    step = _median(lambda: plan(variables, x), reps)
     return {"plan_compile_s": planned, "pipeline_s": step, "max_err": err}
 
 
