@@ -5,8 +5,11 @@ cost model and a dynamic program, and compiles ONE ``jax.jit(jax.shard_map(...))
 which stages pass activations with ``jax.lax.ppermute``. See README.md.
 """
 
+from autopipe._api import Factorization as Factorization
+from autopipe._api import factorizations as factorizations
 from autopipe._api import parallelize as parallelize
 from autopipe._api import plan as plan
+from autopipe._api import search_factorizations as search_factorizations
 from autopipe._calibrate import Calibration as Calibration
 from autopipe._calibrate import calibrate as calibrate
 from autopipe._distributed import initialize as initialize
@@ -25,6 +28,7 @@ from autopipe.cost_models.hardware import load_hardware as load_hardware
 
 __all__ = [
     "Calibration",
+    "Factorization",
     "Hardware",
     "PRESETS",
     "Plan",
@@ -34,11 +38,13 @@ __all__ = [
     "calibrate",
     "chrome_trace",
     "compare_schedules",
+    "factorizations",
     "initialize",
     "load_hardware",
     "parallelize",
     "plan",
     "plot_schedule",
+    "search_factorizations",
     "timeline",
     "train",
 ]

@@ -12,12 +12,13 @@ import functools
 import itertools
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import numpy as np
 
+from autopipe._parallel import LayerShardings, shard_layers
 from autopipe._plan import Plan, Predicted, Stage, _Runtime
 from autopipe.cost_models.hardware import Hardware, get_hardware
 from autopipe.cost_models.memory import forward_program_bytes
@@ -148,7 +149,14 @@ class SegmentBytes:
     inputs: np.ndarray  # bytes received at its first layer
 
 
-def segment_bytes(program: Program, costs: _Costs, layers: Sequence[int]) -> SegmentBytes:
+def segment_bytes(
+    program: Program,
+    costs: _Costs,
+    layers: Sequence[int],
+    param_scale: Mapping[int, float] | None = None,
+) -> SegmentBytes:
+    """``param_scale[v]``: the share of parameter value v one device holds (tensor shards)."""
+    scale = param_scale or {}
     n = len(layers) - 1
     params, peak, made, inputs = (np.zeros((n + 1, n + 1)) for _ in range(4))
     layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in itertools.pairwise(layers)]
@@ -163,7 +171,7 @@ def segment_bytes(program: Program, costs: _Costs, layers: Sequence[int]) -> Seg
         for j in range(i + 1, n + 1):
             new = layer_reads[j - 1] - held
             held |= new
-            p_bytes += sum(program.nbytes(v) for v in new)
+            p_bytes += sum(program.nbytes(v) * scale.get(v, 1.0) for v in new)
             pk, mk = max(pk, layer_peak[j - 1]), mk + layer_made[j - 1]
             params[i, j], peak[i, j], made[i, j] = p_bytes, pk, mk
             inputs[i, j] = costs.cut_bytes[layers[i]] if i > 0 else 0
@@ -171,25 +179,33 @@ def segment_bytes(program: Program, costs: _Costs, layers: Sequence[int]) -> Seg
 
 
 def _segment_memory(
-    program: Program, costs: _Costs, layers: Sequence[int], m: int, p: int = 1
+    program: Program,
+    costs: _Costs,
+    layers: Sequence[int],
+    m: int,
+    p: int = 1,
+    param_scale: Mapping[int, float] | None = None,
+    rows_scale: float = 1.0,
 ) -> np.ndarray:
     """mem[i, j] = per-device bytes of the forward-only program for a stage of layers [i, j)
     (`cost_models.memory.forward_program_bytes`), plus its receive and send buffers.
+    ``rows_scale``: microbatch rows relative to the traced program's (activations scale).
 
     The unpacked-parameter copy XLA keeps today (see `forward_program_bytes`) is left out
     (param_copies=0): it is an artefact of the emitted program, not a property of the stage.
     """
-    seg = segment_bytes(program, costs, layers)
+    r = rows_scale
+    seg = segment_bytes(program, costs, layers, param_scale)
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
     send = np.array([0, *(costs.cut_bytes[k] for k in layers[1:-1]), 0], dtype=float)
     mem = (
-        2 * np.maximum(seg.inputs, send[None, :])
+        2 * r * np.maximum(seg.inputs, send[None, :])
         + forward_program_bytes(
             param_bytes=seg.params,
-            batch_input_bytes=batch_in,
-            live_peak_bytes=seg.peak,
-            output_bytes=out_bytes,
+            batch_input_bytes=batch_in * r,
+            live_peak_bytes=seg.peak * r,
+            output_bytes=out_bytes * r,
             num_microbatches=m,
             num_stages=p,
             param_copies=0.0,
@@ -212,6 +228,12 @@ class _Front:
     hardware: Hardware
     mesh_axes: tuple[tuple[str, int], ...]
     num_stages: int
+    num_microbatches: int  # per data-parallel replica; the program is traced at one of them
+    data_axis: str | None = None  # a mesh axis of size > 1 that splits every microbatch
+    tensor_axis: str | None = None  # a mesh axis of size > 1 that splits operators
+
+    def axis_size(self, name: str | None) -> int:
+        return dict(self.mesh_axes).get(name, 1) if name else 1
 
 
 def _front(
@@ -226,8 +248,14 @@ def _front(
     hardware,
     training=False,
     virtual_stages=1,
+    data_axis=None,
+    tensor_axis=None,
 ) -> _Front:
     axes = _mesh_axes(mesh, pipeline_axis)
+    sizes = dict(axes)
+    data_axis = data_axis if sizes.get(data_axis, 1) > 1 else None
+    tensor_axis = tensor_axis if sizes.get(tensor_axis, 1) > 1 else None
+    dp = sizes[data_axis] if data_axis else 1
     p_axis = dict(axes)[pipeline_axis] * virtual_stages
     p = p_axis if num_stages is None else num_stages
     if p != p_axis:
@@ -237,10 +265,24 @@ def _front(
             f"num_stages=None (or {p_axis}), or a mesh whose {pipeline_axis!r} axis has "
             f"{num_stages // virtual_stages} devices."
         )
-    if num_microbatches is None:
+    if num_microbatches is None or dp > 1:
         probe = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=1)
-        num_microbatches = _default_microbatches(probe.batch_size, p)
-    traced = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=num_microbatches)
+        if probe.batch_size % dp:
+            raise ValueError(
+                f"{probe.spec.fn_name}: the batch has {probe.batch_size} rows, which the "
+                f"data axis {data_axis!r} of {dp} devices cannot split evenly. Use a batch "
+                f"that is a multiple of {dp}, or a smaller data axis."
+            )
+        if num_microbatches is None:
+            num_microbatches = _default_microbatches(probe.batch_size // dp, p)
+        elif (probe.batch_size // dp) % num_microbatches:
+            raise ValueError(
+                f"{probe.spec.fn_name}: each of the {dp} data-parallel replicas gets "
+                f"{probe.batch_size // dp} rows of the {probe.batch_size}-row batch, which "
+                f"num_microbatches={num_microbatches} does not divide. Use a divisor of "
+                f"{probe.batch_size // dp}."
+            )
+    traced = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=num_microbatches * dp)
     program = build_program(traced.jaxpr, traced.spec.batch_leaves)
     (_check_loss if training else _check_outputs)(traced, program)
     split = split_ops(program, training=training)
@@ -262,22 +304,70 @@ def _front(
         hardware=hw,
         mesh_axes=axes,
         num_stages=p,
+        num_microbatches=num_microbatches,
+        data_axis=data_axis,
+        tensor_axis=tensor_axis,
     )
 
 
-def _layer_problem(front: _Front, layers: Sequence[int], memory_limit: float) -> StageProblem:
-    c = front.costs
-    t = tuple(float(sum(c.op_times[a:b])) for a, b in zip(layers[:-1], layers[1:], strict=True))
-    cut = tuple(transfer_time(c.cut_bytes[k], front.hardware) for k in layers[1:-1])
+def _shard(front: _Front, layers: Sequence[int], *, lean: bool = False) -> LayerShardings:
+    return shard_layers(
+        front.program,
+        front.split,
+        layers,
+        front.hardware,
+        front.mesh_axes,
+        front.tensor_axis,
+        lean=lean,
+    )
+
+
+def _solve(front: _Front, layers: Sequence[int], limit: float):
+    """(shardings, stage problem, stage solution): the fastest tensor shardings if some stage
+    split fits `limit`, else the memory-lean ones (`shard_layers`)."""
+    shard = _shard(front, layers)
+    problem = _layer_problem(front, layers, limit, shard)
+    try:
+        return shard, problem, solve_stages(problem)
+    except ValueError:  # nothing fits: split the weights too when that saves memory
+        if shard.tp == 1:
+            raise
+    shard = _shard(front, layers, lean=True)
+    problem = _layer_problem(front, layers, limit, shard)
+    return shard, problem, solve_stages(problem)
+
+
+def _layer_problem(
+    front: _Front,
+    layers: Sequence[int],
+    memory_limit: float,
+    shard: LayerShardings | None = None,
+    *,
+    rows_scale: float = 1.0,
+    num_stages: int | None = None,
+    num_microbatches: int | None = None,
+) -> StageProblem:
+    """The stage search's problem. The keywords price a different (stages, microbatches,
+    microbatch rows) than the front was traced for: times and activations scale with rows."""
+    c, r = front.costs, rows_scale
+    p = num_stages or front.num_stages
+    m = num_microbatches or front.num_microbatches
+    if shard is None or shard.tp == 1:
+        t = tuple(r * float(sum(c.op_times[a:b])) for a, b in itertools.pairwise(layers))
+        scale = None
+    else:
+        t = tuple(r * x for x in shard.times)
+        scale = shard.param_scale(shard.dims)
+    cut = tuple(transfer_time(r * c.cut_bytes[k], front.hardware) for k in layers[1:-1])
+    if shard is not None and shard.tp > 1:  # split values cut by a stage boundary: all-gather
+        cut = tuple(t + r * g for t, g in zip(cut, shard.cut_times, strict=True))
     return StageProblem(
         layer_time=t,
         cut_time=cut,
-        segment_memory=_segment_memory(
-            front.program, c, layers, front.traced.num_microbatches, front.num_stages
-        ),
+        segment_memory=_segment_memory(front.program, c, layers, m, p, scale, r),
         memory_limit=memory_limit,
-        num_stages=front.num_stages,
-        num_microbatches=front.traced.num_microbatches,
+        num_stages=p,
+        num_microbatches=m,
     )
 
 
@@ -286,6 +376,7 @@ def _finish(
     layers,
     stage_bounds,
     problem: StageProblem,
+    shard: LayerShardings,
     *,
     mesh,
     pipeline_axis,
@@ -293,11 +384,11 @@ def _finish(
     started,
 ) -> Plan:
     op_bounds = tuple(layers[b] for b in stage_bounds)
-    layouts = stage_layouts(front.program, front.split, op_bounds)
-    p, m = front.num_stages, front.traced.num_microbatches
+    layouts = stage_layouts(front.program, front.split, op_bounds, dims=shard.dims, tp=shard.tp)
+    p, m = front.num_stages, front.num_microbatches
     sched = schedules.inference(p, m)
     schedules.validate(sched)
-    stages = _stages(front, problem, stage_bounds, op_bounds, layouts)
+    stages = _stages(front, problem, stage_bounds, op_bounds, layouts, shard)
     step = step_time([s.time for s in stages], m)
     predicted = Predicted(
         step_time=step,
@@ -308,7 +399,7 @@ def _finish(
     )
     runtime = _Runtime(emitted=None, compiled=None, packers=[])
     if compile_ and _is_concrete(mesh):
-        runtime = _compile(front, layouts, sched, mesh, pipeline_axis)
+        runtime = _compile(front, layouts, sched, mesh, pipeline_axis, shard.dims)
     return make_plan(
         front,
         layers,
@@ -321,6 +412,10 @@ def _finish(
         pipeline_axis=pipeline_axis,
         runtime=runtime,
         started=started,
+        data_axis=front.data_axis,
+        tensor_axis=front.tensor_axis,
+        dims=shard.dims,
+        lean_sharding=shard.lean,
     )
 
 
@@ -345,7 +440,7 @@ def make_plan(
         fingerprint=front.traced.fingerprint(),
         mesh_axes=front.mesh_axes,
         pipeline_axis=pipeline_axis,
-        num_microbatches=front.traced.num_microbatches,
+        num_microbatches=front.num_microbatches,
         layer_boundaries=tuple(layers),
         stage_boundaries=tuple(stage_bounds),
         stages=stages,
@@ -363,7 +458,7 @@ def make_plan(
     )
 
 
-def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layouts):
+def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layouts, shard=None):
     mem = problem.segment_memory
     out = []
     for s, lay in enumerate(layouts):
@@ -386,30 +481,84 @@ def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layou
                 send_bytes=int(send),
                 time=float(t),
                 memory=float(mem[lo, hi]),
+                device_param_bytes=lay.device_param_bytes,
+                collectives=_sum_collectives(
+                    [
+                        *shard.collectives[lo:hi],
+                        [("all_gather", shard.cut_gathers[hi - 1])] if s < len(layouts) - 1 else [],
+                    ]
+                )
+                if shard
+                else (),
+                strategies=_count(shard.strategies[lo:hi]) if shard else (),
             )
         )
     return tuple(out)
 
 
-def _compile(front: _Front, layouts, sched, mesh, axis) -> _Runtime:
+def _count(per_layer) -> tuple[tuple[str, int], ...]:
+    counts: dict[str, int] = {}
+    for names in per_layer:
+        for name in names:
+            counts[name] = counts.get(name, 0) + 1
+    return tuple(sorted(counts.items()))
+
+
+def _sum_collectives(per_layer) -> tuple[tuple[str, float], ...]:
+    total: dict[str, float] = {}
+    for layer in per_layer:
+        for kind, nbytes in layer:
+            total[kind] = total.get(kind, 0.0) + nbytes
+    return tuple(sorted((k, b) for k, b in total.items() if b > 0))
+
+
+def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
     traced, program = front.traced, front.program
-    emitted = emit(program, layouts, sched, mesh=mesh, axis=axis, batch_size=traced.batch_size)
-    p = front.num_stages
-    param_avals = tuple(
-        jax.ShapeDtypeStruct((p, n), dt, sharding=emitted.param_sharding)
-        for dt, n in zip(emitted.param_dtypes, emitted.param_sizes, strict=True)
+    emitted = emit(
+        program,
+        layouts,
+        sched,
+        mesh=mesh,
+        axis=axis,
+        batch_size=traced.batch_size,
+        data_axis=front.data_axis,
+        tensor_axis=front.tensor_axis,
+        dims=dims,
     )
+    param_avals = emitted.buffers
     batch_avals = tuple(
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
         for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
         if b
     )
     compiled = emitted.step.lower(param_avals, batch_avals).compile()
+    _check_branch_collectives(compiled.as_text(), front.traced.spec.fn_name)
     return _Runtime(
         emitted=emitted,
         compiled=compiled,
-        packers=make_packers(program, front.split, [lay.params for lay in layouts]),
+        packers=make_packers(
+            program,
+            front.split,
+            [lay.params for lay in layouts],
+            split_layouts=[lay.sharded for lay in layouts],
+            tp=front.axis_size(front.tensor_axis),
+        ),
     )
+
+
+def _check_branch_collectives(hlo: str, fn_name: str) -> None:
+    """A collective-permute inside a stage's branch runs on that stage's devices only, while
+    its rendezvous waits for every device: it would deadlock. Refuse such a program."""
+    bad = [
+        line for line in hlo.splitlines() if " collective-permute(" in line and "/branch_" in line
+    ]
+    if bad:
+        raise RuntimeError(
+            f"{fn_name}: XLA resharded a value inside a pipeline stage with a collective-permute "
+            f"({len(bad)} of them), which would deadlock when stages run different branches. "
+            "Plan without the tensor axis (a mesh without it, or tensor_axis=None) and please "
+            f"report the model. First one: {bad[0].strip()[:300]}"
+        )
 
 
 def plan(
@@ -420,6 +569,8 @@ def plan(
     batch_argnums: Sequence[int] = (1,),
     num_stages: int | None = None,
     pipeline_axis: str = "pp",
+    data_axis: str = "dp",
+    tensor_axis: str = "tp",
     hardware: str | Hardware | None = None,
     memory_limit: float | None = None,
     compile: bool = True,  # noqa: A002 - the natural name for the switch
@@ -430,16 +581,37 @@ def plan(
       fn: a JAX function; e.g. a Flax linen ``model.apply`` or ``lambda model, x: model(x)``
         for an NNX module.
       example_args: arrays or ``jax.ShapeDtypeStruct`` (planning never allocates them).
-      mesh: a ``jax.sharding.Mesh`` with a pipeline axis (compiled plan), or an
-        ``AbstractMesh`` / ``{"pp": 64}`` dict (planning only: nothing is compiled).
+      mesh: a ``jax.sharding.Mesh`` with a pipeline axis and optionally a data and a tensor
+        axis (compiled plan), or an ``AbstractMesh`` / ``{"pp": 8, "dp": 16, "tp": 8}`` dict
+        (planning only: nothing is compiled). Other axes replicate the whole pipeline.
       num_microbatches: microbatches per batch; None = largest divisor of the batch ≤ 2·stages.
       batch_argnums: arguments whose leading axis is the batch; the rest are parameters.
       num_stages: None = one stage per device of the pipeline axis.
+      data_axis: the mesh axis over which every microbatch's rows are split (if the mesh has
+        it): each replica runs the pipeline on its rows, parameters are replicated over it.
+      tensor_axis: the mesh axis over which operators are split (if the mesh has it): the
+        planner picks each operator's sharding (column/row-parallel matmuls, heads, ...) and
+        each device holds only its shard of the split parameters.
       hardware: a preset name ("h100", "v100", "cpu") or a ``Hardware``; None = by platform.
       memory_limit: bytes per device for the stage search; None = the hardware's memory.
       compile: False plans without compiling even for a concrete mesh.
     """
     started = time.perf_counter()
+    if mesh is None or isinstance(mesh, int):
+        return _plan_devices(
+            fn,
+            example_args,
+            devices=mesh,
+            num_microbatches=num_microbatches,
+            batch_argnums=batch_argnums,
+            pipeline_axis=pipeline_axis,
+            data_axis=data_axis,
+            tensor_axis=tensor_axis,
+            hardware=hardware,
+            memory_limit=memory_limit,
+            compile_=compile,
+            started=started,
+        )
     front = _front(
         fn,
         example_args,
@@ -449,20 +621,166 @@ def plan(
         batch_argnums=batch_argnums,
         num_stages=num_stages,
         hardware=hardware,
+        data_axis=data_axis,
+        tensor_axis=tensor_axis,
     )
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=front.num_stages)
-    problem = _layer_problem(front, layers, limit)
-    solution = solve_stages(problem)
+    shard, problem, solution = _solve(front, layers, limit)
     return _finish(
         front,
         layers,
         solution.boundaries,
         problem,
+        shard,
         mesh=mesh,
         pipeline_axis=pipeline_axis,
         compile_=compile,
         started=started,
+    )
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Factorization:
+    """One way to lay the devices out as pipeline × data × tensor, priced by the cost model."""
+
+    pp: int
+    dp: int
+    tp: int
+    num_microbatches: int
+    step_time: float  # predicted seconds per batch; inf if no stage split fits in memory
+    memory: float  # largest predicted bytes per device (inf if it does not fit)
+
+
+def factorizations(
+    devices: int, batch: int, *, devices_per_node: int, max_stages: int
+) -> list[tuple[int, int, int]]:
+    """Every (pp, dp, tp) with pp·dp·tp = devices such that the tensor axis stays inside a node
+    (tp divides devices_per_node), dp divides the batch and pp ≤ max_stages."""
+    out = []
+    for tp in range(1, devices + 1):
+        if devices % tp or devices_per_node % tp:
+            continue
+        for pp in range(1, min(devices // tp, max_stages) + 1):
+            if (devices // tp) % pp == 0 and batch % (dp := devices // (tp * pp)) == 0:
+                out.append((pp, dp, tp))
+    return out
+
+
+def search_factorizations(
+    fn: Callable,
+    *example_args: Any,
+    devices: int,
+    num_microbatches: int | None = None,
+    batch_argnums: Sequence[int] = (1,),
+    hardware: str | Hardware | None = None,
+    memory_limit: float | None = None,
+    pipeline_axis: str = "pp",
+    tensor_axis: str = "tp",
+) -> list[Factorization]:
+    """Prices every factorization of `devices` (best first) from ONE trace of the whole batch:
+    per (pp, tp) the layers are clustered and sharded once, per dp the microbatch rows (and with
+    them compute, activations and transfers) are scaled, then the exact stage search runs. The
+    estimate that picks the mesh; the chosen mesh is then planned exactly (`plan`)."""
+    base = _front(
+        fn,
+        example_args,
+        mesh={pipeline_axis: 1},
+        pipeline_axis=pipeline_axis,
+        num_microbatches=1,
+        batch_argnums=batch_argnums,
+        num_stages=None,
+        hardware=hardware,
+    )
+    hw = base.hardware
+    limit = hw.memory_bytes if memory_limit is None else memory_limit
+    batch = base.traced.batch_size
+    shards: dict = {}
+    cache: dict = {}
+    out = []
+    for pp, dp, tp in factorizations(
+        devices,
+        batch,
+        devices_per_node=hw.devices_per_node,
+        max_stages=len(base.split.pipeline),
+    ):
+        m = num_microbatches or _default_microbatches(batch // dp, pp)
+        if (batch // dp) % m:
+            continue
+        layers = cluster(base.costs.op_times, base.costs.cut_bytes, min_layers=pp)
+        step = mem = math.inf  # unless some stage split fits in memory
+        for lean in (False, True) if tp > 1 else (False,):
+            key = (tuple(layers), tp, lean)
+            if key not in shards:
+                axes = ((pipeline_axis, pp), ("dp", dp), (tensor_axis, tp))
+                shards[key] = shard_layers(
+                    base.program, base.split, layers, hw, axes, tensor_axis, cache, lean
+                )
+            problem = _layer_problem(
+                base,
+                layers,
+                limit,
+                shards[key],
+                rows_scale=1.0 / (dp * m),
+                num_stages=pp,
+                num_microbatches=m,
+            )
+            try:
+                sol = solve_stages(problem)
+            except ValueError:
+                continue
+            step, mem = sol.step_time, max(sol.stage_memory)
+            break
+        out.append(
+            Factorization(pp=pp, dp=dp, tp=tp, num_microbatches=m, step_time=step, memory=mem)
+        )
+    return sorted(out, key=lambda f: (f.step_time, f.pp * 1000 + f.tp))
+
+
+def _plan_devices(
+    fn, args, *, devices, pipeline_axis, data_axis, tensor_axis, compile_, started, **options
+) -> Plan:
+    """`plan` for ``mesh=None`` (this process's devices) or ``mesh=N`` (N devices): picks the
+    factorization by `search_factorizations`, then plans that mesh exactly."""
+    n = jax.device_count() if devices is None else devices
+    if n < 1:
+        raise ValueError(f"mesh={devices}: a device count must be at least 1.")
+    candidates = search_factorizations(
+        fn,
+        *args,
+        devices=n,
+        pipeline_axis=pipeline_axis,
+        tensor_axis=tensor_axis,
+        **options,
+    )
+    best = candidates[0] if candidates else None
+    if best is None or math.isinf(best.step_time):
+        raise ValueError(
+            f"no factorization of {n} devices into pipeline × data × tensor fits the model in "
+            f"the memory limit (or divides the batch); tried {len(candidates)}. Use more "
+            f"devices, a smaller batch per device, or a larger memory_limit."
+        )
+    shape = (best.pp, best.dp, best.tp)
+    names = (pipeline_axis, data_axis, tensor_axis)
+    if n == jax.device_count():
+        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), names)
+    else:
+        mesh = dict(zip(names, shape, strict=True))
+    out = plan(
+        fn,
+        *args,
+        mesh=mesh,
+        num_microbatches=best.num_microbatches,
+        pipeline_axis=pipeline_axis,
+        data_axis=data_axis,
+        tensor_axis=tensor_axis,
+        compile=compile_,
+        **{k: v for k, v in options.items() if k != "num_microbatches"},
+    )
+    return dataclasses.replace(
+        out,
+        factorizations=tuple(candidates),
+        planning_seconds=time.perf_counter() - started,
     )
 
 
@@ -487,6 +805,8 @@ def plan_from_dict(
         batch_argnums=batch_argnums,
         num_stages=len(saved["stage_boundaries"]) - 1,
         hardware=Hardware(**saved["hardware"]),
+        data_axis=saved.get("data_axis"),
+        tensor_axis=saved.get("tensor_axis"),
     )
     if front.traced.fingerprint() != saved["fingerprint"]:
         raise ValueError(
@@ -495,12 +815,14 @@ def plan_from_dict(
             f"{front.traced.fingerprint()}); plan it again with autopipe.plan."
         )
     layers = tuple(saved["layer_boundaries"])
-    problem = _layer_problem(front, layers, math.inf)
+    shard = _shard(front, layers, lean=saved.get("lean_sharding", False))
+    problem = _layer_problem(front, layers, math.inf, shard)
     return _finish(
         front,
         layers,
         tuple(saved["stage_boundaries"]),
         problem,
+        shard,
         mesh=mesh,
         pipeline_axis=axis,
         compile_=compile,

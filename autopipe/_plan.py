@@ -15,6 +15,8 @@ from typing import Any
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from autopipe import _distributed
 from autopipe.cost_models.hardware import Hardware
@@ -38,6 +40,9 @@ class Stage:
     send_bytes: int  # per microbatch, to the next stage
     time: float  # predicted seconds per microbatch (compute + send)
     memory: float  # predicted bytes per device
+    device_param_bytes: int = -1  # parameter bytes one device holds (its tensor shards)
+    collectives: tuple[tuple[str, float], ...] = ()  # tensor axis, per microbatch: kind, bytes
+    strategies: tuple[tuple[str, int], ...] = ()  # tensor sharding: operators per strategy
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -85,6 +90,11 @@ class Plan:
     mesh: Any = dataclasses.field(repr=False)
     _runtime: _Runtime = dataclasses.field(repr=False)
     remat: tuple[bool, ...] = ()  # training, per stage: recompute the forward in the backward
+    data_axis: str | None = None  # mesh axis splitting every microbatch (None: no data split)
+    tensor_axis: str | None = None  # mesh axis splitting operators (None: no tensor split)
+    dims: Any = dataclasses.field(default=None, repr=False)  # value → dim split over tensor_axis
+    lean_sharding: bool = False  # tensor shardings chosen with parameter memory priced
+    factorizations: tuple = ()  # mesh=None / N devices: every (pp, dp, tp) priced, best first
 
     # --- inspection ------------------------------------------------------------------------
 
@@ -193,6 +203,9 @@ class Plan:
             "fingerprint": self.fingerprint,
             "mesh_axes": [list(a) for a in self.mesh_axes],
             "pipeline_axis": self.pipeline_axis,
+            "data_axis": self.data_axis,
+            "tensor_axis": self.tensor_axis,
+            "lean_sharding": self.lean_sharding,
             "num_microbatches": self.num_microbatches,
             "schedule": self.schedule.kind,
             "layer_boundaries": list(self.layer_boundaries),
@@ -257,16 +270,13 @@ class Plan:
                 mesh=self.mesh,
                 axis=self.pipeline_axis,
                 batch_size=self.traced.batch_size,
+                data_axis=self.data_axis,
+                tensor_axis=self.tensor_axis,
+                dims=self.dims,
                 replicate_outputs=True,
             ).step
         params, batch = self._split_leaves(self._check_args(args))
-        bufs = pack_traced(
-            self.program,
-            self.split,
-            [s.params for s in self.layouts],
-            params,
-            rt.emitted.param_sharding,
-        )
+        bufs = pack_traced(self.program, self.layouts, params, rt.emitted.buffers)
         outs = rt.differentiable(bufs, tuple(batch))
         return jax.tree.unflatten(self.traced.out_tree, list(outs))
 
@@ -306,16 +316,12 @@ class Plan:
         return placed
 
     def place_params(self, params: Sequence[Any]) -> tuple[Any, ...]:
-        """Packs flat parameter leaves into the per-stage buffers, each stage on its devices."""
+        """Packs flat parameter leaves into the per-stage buffers, each stage on its devices
+        (and each tensor-parallel device holding only its shard)."""
         rt = self._runtime
         prog = self.program
         param_ids = [v for v in prog.invars if v not in prog.batch_dependent]
         raw = dict(zip(param_ids, params, strict=True)) | dict(prog.consts)
-        sharding = rt.emitted.param_sharding
-        shape_of = {
-            dt: (self.num_devices, n)
-            for dt, n in zip(rt.emitted.param_dtypes, rt.emitted.param_sizes, strict=True)
-        }
         per_stage = {}
         for s, (pack, ids) in enumerate(rt.packers):
             # only stages with a device in this process (all of them in a single process)
@@ -323,12 +329,12 @@ class Plan:
             if local:
                 per_stage[s] = pack(*[jax.device_put(raw[v], local[0]) for v in ids])
         out = []
-        for k, dt in enumerate(rt.emitted.param_dtypes):
-            index_map = sharding.addressable_devices_indices_map(shape_of[dt])
+        for k, buf in enumerate(_param_buffers(rt.emitted, self.num_devices)):
             arrays = [
-                jax.device_put(per_stage[idx[0].start or 0][k], d) for d, idx in index_map.items()
+                jax.device_put(per_stage[idx[0].start or 0][k][(slice(None), *idx[1:])], d)
+                for d, idx in buf.sharding.addressable_devices_indices_map(buf.shape).items()
             ]
-            out.append(jax.make_array_from_single_device_arrays(shape_of[dt], sharding, arrays))
+            out.append(jax.make_array_from_single_device_arrays(buf.shape, buf.sharding, arrays))
         return tuple(out)
 
     # --- training ---------------------------------------------------------------------------
@@ -394,12 +400,26 @@ class Plan:
         return leaves
 
     def _last_stage_block(self, out: jax.Array) -> jax.Array:
+        """The last stage's rows of a ``(p·B, ...)`` output: one device's array, or with a data
+        axis an array sharded over the last stage's data-parallel devices."""
         rows = out.shape[0] // self.num_stages
         start = rows * (self.num_stages - 1)
+        pieces: dict[int, Any] = {}
         for shard in out.addressable_shards:
-            if (shard.index[0].start or 0) == start:
-                return shard.data
-        raise RuntimeError("the last pipeline stage's output is not addressable from this process")
+            lo = shard.index[0].start or 0
+            if start <= lo < start + rows:
+                pieces.setdefault(lo, shard.data)
+        if not pieces:
+            raise RuntimeError(
+                "the last pipeline stage's output is not addressable from this process"
+            )
+        if len(pieces) == 1 and next(iter(pieces.values())).shape[0] == rows:
+            return next(iter(pieces.values()))
+        ordered = [pieces[k] for k in sorted(pieces)]
+        devices = np.array([x.devices().pop() for x in ordered])
+        axis = self.data_axis or "rows"
+        sharding = NamedSharding(Mesh(devices, (axis,)), P(axis))
+        return jax.make_array_from_single_device_arrays((rows, *out.shape[1:]), sharding, ordered)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -425,6 +445,15 @@ def nnx_merge(graphdef: Any, state: Any) -> Any:
     from flax import nnx
 
     return nnx.merge(graphdef, state)
+
+
+def _param_buffers(emitted: Any, num_devices: int) -> tuple[jax.ShapeDtypeStruct, ...]:
+    if hasattr(emitted, "buffers"):
+        return emitted.buffers
+    return tuple(
+        jax.ShapeDtypeStruct((num_devices, n), dt, sharding=emitted.param_sharding)
+        for dt, n in zip(emitted.param_dtypes, emitted.param_sizes, strict=True)
+    )
 
 
 def _stage_devices(mesh: Any, axis: str, stage: int) -> list[Any]:

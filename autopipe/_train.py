@@ -65,7 +65,7 @@ def _problem(front: _Front, layers, *, limit, in_flight, opt_factor, remat) -> S
         segment_memory=mem,
         memory_limit=limit,
         num_stages=front.num_stages,
-        num_microbatches=front.traced.num_microbatches,
+        num_microbatches=front.num_microbatches,
     )
 
 
@@ -160,7 +160,7 @@ def train(
         training=True,
         virtual_stages=v,
     )
-    p, m, S = front.num_stages // v, front.traced.num_microbatches, front.num_stages
+    p, m, S = front.num_stages // v, front.num_microbatches, front.num_stages
     sched = schedules.make(schedule, p, m, v)
     schedules.validate(sched)
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit

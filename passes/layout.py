@@ -19,7 +19,7 @@ holding only its own stage's data.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
@@ -31,8 +31,9 @@ from autopipe.passes.ir import Program
 class Slot:
     value: int
     offset: int
-    size: int
-    shape: tuple[int, ...]
+    size: int  # elements in the buffer: the local shard's when `dim` is set
+    shape: tuple[int, ...]  # the whole value's shape
+    dim: int | None = None  # the dimension split over the tensor axis (tensor-sharded slots)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,10 +61,21 @@ class Split:
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StageLayout:
     ops: tuple[int, ...]  # positions in program.ops, program order (pipeline + local param ops)
-    params: FlatLayout  # parameter values placed on this stage
+    params: FlatLayout  # parameter values placed on this stage, whole on every device
     recv: FlatLayout  # batch values arriving from the previous stage
     send: FlatLayout  # batch values leaving for the next stage
-    param_bytes: int
+    param_bytes: int  # bytes of the stage's own parameter values (whole)
+    sharded: FlatLayout = FlatLayout(slots=())  # parameter values split over the tensor axis
+
+    @property
+    def device_param_bytes(self) -> int:
+        """Parameter bytes one device holds (its shard of the split values)."""
+        return sum(
+            s.size * np.dtype(dt).itemsize
+            for lay in (self.params, self.sharded)
+            for dt, slots in lay.slots
+            for s in slots
+        )
 
 
 def split_ops(program: Program, *, training: bool = False) -> Split:
@@ -111,15 +123,22 @@ def _local_closure(program: Program, split: Split, ops: Sequence[int]) -> list[i
     return sorted(needed)
 
 
-def _flat(program: Program, values: Sequence[int]) -> FlatLayout:
+def _flat(
+    program: Program,
+    values: Sequence[int],
+    dims: Mapping[int, int | None] | None = None,
+    tp: int = 1,
+) -> FlatLayout:
+    """`values` packed per dtype; a value with ``dims[v]`` set holds 1/tp of its elements."""
     by_dtype: dict[str, list[Slot]] = {}
     for v in sorted(set(values)):
         aval = program.avals[v]
         dt = str(np.dtype(aval.dtype))
         slots = by_dtype.setdefault(dt, [])
         offset = slots[-1].offset + slots[-1].size if slots else 0
-        size = int(np.prod(aval.shape, dtype=np.int64))
-        slots.append(Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape)))
+        dim = None if dims is None else dims.get(v)
+        size = int(np.prod(aval.shape, dtype=np.int64)) // (tp if dim is not None else 1)
+        slots.append(Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape), dim=dim))
     return FlatLayout(slots=tuple((dt, tuple(s)) for dt, s in sorted(by_dtype.items())))
 
 
@@ -152,9 +171,19 @@ def live_across(program: Program, split: Split) -> list[list[int]]:
 
 
 def stage_layouts(
-    program: Program, split: Split, boundaries: Sequence[int], *, training: bool = False
+    program: Program,
+    split: Split,
+    boundaries: Sequence[int],
+    *,
+    training: bool = False,
+    dims: Mapping[int, int | None] | None = None,
+    tp: int = 1,
 ) -> tuple[StageLayout, ...]:
-    """Layouts of the stages holding pipeline ops [boundaries[s], boundaries[s+1])."""
+    """Layouts of the stages holding pipeline ops [boundaries[s], boundaries[s+1]).
+
+    ``dims`` (tensor parallelism of degree ``tp``): the dimension of each placed value split
+    over the tensor axis; those values go to `StageLayout.sharded`, one shard per device."""
+    dims = {} if dims is None or tp == 1 else dims
     live = live_across(program, split)
     sources = placed_sources(program, split, training=training)
     stages = []
@@ -163,13 +192,16 @@ def stage_layouts(
         ops = _local_closure(program, split, split.pipeline[lo:hi])
         reads = {a for i in ops for a in program.ops[i].invars if isinstance(a, int)}
         params = sorted(reads & sources)
+        split_vals = [v for v in params if dims.get(v) is not None]
+        whole = [v for v in params if dims.get(v) is None]
         stages.append(
             StageLayout(
                 ops=tuple(ops),
-                params=_flat(program, params),
+                params=_flat(program, whole),
                 recv=_flat(program, live[lo] if s > 0 else []),
                 send=_flat(program, live[hi] if hi < len(split.pipeline) else []),
                 param_bytes=sum(program.nbytes(v) for v in params),
+                sharded=_flat(program, split_vals, dims, tp),
             )
         )
     return tuple(stages)

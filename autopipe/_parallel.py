@@ -1,0 +1,228 @@
+"""Tensor parallelism inside stages, priced per layer for the stage search.
+
+The program's pipeline operators are cut into *sharding segments* at points where a single
+value is live (the residual stream between transformer blocks, the activation between
+layers of a chain), at least `SEGMENT_OPS` operators apart. Each segment is one exact sharding
+problem (`passes.sharding.solve`): the value at each segment boundary, batch inputs, program
+outputs and parameters read by more than one segment are replicated over the tensor axis;
+inside a segment the solver picks every operator's strategy (column/row-parallel matmuls,
+heads, ...) and every parameter's split. Identical segments (repeated blocks) share one solve
+through a structural signature.
+
+The stage search then sees additive per-layer costs: a layer's time is the sum of its operators'
+times under their strategies plus the collectives attributed to them (an operator's own, and
+the reshards of the values it makes), and a stage boundary that cuts a split value pays the
+all-gather that sends it whole to the next stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from collections.abc import Mapping, Sequence
+
+from autopipe.cost_models import comm
+from autopipe.cost_models.hardware import Hardware
+from autopipe.cost_models.rules import compute_time, memory_time, op_time
+from autopipe.passes import sharding
+from autopipe.passes.graph import op_cost
+from autopipe.passes.ir import Program
+from autopipe.passes.layout import Split, live_across
+
+SEGMENT_OPS = 96  # fewest pipeline operators per sharding segment (more = freer, slower solve)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LayerShardings:
+    """The tensor-parallel plan of every layer for one tensor-axis size ``tp``."""
+
+    tp: int
+    lean: bool  # priced parameter memory (see `shard_layers`)
+    times: tuple[float, ...]  # per layer: seconds per microbatch (compute + collectives)
+    cut_times: tuple[float, ...]  # per boundary between layers: all-gathers of split values
+    cut_gathers: tuple[float, ...]  # per boundary: their bytes per device (shards)
+    dims: Mapping[int, int | None]  # value id → dimension split over the tensor axis
+    collectives: tuple[tuple[tuple[str, float], ...], ...]  # per layer: (kind, bytes/device)
+    strategies: tuple[tuple[str, ...], ...]  # per layer: strategy name per operator
+
+    def param_scale(self, values: Sequence[int]) -> dict[int, float]:
+        return {v: 1.0 / self.tp for v in values if self.dims.get(v) is not None}
+
+
+def layer_ops(program: Program, split: Split, layers: Sequence[int]) -> list[list[int]]:
+    """Operator indices per layer: its pipeline ops plus the local parameter ops whose first
+    pipeline consumer it holds (each local op belongs to one layer, as in the cost pass)."""
+    owner = {
+        i: k for k, (a, b) in enumerate(itertools.pairwise(layers)) for i in split.pipeline[a:b]
+    }
+    out: list[set[int]] = [set(split.pipeline[a:b]) for a, b in itertools.pairwise(layers)]
+    consumers: dict[int, list[int]] = {}
+    for i, op in enumerate(program.ops):
+        for a in op.invars:
+            if isinstance(a, int):
+                consumers.setdefault(a, []).append(i)
+    for i in sorted(split.local, reverse=True):  # consumers of a local op come after it
+        firsts = [
+            owner[j] for v in program.ops[i].outvars for j in consumers.get(v, []) if j in owner
+        ]
+        if firsts:
+            owner[i] = min(firsts)
+            out[owner[i]].add(i)
+    return [sorted(ops) for ops in out]
+
+
+def sharding_segments(program: Program, split: Split, min_ops: int = SEGMENT_OPS) -> list[int]:
+    """Boundaries (pipeline op positions) of the sharding segments: cuts where one value is
+    live, the first such cut at least `min_ops` after the previous boundary."""
+    live = live_across(program, split)
+    n = len(split.pipeline)
+    bounds = [0]
+    for k in range(1, n):
+        if len(live[k]) == 1 and k - bounds[-1] >= min_ops and n - k >= min_ops // 2:
+            bounds.append(k)
+    return [*bounds, n]
+
+
+def _fixed(program: Program, per_segment: Sequence[Sequence[int]]) -> list[dict[int, None]]:
+    """Per segment, the values it must see replicated: everything it shares with another
+    segment, batch inputs and program outputs."""
+    made: dict[int, int] = {}
+    used: dict[int, set[int]] = {}
+    for k, ops in enumerate(per_segment):
+        for i in ops:
+            made.update((v, k) for v in program.ops[i].outvars)
+            for a in program.ops[i].invars:
+                if isinstance(a, int):
+                    used.setdefault(a, set()).add(k)
+    fixed: list[dict[int, None]] = [{} for _ in per_segment]
+    for v, segs in used.items():
+        home = made.get(v)
+        touching = segs | ({home} if home is not None else set())
+        if len(touching) > 1 or (v in program.batch_dependent and home is None):
+            for k in touching:
+                fixed[k][v] = None
+    for a in program.outvars:
+        if isinstance(a, int) and a in made:
+            fixed[made[a]][a] = None
+    return fixed
+
+
+def shard_layers(
+    program: Program,
+    split: Split,
+    layers: Sequence[int],
+    hw: Hardware,
+    mesh_axes: Sequence[tuple[str, int]],
+    tensor_axis: str | None,
+    cache: dict | None = None,
+    lean: bool = False,
+) -> LayerShardings:
+    """Every operator's sharding for the tensor axis of `mesh_axes` (tp = 1 without one), and
+    the resulting per-layer costs. ``cache``: a dict shared by calls on the same program and
+    hardware (operator costs, segments and solved segments are reused).
+
+    The default minimises time alone: a weight may stay whole on every device when splitting it
+    would cost more communication than compute it saves. ``lean`` adds a memory price: holding
+    a byte of parameter on a device costs the time to send that byte over the tensor link, so
+    a weight is split whenever the communication its split causes per microbatch is smaller
+    than the weight itself (big matmul weights are, small norms and biases are not)."""
+    tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
+    cache = {} if cache is None else cache
+    parts = cache.setdefault("parts", {})  # op → (compute s, memory s, overhead s, bytes)
+    per_layer = layer_ops(program, split, layers)
+    for i in (i for ops in per_layer for i in ops):
+        if i not in parts:
+            cost = op_cost(program, program.ops[i])
+            c, m = compute_time(cost, hw), memory_time(cost, hw)
+            whole = sharding.replicated(program.ops[i])
+            parts[i] = (
+                c,
+                m,
+                op_time(cost, hw) - max(c, m),
+                sharding.local_bytes(program, i, whole, 1),
+            )
+    if tp == 1:
+        return LayerShardings(
+            tp=1,
+            lean=lean,
+            times=tuple(sum(time_of_whole(parts[i]) for i in ops) for ops in per_layer),
+            cut_times=tuple(0.0 for _ in layers[2:]),
+            cut_gathers=tuple(0.0 for _ in layers[2:]),
+            dims={},
+            collectives=tuple(() for _ in per_layer),
+            strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
+        )
+
+    def time_of(i: int, strategy: sharding.Strategy) -> float:
+        """Roofline of one device's share: its part of the arithmetic, and the bytes of the
+        operands and results it holds (a replicated weight is read whole)."""
+        c, m, overhead, nbytes = parts[i]
+        local = sharding.local_bytes(program, i, strategy, tp) / nbytes if nbytes else 1.0
+        return overhead + max(c * strategy.compute_fraction, m * local)
+
+    def comm_time(kind: str, nbytes: float) -> float:
+        return comm.collective_time(kind, nbytes, tensor_axis, mesh_axes, hw)
+
+    link = hw.axis_link(mesh_axes, tensor_axis)
+
+    def store_cost(v: int, dim: int | None) -> float:
+        return program.nbytes(v) / (1 if dim is None else tp) / link.bandwidth
+
+    if "segments" not in cache:
+        per_seg = layer_ops(program, split, sharding_segments(program, split))
+        cache["segments"] = list(zip(per_seg, _fixed(program, per_seg), strict=True))
+    solved: dict = cache.setdefault("solved", {})
+    dims: dict[int, int | None] = {}
+    chosen: dict[int, sharding.Strategy] = {}
+    charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
+    for ops, fixed in cache["segments"]:
+        key = (tp, lean, sharding.signature(program, ops, fixed))
+        if key not in solved:
+            solved[key] = sharding.solve(
+                program,
+                ops,
+                tp=tp,
+                fixed=fixed,
+                op_time=time_of,
+                comm_time=comm_time,
+                store_cost=store_cost if lean else None,
+            )
+        sol = solved[key]
+        sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)
+        dims.update(sol.dims)
+        chosen.update(sol.strategies)
+        made = {v: i for i in ops for v in program.ops[i].outvars}
+        for kind, v, nbytes in sol.collectives:
+            i = made[v] if v in made else _first_reader(program, ops, v)
+            charged.setdefault(i, []).append((kind, nbytes))
+    times, colls = [], []
+    for ops in per_layer:
+        layer_colls = [c for i in ops for c in charged.get(i, ())]
+        times.append(
+            sum(time_of(i, chosen[i]) for i in ops)
+            + sum(comm_time(kind, nbytes) for kind, nbytes in layer_colls)
+        )
+        colls.append(tuple(layer_colls))
+    live = live_across(program, split)
+    shards = [
+        [program.nbytes(v) / tp for v in live[k] if dims.get(v) is not None] for k in layers[1:-1]
+    ]
+    return LayerShardings(
+        tp=tp,
+        lean=lean,
+        times=tuple(times),
+        cut_times=tuple(sum(comm_time("all_gather", b) for b in cut) for cut in shards),
+        cut_gathers=tuple(float(sum(cut)) for cut in shards),
+        dims=dims,
+        collectives=tuple(colls),
+        strategies=tuple(tuple(chosen[i].name for i in ops) for ops in per_layer),
+    )
+
+
+def time_of_whole(parts: tuple[float, float, float, float]) -> float:
+    c, m, overhead, _ = parts
+    return overhead + max(c, m)
+
+
+def _first_reader(program: Program, ops: Sequence[int], v: int) -> int:
+    return next(i for i in ops if v in program.ops[i].invars)
