@@ -167,10 +167,14 @@ def test_dot_general_strategies_by_hand():
     replicated = ("replicated", (None, None), (None,), None)
     assert _rules(prog, "dot_general", 2) == {
         replicated,
-        ("lhs", (0, None), (0,), None),  # rows of x: output rows
+        # no "lhs" (rows of x with w whole): rows of the batch belong to the data axis
         ("column", (None, 1), (1,), None),  # columns of w: output columns
         ("row", (1, 0), (None,), "all_reduce"),  # the contraction: partial sums
     }
+    # two batch-dependent operands (attention's q·k): splitting rows of one is offered
+    acts = _program(lambda w, x: (x @ w) @ (x @ w).T, jnp.ones((16, 32)), jnp.ones((8, 16)))
+    i = max(i for i, op in enumerate(acts.ops) if op.primitive == "dot_general")
+    assert "lhs" in {s.name for s in strategies(acts, i, 2)}
     # 8 rows do not split 16 ways, 32 columns and 16 contracted do
     assert {r[0] for r in _rules(prog, "dot_general", 16)} == {"replicated", "column", "row"}
     assert _rules(prog, "dot_general", 1) == {replicated}
@@ -363,7 +367,8 @@ def _emit(prog, ops, inputs, dims, outputs):
     [
         (2, FAST, None, None, ["column", "row"], {"all_reduce": 1}),
         (4, FAST, 0, None, ["column", "row"], {"all_gather": 1, "all_reduce": 1}),
-        (4, MEDIUM, 0, 1, ["lhs", "lhs"], {"all_to_all": 1}),  # rows stay split to the end
+        # rows of x arrive split, columns leave split; no weight meets split rows
+        (4, MEDIUM, 0, 1, ["replicated", "column"], {"all_gather": 1}),
         (2, MEDIUM, 1, None, ["replicated", "replicated"], {"all_gather": 1}),
         (4, SLOW, None, None, ["replicated", "replicated"], {}),
     ],
