@@ -30,7 +30,7 @@ from autopipe.passes.graph import build_program, operator_graph
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across, split_ops, stage_layouts
 from autopipe.passes.partition import StageProblem, solve_stages, step_time
-from autopipe.passes.trace import Traced, trace
+from autopipe.passes.trace import Traced, batch_size_of, make_arg_spec, trace
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,23 +158,35 @@ def segment_bytes(
     """``param_scale[v]``: the share of parameter value v one device holds (tensor shards)."""
     scale = param_scale or {}
     n = len(layers) - 1
-    params, peak, made, inputs = (np.zeros((n + 1, n + 1)) for _ in range(4))
-    layer_reads = [frozenset().union(*costs.reads[a:b]) for a, b in itertools.pairwise(layers)]
-    layer_peak = [
-        max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b))
-        for a, b in itertools.pairwise(layers)
-    ]
-    layer_made = [sum(costs.act_bytes[a:b]) for a, b in itertools.pairwise(layers)]
+    pairs = list(itertools.pairwise(layers))
+    readers: dict[int, list[int]] = {}  # parameter value → layers reading it
+    for k, (a, b) in enumerate(pairs):
+        for v in frozenset().union(*costs.reads[a:b]):
+            readers.setdefault(v, []).append(k)
+    rows, cols = np.arange(n + 1)[:, None], np.arange(n + 1)[None, :]
+    upper = (cols > rows).astype(float)
+    single, params = np.zeros(n), np.zeros((n + 1, n + 1))
+    for v, ks in readers.items():
+        nbytes = program.nbytes(v) * scale.get(v, 1.0)
+        if len(ks) == 1:
+            single[ks[0]] += nbytes
+            continue
+        first = np.full(n + 1, n + 1)  # first reader at or after layer i
+        for k in sorted(ks, reverse=True):
+            first[: k + 1] = k
+        params += nbytes * (cols > first[:, None])  # [i, j) holds v iff that reader is < j
+    total = np.concatenate([[0.0], np.cumsum(single)])
+    params = (params + total[None, :] - total[:, None]) * upper
+    layer_peak = np.array(
+        [max(costs.cut_bytes[k] + costs.act_bytes[k] for k in range(a, b)) for a, b in pairs]
+    )
+    peak = np.zeros((n + 1, n + 1))
     for i in range(n):
-        held: set[int] = set()
-        p_bytes = pk = mk = 0
-        for j in range(i + 1, n + 1):
-            new = layer_reads[j - 1] - held
-            held |= new
-            p_bytes += sum(program.nbytes(v) * scale.get(v, 1.0) for v in new)
-            pk, mk = max(pk, layer_peak[j - 1]), mk + layer_made[j - 1]
-            params[i, j], peak[i, j], made[i, j] = p_bytes, pk, mk
-            inputs[i, j] = costs.cut_bytes[layers[i]] if i > 0 else 0
+        peak[i, i + 1 :] = np.maximum.accumulate(layer_peak[i:])
+    made = np.concatenate([[0.0], np.cumsum([sum(costs.act_bytes[a:b]) for a, b in pairs])])
+    made = (made[None, :] - made[:, None]) * upper
+    cut_in = np.array([0.0, *(costs.cut_bytes[layers[i]] for i in range(1, n + 1))])
+    inputs = cut_in[:, None] * upper
     return SegmentBytes(params=params, peak=peak, made=made, inputs=inputs)
 
 
@@ -265,23 +277,22 @@ def _front(
             f"num_stages=None (or {p_axis}), or a mesh whose {pipeline_axis!r} axis has "
             f"{num_stages // virtual_stages} devices."
         )
-    if num_microbatches is None or dp > 1:
-        probe = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=1)
-        if probe.batch_size % dp:
-            raise ValueError(
-                f"{probe.spec.fn_name}: the batch has {probe.batch_size} rows, which the "
-                f"data axis {data_axis!r} of {dp} devices cannot split evenly. Use a batch "
-                f"that is a multiple of {dp}, or a smaller data axis."
-            )
-        if num_microbatches is None:
-            num_microbatches = _default_microbatches(probe.batch_size // dp, p)
-        elif (probe.batch_size // dp) % num_microbatches:
-            raise ValueError(
-                f"{probe.spec.fn_name}: each of the {dp} data-parallel replicas gets "
-                f"{probe.batch_size // dp} rows of the {probe.batch_size}-row batch, which "
-                f"num_microbatches={num_microbatches} does not divide. Use a divisor of "
-                f"{probe.batch_size // dp}."
-            )
+    spec = make_arg_spec(fn, args, batch_argnums)
+    batch = batch_size_of(spec)
+    if batch % dp:
+        raise ValueError(
+            f"{spec.fn_name}: the batch has {batch} rows, which the data axis {data_axis!r} of "
+            f"{dp} devices cannot split evenly. Use a batch that is a multiple of {dp}, or a "
+            "smaller data axis."
+        )
+    if num_microbatches is None:
+        num_microbatches = _default_microbatches(batch // dp, p)
+    elif dp > 1 and (batch // dp) % num_microbatches:
+        raise ValueError(
+            f"{spec.fn_name}: each of the {dp} data-parallel replicas gets {batch // dp} rows "
+            f"of the {batch}-row batch, which num_microbatches={num_microbatches} does not "
+            f"divide. Use a divisor of {batch // dp}."
+        )
     traced = trace(fn, args, batch_argnums=batch_argnums, num_microbatches=num_microbatches * dp)
     program = build_program(traced.jaxpr, traced.spec.batch_leaves)
     (_check_loss if training else _check_outputs)(traced, program)

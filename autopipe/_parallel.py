@@ -49,32 +49,38 @@ class LayerShardings:
         return {v: 1.0 / self.tp for v in values if self.dims.get(v) is not None}
 
 
-def layer_ops(program: Program, split: Split, layers: Sequence[int]) -> list[list[int]]:
+def layer_ops(
+    program: Program, split: Split, layers: Sequence[int], cache: dict | None = None
+) -> list[list[int]]:
     """Operator indices per layer: its pipeline ops plus the local parameter ops whose first
     pipeline consumer it holds (each local op belongs to one layer, as in the cost pass)."""
+    cache = {} if cache is None else cache
+    if "readers" not in cache:  # local op → the ops reading its results
+        readers: dict[int, list[int]] = {}
+        made = {v: i for i in split.local for v in program.ops[i].outvars}
+        for j, op in enumerate(program.ops):
+            for a in op.invars:
+                if isinstance(a, int) and a in made:
+                    readers.setdefault(made[a], []).append(j)
+        cache["readers"] = readers
     owner = {
         i: k for k, (a, b) in enumerate(itertools.pairwise(layers)) for i in split.pipeline[a:b]
     }
     out: list[set[int]] = [set(split.pipeline[a:b]) for a, b in itertools.pairwise(layers)]
-    consumers: dict[int, list[int]] = {}
-    for i, op in enumerate(program.ops):
-        for a in op.invars:
-            if isinstance(a, int):
-                consumers.setdefault(a, []).append(i)
-    for i in sorted(split.local, reverse=True):  # consumers of a local op come after it
-        firsts = [
-            owner[j] for v in program.ops[i].outvars for j in consumers.get(v, []) if j in owner
-        ]
+    for i in sorted(split.local, reverse=True):  # readers of a local op come after it
+        firsts = [owner[j] for j in cache["readers"].get(i, ()) if j in owner]
         if firsts:
             owner[i] = min(firsts)
             out[owner[i]].add(i)
     return [sorted(ops) for ops in out]
 
 
-def sharding_segments(program: Program, split: Split, min_ops: int = SEGMENT_OPS) -> list[int]:
+def sharding_segments(
+    program: Program, split: Split, min_ops: int = SEGMENT_OPS, live=None
+) -> list[int]:
     """Boundaries (pipeline op positions) of the sharding segments: cuts where one value is
     live, the first such cut at least `min_ops` after the previous boundary."""
-    live = live_across(program, split)
+    live = live_across(program, split) if live is None else live
     n = len(split.pipeline)
     bounds = [0]
     for k in range(1, n):
@@ -129,7 +135,7 @@ def shard_layers(
     tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
     cache = {} if cache is None else cache
     parts = cache.setdefault("parts", {})  # op → (compute s, memory s, overhead s, bytes)
-    per_layer = layer_ops(program, split, layers)
+    per_layer = layer_ops(program, split, layers, cache)
     for i in (i for ops in per_layer for i in ops):
         if i not in parts:
             cost = op_cost(program, program.ops[i])
@@ -153,12 +159,17 @@ def shard_layers(
             strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
         )
 
+    priced: dict = cache.setdefault("priced", {})  # (op, tp, strategy) → seconds
+
     def time_of(i: int, strategy: sharding.Strategy) -> float:
         """Roofline of one device's share: its part of the arithmetic, and the bytes of the
         operands and results it holds (a replicated weight is read whole)."""
-        c, m, overhead, nbytes = parts[i]
-        local = sharding.local_bytes(program, i, strategy, tp) / nbytes if nbytes else 1.0
-        return overhead + max(c * strategy.compute_fraction, m * local)
+        key = (i, tp, strategy)
+        if key not in priced:
+            c, m, overhead, nbytes = parts[i]
+            local = sharding.local_bytes(program, i, strategy, tp) / nbytes if nbytes else 1.0
+            priced[key] = overhead + max(c * strategy.compute_fraction, m * local)
+        return priced[key]
 
     def comm_time(kind: str, nbytes: float) -> float:
         return comm.collective_time(kind, nbytes, tensor_axis, mesh_axes, hw)
@@ -168,15 +179,22 @@ def shard_layers(
     def store_cost(v: int, dim: int | None) -> float:
         return program.nbytes(v) / (1 if dim is None else tp) / link.bandwidth
 
+    if "live" not in cache:
+        cache["live"] = live_across(program, split)
+    live = cache["live"]
     if "segments" not in cache:
-        per_seg = layer_ops(program, split, sharding_segments(program, split))
-        cache["segments"] = list(zip(per_seg, _fixed(program, per_seg), strict=True))
+        bounds = sharding_segments(program, split, live=live)
+        per_seg = layer_ops(program, split, bounds, cache)
+        cache["segments"] = [
+            (ops, fixed, sharding.signature(program, ops, fixed))
+            for ops, fixed in zip(per_seg, _fixed(program, per_seg), strict=True)
+        ]
     solved: dict = cache.setdefault("solved", {})
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
-    for ops, fixed in cache["segments"]:
-        key = (tp, lean, sharding.signature(program, ops, fixed))
+    for ops, fixed, signature in cache["segments"]:
+        key = (tp, lean, signature)
         if key not in solved:
             solved[key] = sharding.solve(
                 program,
@@ -203,7 +221,6 @@ def shard_layers(
             + sum(comm_time(kind, nbytes) for kind, nbytes in layer_colls)
         )
         colls.append(tuple(layer_colls))
-    live = live_across(program, split)
     shards = [
         [program.nbytes(v) / tp for v in live[k] if dims.get(v) is not None] for k in layers[1:-1]
     ]
