@@ -41,6 +41,7 @@ class _Costs:
     cut_bytes: tuple[int, ...]
     reads: tuple[frozenset[int], ...]  # placed parameter values each operator reads
     act_bytes: tuple[int, ...]  # output bytes per operator
+    narrow_cuts: tuple[int, ...]  # cuts where one value is live (e.g. between blocks)
     unruled: tuple[str, ...]
 
 
@@ -135,6 +136,7 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
             sum(program.nbytes(v) for v in program.ops[i].outvars) for i in split.pipeline
         ),
         unruled=tuple(unruled),
+        narrow_cuts=tuple(k for k in range(1, len(times)) if len(live[k]) == 1),
     )
 
 
@@ -319,6 +321,15 @@ def _front(
         data_axis=data_axis,
         tensor_axis=tensor_axis,
     )
+
+
+def _layers(front: _Front, num_stages: int) -> tuple[int, ...]:
+    """Layer boundaries for the stage search: the cluster pass's equal-cost windows, plus every
+    narrow cut (one live value: the residual stream between transformer blocks), so a stage
+    can always end exactly at a block boundary."""
+    c = front.costs
+    layers = cluster(c.op_times, c.cut_bytes, min_layers=num_stages)
+    return tuple(sorted(set(layers) | set(c.narrow_cuts)))
 
 
 def _shard(front: _Front, layers: Sequence[int], *, lean: bool = False) -> LayerShardings:
@@ -636,7 +647,7 @@ def plan(
         tensor_axis=tensor_axis,
     )
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
-    layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=front.num_stages)
+    layers = _layers(front, front.num_stages)
     shard, problem, solution = _solve(front, layers, limit)
     return _finish(
         front,
@@ -718,7 +729,7 @@ def search_factorizations(
         m = num_microbatches or _default_microbatches(batch // dp, pp)
         if (batch // dp) % m:
             continue
-        layers = cluster(base.costs.op_times, base.costs.cut_bytes, min_layers=pp)
+        layers = _layers(base, pp)
         step = mem = math.inf  # unless some stage split fits in memory
         for lean in (False, True) if tp > 1 else (False,):
             key = (tuple(layers), tp, lean)

@@ -125,8 +125,18 @@ class Plan:
         return self._require_compiled().as_text()
 
     def summary(self) -> str:
+        tensor = self.tensor_axis is not None
         rows = [
-            ("stage", "layers", "ops", "first → last op", "params", "time/mb", "memory"),
+            (
+                "stage",
+                "layers",
+                "ops",
+                "first → last op",
+                "params",
+                *(("params/device", "tensor split", "collectives/mb") if tensor else ()),
+                "time/mb",
+                "memory",
+            ),
             *[
                 (
                     str(s.index),
@@ -134,6 +144,11 @@ class Plan:
                     str(s.operators[1] - s.operators[0]),
                     f"{s.primitives[0]} → {s.primitives[-1]}" if s.primitives else "-",
                     _fmt_bytes(s.param_bytes),
+                    *(
+                        (_fmt_bytes(s.device_param_bytes), _split_text(s), _comm_text(s))
+                        if tensor
+                        else ()
+                    ),
                     _fmt_time(s.time),
                     _fmt_bytes(s.memory),
                 )
@@ -459,6 +474,18 @@ def _param_buffers(emitted: Any, num_devices: int) -> tuple[jax.ShapeDtypeStruct
 def _stage_devices(mesh: Any, axis: str, stage: int) -> list[Any]:
     pos = mesh.axis_names.index(axis)
     return list(np.asarray(np.take(mesh.devices, stage, axis=pos)).reshape(-1))
+
+
+_SPLITS = ("column", "row", "batch", "gather", "lhs")  # the strategies worth listing
+
+
+def _split_text(stage: Stage) -> str:
+    counts = dict(stage.strategies)
+    return ", ".join(f"{k} {counts[k]}" for k in _SPLITS if k in counts) or "none"
+
+
+def _comm_text(stage: Stage) -> str:
+    return ", ".join(f"{k} {_fmt_bytes(b)}" for k, b in stage.collectives) or "-"
 
 
 def _fmt_bytes(n: float) -> str:

@@ -27,3 +27,14 @@ def test_quickstart_training_and_calibration_examples_run(tmp_path, monkeypatch)
     exec(compile(calibration, "README calibration", "exec"), namespace)
     assert (tmp_path / "cpu-profile.json").exists()
     assert len(namespace["plan"].profile(namespace["variables"], namespace["tokens"])) == 8
+
+
+def test_3d_example_runs():
+    blocks = _blocks()
+    quickstart, example = blocks[0], next(b for b in blocks if "mesh3d" in b)
+    namespace: dict = {}
+    exec(compile(quickstart, "README quickstart", "exec"), namespace)
+    exec(compile(example, "README 3D", "exec"), namespace)
+    reference = namespace["model"].apply(namespace["variables"], namespace["tokens"])
+    np.testing.assert_allclose(namespace["logits"], reference, rtol=1e-5, atol=1e-5)
+    assert np.prod([k for _, k in namespace["big"].mesh_axes]) == 64
