@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "pipeline_speedup": ("_runtime", "pipeline_speedup"),
     "training": ("training", "run"),
     "cost_model": ("cost_model", "run"),
+    "parallel": ("parallel", "run"),
 }
 
 

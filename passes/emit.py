@@ -285,7 +285,7 @@ def emit(
     return Emitted(
         step=jax.jit(step),
         buffers=buffers,
-        batch_sharding=NamedSharding(mesh, P()),
+        batch_sharding=NamedSharding(mesh, rows),
         mesh=mesh,
     )
 

@@ -32,15 +32,16 @@ SPLIT_PAYS = dataclasses.replace(
 
 
 def _grid():
-    """(model, (pp, dp, tp), m) with dp·m dividing the batch; the default run takes one m per
-    (model, factorization), rotating, the rest are `slow`."""
+    """(model, (pp, dp, tp), m) with dp·m dividing the batch. The default run covers every
+    factorization once (models and microbatch counts rotating); the rest are `slow`."""
     out = []
-    for k, (name, f) in enumerate(itertools.product(MODELS, FACTORIZATIONS)):
-        ms = [m for m in (1, 2, 4) if BATCH % (f[1] * m) == 0]
-        for i, m in enumerate(ms):
-            fast = i == k % len(ms)
-            marks = () if fast else pytest.mark.slow
-            out.append(pytest.param(name, f, m, marks=marks, id=f"{name}-{f}-m{m}"))
+    for k, f in enumerate(FACTORIZATIONS):
+        for i, name in enumerate(MODELS):
+            ms = [m for m in (1, 2, 4) if BATCH % (f[1] * m) == 0]
+            for j, m in enumerate(ms):
+                fast = i == k % len(MODELS) and j == k % len(ms)
+                marks = () if fast else pytest.mark.slow
+                out.append(pytest.param(name, f, m, marks=marks, id=f"{name}-{f}-m{m}"))
     return out
 
 
