@@ -414,27 +414,42 @@ class Plan:
             _check_leaf(spec.fn_name, path, aval, x)
         return leaves
 
+    @property
+    def batch_sharding(self) -> Any:
+        """Where the program reads batch arguments: split over the data axis (if any),
+        replicated otherwise. With several processes, build each batch leaf from the rows of
+        the data-parallel replicas a process holds:
+        ``jax.make_array_from_process_local_data(plan.batch_sharding, local_rows)``."""
+        return self._runtime.emitted.batch_sharding
+
     def _last_stage_block(self, out: jax.Array) -> jax.Array:
         """The last stage's rows of a ``(p·B, ...)`` output: one device's array, or with a data
-        axis an array sharded over the last stage's data-parallel devices."""
+        axis an array split over the last stage's data-parallel devices (with several processes
+        each holds its replicas' rows)."""
         rows = out.shape[0] // self.num_stages
         start = rows * (self.num_stages - 1)
-        pieces: dict[int, Any] = {}
-        for shard in out.addressable_shards:
-            lo = shard.index[0].start or 0
-            if start <= lo < start + rows:
-                pieces.setdefault(lo, shard.data)
-        if not pieces:
+        if self.data_axis is None:
+            for shard in out.addressable_shards:
+                if (shard.index[0].start or 0) == start:
+                    return shard.data
             raise RuntimeError(
                 "the last pipeline stage's output is not addressable from this process"
             )
-        if len(pieces) == 1 and next(iter(pieces.values())).shape[0] == rows:
-            return next(iter(pieces.values()))
-        ordered = [pieces[k] for k in sorted(pieces)]
-        devices = np.array([x.devices().pop() for x in ordered])
-        axis = self.data_axis or "rows"
-        sharding = NamedSharding(Mesh(devices, (axis,)), P(axis))
-        return jax.make_array_from_single_device_arrays((rows, *out.shape[1:]), sharding, ordered)
+        names = self.mesh.axis_names
+        stage = np.take(
+            self.mesh.devices, self.num_stages - 1, axis=names.index(self.pipeline_axis)
+        )
+        rest = [n for n in names if n != self.pipeline_axis]
+        dp_pos = rest.index(self.data_axis)
+        replicas = np.moveaxis(stage, dp_pos, 0).reshape(stage.shape[dp_pos], -1)[:, 0]
+        sharding = NamedSharding(Mesh(replicas, (self.data_axis,)), P(self.data_axis))
+        mine = {d: None for d in replicas}
+        for shard in out.addressable_shards:
+            lo = shard.index[0].start or 0
+            if shard.device in mine and start <= lo < start + rows:
+                mine[shard.device] = shard.data
+        arrays = [a for a in mine.values() if a is not None]
+        return jax.make_array_from_single_device_arrays((rows, *out.shape[1:]), sharding, arrays)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,36 @@ def _forward(name: str, pp: int, m: int) -> dict:
     return {"holds_last": out is not None, "max_err": err, "sparse_err": sparse_err}
 
 
+def _local_rows(name: str) -> dict:
+    """pp = 2 × dp = 4 over 2 processes, each holding data replicas {0, 1} or {2, 3} of both
+    stages: every process passes only its replicas' rows of the batch and gets their outputs."""
+    import jax
+    import numpy as np
+
+    import autopipe
+
+    fn, variables, x = _model(name)
+    n, r = jax.local_device_count(), jax.process_index()
+    local = (
+        [d for d in jax.devices() if d.process_index == 0],
+        [d for d in jax.devices() if d.process_index == 1],
+    )
+    grid = np.array(
+        [[*local[0][: n // 2], *local[1][: n // 2]], [*local[0][n // 2 :], *local[1][n // 2 :]]]
+    )
+    mesh = jax.sharding.Mesh(grid, ("pp", "dp"))
+    plan = autopipe.plan(fn, variables, x, mesh=mesh, num_microbatches=1)
+    share = x.shape[0] // 2
+    rows = np.asarray(x)[r * share : (r + 1) * share]  # all this process loads
+    batch = jax.make_array_from_process_local_data(plan.batch_sharding, rows)
+    out = plan(variables, batch)
+    want = np.asarray(jax.jit(fn)(variables, x))[r * share : (r + 1) * share]
+    got = np.concatenate(
+        [np.asarray(s.data) for s in sorted(out.addressable_shards, key=lambda s: s.index[0].start)]
+    )
+    return {"holds_last": True, "max_err": float(np.max(np.abs(got - want))), "sparse_err": 0.0}
+
+
 def _only_local_params(plan, variables):
     import jax
 
@@ -98,6 +128,8 @@ def _worker(case: str) -> dict:
         return _forward(case, jax.device_count(), 4)
     if case == "mlp_dp":
         return _forward("mlp", jax.device_count() // 2, 4)
+    if case == "local_rows":
+        return _local_rows("mlp")
     if case == "differ":  # process 1 plans with other microbatches
         return _forward("mlp", jax.device_count(), 4 if jax.process_index() == 0 else 2)
     if case == "mesh":  # a mesh over process 0's devices only
@@ -158,6 +190,13 @@ def test_pipeline_with_replicas_across_processes():
     # 2 processes × 4 devices, mesh pp=4 × dp=2: each stage's two devices in one process
     results, reports, _ = _run("mlp_dp", 2, 4)
     _check_forward(results, reports, 2, 4)
+
+
+def test_each_process_passes_only_its_data_replicas_rows():
+    results, reports, _ = _run("local_rows", 2, 4)
+    for r, rep in zip(results, reports, strict=True):
+        assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
+        assert "error" not in rep and rep["max_err"] < 1e-5, rep
 
 
 @pytest.mark.slow
