@@ -195,3 +195,12 @@ def test_data_axis_must_divide_the_batch(cases):
         autopipe.plan(fn, args[0], x, mesh=_mesh(2, 4, 1))
     with pytest.raises(ValueError, match=r"num_microbatches=4 does not divide"):
         autopipe.plan(fn, *args, mesh=_mesh(1, 4, 2), num_microbatches=4)
+
+
+def test_saved_3d_plan_reloads_with_the_same_shardings(cases):
+    fn, args = cases["linen_mlp"]
+    plan = autopipe.plan(fn, *args, mesh=_mesh(2, 2, 2), num_microbatches=2, hardware=SPLIT_PAYS)
+    again = autopipe.Plan.from_json(plan.to_json(), fn, *args, mesh=_mesh(2, 2, 2))
+    assert again.to_json() == plan.to_json() and dict(again.dims) == dict(plan.dims)
+    assert any(k != "replicated" for s in again.stages for k, _ in s.strategies)
+    np.testing.assert_allclose(again(*args), jax.jit(fn)(*args), rtol=2e-5, atol=2e-5)
