@@ -123,6 +123,7 @@ def train(
     virtual_stages: int | None = None,
     batch_argnums: Sequence[int] = (1,),
     pipeline_axis: str = "pp",
+    data_axis: str = "dp",
     hardware: str | Hardware | None = None,
     memory_limit: float | None = None,
     remat: bool | None = None,
@@ -138,6 +139,9 @@ def train(
     ``params = plan.unplace(state)``. ``remat=None`` recomputes a stage's forward in its
     backward only where keeping residuals would not fit ``memory_limit``. The optimizer must
     be elementwise (SGD, momentum, Adam, AdamW, …): it runs on each stage's flat buffers.
+    A mesh axis named ``data_axis`` splits every microbatch's rows over data-parallel
+    replicas, whose gradients are summed before the update (the batch must divide by
+    replicas × microbatches); other non-pipeline axes replicate the step.
     """
     started = time.perf_counter()
     if schedule not in schedules.SCHEDULES or schedule == "inference":
@@ -159,6 +163,7 @@ def train(
         hardware=hardware,
         training=True,
         virtual_stages=v,
+        data_axis=data_axis,
     )
     p, m, S = front.num_stages // v, front.num_microbatches, front.num_stages
     sched = schedules.make(schedule, p, m, v)
@@ -228,7 +233,7 @@ def train(
             pipeline_axis,
             optimizer,
             remat_stages,
-            1.0 / m if reduction == "mean" else 1.0,
+            1.0 / (m * front.axis_size(front.data_axis)) if reduction == "mean" else 1.0,
         )
     return make_plan(
         front,
@@ -243,6 +248,7 @@ def train(
         runtime=runtime,
         started=started,
         remat=remat_stages,
+        data_axis=front.data_axis,
     )
 
 
@@ -283,6 +289,7 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
         optimizer=optimizer,
         remat=remat,
         loss_scale=loss_scale,
+        data_axis=front.data_axis,
     )
     param_avals = tuple(
         jax.ShapeDtypeStruct((p, n), dt, sharding=emitted.param_sharding)

@@ -1,5 +1,8 @@
 """Training schedules: bubble, peak memory and CPU step time vs single-device training.
 
+Peak memory is XLA's temporary bytes per device (`memory_analysis()`), also as a fraction of
+GPipe's at the same p: the acceptance bar is 1F1B ≤ 0.6 × GPipe at p = 4, m = 8.
+
 ``python bench/training.py`` prints a markdown table and writes bench/results/training.json;
 ``bench/run.py`` registers `run`. Step times are medians of interleaved repetitions of the
 pipelined step and a jitted single-device step on the same batch (one run, ratios only).
@@ -55,6 +58,7 @@ def run(args) -> list[dict]:
 
     reps = getattr(args, "reps", 10)
     rows = []
+    gpipe_temp: dict[int, int] = {}
     for pp in (2, 4):
         mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
         for kind in SCHEDULES:
@@ -77,6 +81,7 @@ def run(args) -> list[dict]:
                 jax.block_until_ready(single(s_params, s_state, batch))
                 t_single.append(time.perf_counter() - t)
             mem = plan.compiled.memory_analysis()
+            gpipe_temp.setdefault(pp, mem.temp_size_in_bytes)  # GPipe runs first
             rows.append(
                 {
                     "pp": pp,
@@ -87,6 +92,7 @@ def run(args) -> list[dict]:
                     "formula_gpipe_1f1b": round((pp - 1) / (8 + pp - 1), 3),
                     "in_flight": max(plan.schedule.in_flight()),
                     "temp_MiB": round(mem.temp_size_in_bytes / 2**20, 2),
+                    "temp_vs_gpipe": round(mem.temp_size_in_bytes / gpipe_temp[pp], 3),
                     "step_ms": round(1e3 * statistics.median(t_pipe), 1),
                     "single_ms": round(1e3 * statistics.median(t_single), 1),
                     "ratio_vs_single": round(

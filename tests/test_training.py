@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import pytest
 
 import autopipe
 from autopipe import models
+from autopipe.passes.emit_train import plan_chunks
 from conftest import BATCH, GPT, fill, mesh
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
@@ -78,14 +81,14 @@ def _reference(name):
     return np.array(losses), params
 
 
-def _check_training(name, schedule, pp, m, **options):
+def _check_training(name, schedule, pp, m, dp=1, **options):
     loss_fn, params, batch = _task(name)
     plan = autopipe.train(
         loss_fn,
         OPTIMIZER,
         params,
         batch,
-        mesh=mesh(pp),
+        mesh=mesh(pp, dp=dp) if dp > 1 else mesh(pp),
         schedule=schedule,
         num_microbatches=m,
         **options,
@@ -118,6 +121,24 @@ def test_mlp_training_matches_single_device(schedule, pp, m):
 @pytest.mark.parametrize("schedule", SCHEDULES)
 def test_gpt_training_matches_single_device(schedule, pp, m):
     _check_training("gpt", schedule, pp, m)
+
+
+@pytest.mark.parametrize(
+    ("name", "schedule", "pp", "dp", "m"),
+    [
+        ("mlp", "1f1b", 2, 2, 2),
+        ("gpt", "zb_h1", 2, 4, 2),
+        pytest.param("mlp", "interleaved_1f1b", 2, 2, 4, marks=pytest.mark.slow),
+        pytest.param("gpt", "gpipe", 4, 2, 4, marks=pytest.mark.slow),
+        pytest.param("gpt", "1f1b", 2, 2, 2, marks=pytest.mark.slow),
+    ],
+)
+def test_data_parallel_training_matches_single_device(name, schedule, pp, dp, m):
+    """Each data replica trains on its rows of every microbatch; gradients and losses are
+    summed over the replicas, so the steps equal single-device training on the whole batch."""
+    plan = _check_training(name, schedule, pp, m, dp=dp)
+    assert plan.data_axis == "dp"
+    assert plan.batch_sharding.spec == jax.sharding.PartitionSpec("dp")
 
 
 @pytest.mark.slow
@@ -265,3 +286,83 @@ def test_1f1b_keeps_p_residual_sets_where_gpipe_keeps_m():
     # XLA's own accounting: the 4 residual sets 1F1B does not keep are the whole difference
     assert temp["gpipe"] - temp["1f1b"] >= 0.9 * 4 * slot_bytes
     assert temp["1f1b"] < temp["gpipe"]
+
+
+def test_residual_chunks_hold_every_stage_without_overlap():
+    """`plan_chunks` against hand-checkable cases and the flat layout's size (the reference:
+    one vector per dtype as long as the widest stage's residuals)."""
+    leaf = lambda *shape, dt=jnp.float32: jax.ShapeDtypeStruct(shape, dt)  # noqa: E731
+    block = [leaf(2, 32, 64), leaf(2, 32, 256), leaf(2, 4, 32, 32), leaf(64), leaf(8, dt=jnp.bool_)]
+    same = plan_chunks([block, block, block])
+    # identical stages: each large leaf is a chunk of its own size, shared by every stage
+    assert same.sizes() == {"float32": 4096 + 16384 + 8192 + 64, "bool": 8}
+    assert all(q.offset == 0 and q.start == 0 for ps in same.pieces for q in ps)
+    # a leaf that fits no chunk whole is split over the room other stages leave free
+    split = plan_chunks([[leaf(256)] * 4, [leaf(512), leaf(256), leaf(256)]])
+    assert split.sizes() == {"float32": 1024}
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        stages = [
+            [leaf(int(rng.choice([16, 64, 256, 1024, 4096]))) for _ in range(rng.integers(1, 12))]
+            for _ in range(rng.integers(1, 6))
+        ]
+        plan = plan_chunks(stages)
+        for leaves, pieces in zip(stages, plan.pieces, strict=True):
+            covered = {k: 0 for k in range(len(leaves))}
+            used: dict[int, list] = {}
+            for q in pieces:  # each leaf's pieces cover it in order
+                assert q.start == covered[q.leaf]
+                covered[q.leaf] += q.size
+                assert 0 <= q.offset and q.offset + q.size <= plan.chunks[q.chunk][1]
+                used.setdefault(q.chunk, []).append((q.offset, q.offset + q.size))
+            assert covered == {k: x.size for k, x in enumerate(leaves)}
+            for spans in used.values():  # no two pieces of a stage overlap in a chunk
+                spans.sort()
+                assert all(a[1] <= b[0] for a, b in itertools.pairwise(spans))
+        widest = max(sum(x.size for x in leaves) for leaves in stages)
+        assert widest <= plan.sizes()["float32"] <= 1.25 * widest
+
+
+def test_forward_writes_residuals_in_place():
+    """The forward runs in a while loop that updates the residual slots in place: XLA copies
+    no residual buffer inside the step (a switch branch returning residuals made it copy one
+    residual set per tick into the slots)."""
+    loss_fn, params, batch = _task("gpt")
+    plan = autopipe.train(
+        loss_fn, OPTIMIZER, params, batch, mesh=mesh(4), schedule="1f1b", num_microbatches=8
+    )
+    emitted = plan._runtime.emitted
+    n = emitted.slots.counts["res"]
+    shapes = {f"[{n},{k}]" for _, k in emitted.residual_chunks.chunks}
+    hlo = plan.compiled.as_text()
+    bodies = hlo[: hlo.index("\nENTRY")]  # every computation but the entry
+    copies = re.findall(r"= \w+(\[\d+,\d+\])\{[^}]*\} copy\(", bodies)
+    assert not [c for c in copies if c in shapes]
+
+
+@pytest.mark.slow
+def test_1f1b_peak_temp_memory_is_at_most_0_6_of_gpipe():
+    """The acceptance bar, on the benchmark's GPT (8 layers × d_model 64, seq 32, batch 16) at
+    p = 4, m = 8: XLA's temporary bytes for 1F1B ≤ 0.6 × GPipe's, same executor and model.
+
+    Residual sets are 1F1B p = 4, GPipe m = 8; the rest is shared (gradient accumulator,
+    inboxes, the working set of one stage's backward), so the ratio is (4 + x) / (8 + x)
+    with x the shared part in residual sets: ≤ 0.6 needs x ≤ 2. Measured: 0.57 (it was 0.64
+    while the forward returned its residuals from a switch branch)."""
+    cfg = models.GPTConfig(vocab=128, seq=32, d_model=64, heads=4, layers=8, mlp_ratio=4)
+    model = models.LinenGPT(cfg)
+    tokens = models.make_tokens(cfg, 16)
+    batch = (tokens, jnp.roll(tokens, -1, axis=1))
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    params = fill(models.abstract_linen(model, tokens))
+    temp = {}
+    for schedule in ("gpipe", "1f1b"):
+        plan = autopipe.train(
+            loss_fn, OPTIMIZER, params, batch, mesh=mesh(4), schedule=schedule, num_microbatches=8
+        )
+        temp[schedule] = plan.compiled.memory_analysis().temp_size_in_bytes
+    assert temp["1f1b"] <= 0.6 * temp["gpipe"]
