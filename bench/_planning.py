@@ -136,8 +136,7 @@ def _random_problem(rng):
 
 def _model_problem(size: str, pp: int, m: int):
     """The planner's own stage problem for a GPT-3 shape (its layers, costs, memory table)."""
-    from autopipe._api import _front, _layer_problem
-    from autopipe.passes.cluster import cluster
+    from autopipe._api import _front, _layer_problem, _layers
 
     model, variables, tokens, _ = gpt(size, m)
     front = _front(
@@ -150,7 +149,7 @@ def _model_problem(size: str, pp: int, m: int):
         num_stages=None,
         hardware="h100",
     )
-    layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=pp)
+    layers = _layers(front, pp)
     return front, layers, _layer_problem(front, layers, front.hardware.memory_bytes)
 
 
@@ -242,6 +241,14 @@ def _units_to_bounds(units: list[int], stage_of_unit: list[int]) -> tuple[int, .
     return (0, *[stages.index(s) for s in range(1, p)], len(units))
 
 
+def at_block_boundaries(front, bounds: tuple[int, ...]) -> tuple[int, ...]:
+    """Each cut moved back to the residual stream before it: a block's layer-norm statistics
+    read no parameters, so `_block_units` counts them to the previous block."""
+    narrow = front.costs.narrow_cuts
+    inner = [max((k for k in narrow if k <= b), default=b) for b in bounds[1:-1]]
+    return (bounds[0], *inner, bounds[-1])
+
+
 def _min_max_partition(weights: list[float], p: int) -> list[int]:
     """Contiguous split of units into p parts minimising the largest sum (stage of each unit)."""
     n = len(weights)
@@ -310,8 +317,10 @@ def plan_quality(args) -> list[dict]:
             unit_params[u] += sum(prog.nbytes(v) for v in reads - seen)
             seen |= reads
         by_params = _min_max_partition(list(unit_params), pp)
-        equal = _op_step(front, _units_to_bounds(units, uniform), m)
-        balanced = _op_step(front, _units_to_bounds(units, by_params), m)
+        equal = _op_step(front, at_block_boundaries(front, _units_to_bounds(units, uniform)), m)
+        balanced = _op_step(
+            front, at_block_boundaries(front, _units_to_bounds(units, by_params)), m
+        )
         rows.append(
             {
                 "model": f"gpt3-{size}",

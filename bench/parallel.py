@@ -27,7 +27,13 @@ import dataclasses
 import math
 import time
 
-from _planning import _block_units, _min_max_partition, _units_to_bounds, gpt
+from _planning import (
+    _block_units,
+    _min_max_partition,
+    _units_to_bounds,
+    at_block_boundaries,
+    gpt,
+)
 
 GiB = 2**30
 
@@ -91,11 +97,7 @@ class _Pricer:
         return self._at_block_boundaries(split)
 
     def _at_block_boundaries(self, bounds: tuple[int, ...]) -> tuple[int, ...]:
-        """Each cut moved back to the residual stream before it (a block's layer-norm
-        statistics read no parameters, so `_block_units` counts them to the previous block)."""
-        narrow = self.front.costs.narrow_cuts
-        inner = [max((k for k in narrow if k <= b), default=b) for b in bounds[1:-1]]
-        return (bounds[0], *inner, bounds[-1])
+        return at_block_boundaries(self.front, bounds)
 
 
 def _pricer(model, variables, tokens) -> _Pricer:
