@@ -85,3 +85,10 @@ def process_allgather(x: Any) -> Any:
     from jax.experimental import multihost_utils
 
     return multihost_utils.process_allgather(x)
+
+
+def gather_global(x: Any) -> Any:
+    """The whole of a global array that spans processes, as a host array in every process."""
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(x, tiled=True)

@@ -19,6 +19,7 @@ import numpy as np
 import optax
 
 from autopipe._api import _Front, _front, _is_concrete, make_plan, segment_bytes
+from autopipe._compat import gather_global
 from autopipe._plan import Plan, Predicted, Stage, _Runtime
 from autopipe.cost_models.hardware import Hardware
 from autopipe.cost_models.rules import transfer_time
@@ -340,6 +341,10 @@ def _unplace_fn(program, emitted) -> Callable:
     def gather(bufs):
         shards = {}
         for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
+            if not buf.is_fully_addressable:  # stages in other processes: fetch every row
+                for d, row in enumerate(np.asarray(gather_global(buf))):
+                    shards[dt, d] = row
+                continue
             for shard in buf.addressable_shards:
                 shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
 

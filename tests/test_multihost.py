@@ -87,6 +87,49 @@ def _local_rows(name: str) -> dict:
     return {"holds_last": True, "max_err": float(np.max(np.abs(got - want))), "sparse_err": 0.0}
 
 
+def _train(steps: int = 3) -> dict:
+    """1F1B training over every device of every process (pp = 4 × dp = 2): losses and final
+    parameters against jitted single-device training on the whole batch in this process."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import autopipe
+
+    fn, variables, x = _model("mlp")
+    y = jnp.asarray(np.random.default_rng(2).normal(size=(x.shape[0], 8)), jnp.float32)
+
+    def loss_fn(params, batch):
+        return jnp.mean((fn(params, batch[0]) - batch[1]) ** 2)
+
+    opt = optax.adamw(1e-2, eps=1e-6)
+    mesh = jax.make_mesh((4, 2), ("pp", "dp"), devices=jax.devices())
+    plan = autopipe.train(
+        loss_fn, opt, variables, (x, y), mesh=mesh, schedule="1f1b", num_microbatches=2
+    )
+    state = plan.init(variables)
+    losses = []
+    for _ in range(steps):
+        state, loss = plan.step(state, (x, y))
+        losses.append(float(loss))
+    params, opt_state, want = variables, opt.init(variables), []
+    grad = jax.jit(jax.value_and_grad(loss_fn))
+    for _ in range(steps):
+        loss, g = grad(params, (x, y))
+        updates, opt_state = opt.update(g, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        want.append(float(loss))
+    result = {"loss_err": float(np.max(np.abs(np.array(losses) - np.array(want))))}
+    try:
+        got = plan.unplace(state)
+        diffs = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - b))), got, params)
+        result["param_err"] = max(jax.tree.leaves(diffs))
+    except Exception as e:  # reported: unplace gathers every stage's parameters
+        result["unplace_error"] = f"{type(e).__name__}: {str(e)[:300]}"
+    return result
+
+
 def _only_local_params(plan, variables):
     import jax
 
@@ -130,6 +173,8 @@ def _worker(case: str) -> dict:
         return _forward("mlp", jax.device_count() // 2, 4)
     if case == "local_rows":
         return _local_rows("mlp")
+    if case == "train":
+        return _train()
     if case == "differ":  # process 1 plans with other microbatches
         return _forward("mlp", jax.device_count(), 4 if jax.process_index() == 0 else 2)
     if case == "mesh":  # a mesh over process 0's devices only
@@ -197,6 +242,15 @@ def test_each_process_passes_only_its_data_replicas_rows():
     for r, rep in zip(results, reports, strict=True):
         assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
         assert "error" not in rep and rep["max_err"] < 1e-5, rep
+
+
+def test_training_across_processes_matches_single_device():
+    # 2 processes × 4 devices, pp = 4 × dp = 2, 1F1B, AdamW: losses and unplaced parameters
+    results, reports, _ = _run("train", 2, 4, timeout=60)
+    for r, rep in zip(results, reports, strict=True):
+        assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
+        assert rep.get("unplace_error") is None, rep
+        assert rep["loss_err"] < 1e-5 and rep["param_err"] < 1e-5, rep
 
 
 @pytest.mark.slow
