@@ -244,9 +244,10 @@ def test_each_process_passes_only_its_data_replicas_rows():
         assert "error" not in rep and rep["max_err"] < 1e-5, rep
 
 
-def test_training_across_processes_matches_single_device():
-    # 2 processes × 4 devices, pp = 4 × dp = 2, 1F1B, AdamW: losses and unplaced parameters
-    results, reports, _ = _run("train", 2, 4, timeout=60)
+@pytest.mark.parametrize(("processes", "devices"), [(2, 4), (4, 2)])
+def test_training_across_processes_matches_single_device(processes, devices):
+    # pp = 4 × dp = 2 over every device, 1F1B, AdamW: losses and unplaced parameters
+    results, reports, _ = _run("train", processes, devices, timeout=60)
     for r, rep in zip(results, reports, strict=True):
         assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
         assert rep.get("unplace_error") is None, rep
