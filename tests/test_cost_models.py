@@ -308,21 +308,168 @@ def test_memory_model_by_hand():
         memory.in_flight_microbatches("1f1b", num_stages=2, num_microbatches=2, rank=2)
 
 
-def test_forward_memory_model_within_15_percent_of_xla(cases):
-    # Forward-only plans of the test models: predicted peak bytes per device against XLA's
-    # memory_analysis (argument + temp). bench/cost_model.py reports the whole table.
+def _buffers(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args).jaxpr
+    ops = [memory.eqn_buffers(e) for e in jaxpr.eqns]
+    return jaxpr, ops
+
+
+def _nbytes(v):
+    return v.aval.size * v.aval.dtype.itemsize
+
+
+def test_working_set_counts_only_materialised_values_by_hand():
+    def f(w, x):
+        y = jnp.tanh(x) * 2.0  # fused, but the dot reads it whole: a buffer (4·8·4 = 128 B)
+        z = y @ w  # GEMM result: 4·16·4 = 256 B
+        s = z.sum(axis=1)  # reduction result: 16 B
+        return s + 1.0  # fused into its reader
+
+    w, x = jnp.ones((8, 16)), jnp.ones((4, 8))
+    jaxpr, ops = _buffers(f, w, x)
+    assert [e.primitive.name for e in jaxpr.eqns] == [
+        "tanh",
+        "mul",
+        "dot_general",
+        "reduce_sum",
+        "add",
+    ]
+    w_in, x_in = jaxpr.invars
+    ws = memory.working_set(ops, _nbytes, placed={w_in}, sliced={x_in}, live_out=jaxpr.outvars)
+    # tanh: nothing; mul: y; dot: y + z; reduce: z + s; add: s
+    assert ws.live.tolist() == [0, 128, 128 + 256, 256 + 16, 16] and ws.peak() == 384
+    assert not ws.sliced.any()  # x is read by tanh (fused), never whole
+    # the weight is read whole by the GEMM: copied out of its buffer, not live
+    assert ws.unpacked[2] == {w_in} and not any(ws.unpacked[k] for k in (0, 1, 3, 4))
+    jaxpr, ops = _buffers(jnp.matmul, x, w)  # here the GEMM reads the microbatch of x whole
+    ws = memory.working_set(ops, _nbytes, placed={jaxpr.invars[1]}, sliced={jaxpr.invars[0]})
+    assert ws.sliced.tolist() == [128] and ws.at(1).tolist() == [256] and ws.at(4)[0] == 384
+
+
+def test_calls_are_inlined_and_loops_keep_their_results():
+    def layer(w, x):
+        return jax.nn.relu(x @ w)  # relu is a custom_jvp call of max: fuses
+
+    def flat(w, x):
+        return layer(w, layer(w, x))
+
+    w, x = jnp.ones((8, 8)), jnp.ones((4, 8))
+    relu_call = next(e for e in _buffers(layer, w, x)[0].eqns if e.params.get("call_jaxpr"))
+    assert not memory.eqn_buffers(relu_call).buffers  # a fused call gets no buffer
+    outer, plain = _buffers(flat, w, x)
+    _, nested = _buffers(lambda w, x: jax.jit(flat)(w, x), w, x)
+    # inside the call, as if written out (its inputs and outputs are the caller's to count):
+    # x·w (128 B), then relu(x·w) read whole by the second GEMM (128 B) while it runs
+    boundary = {*outer.invars, *outer.outvars}
+    assert memory.working_set(plain, _nbytes, exclude=boundary).peak() == 256
+    assert len(nested) == 1 and nested[0].inner == 256
+    assert nested[0].whole == frozenset(nested[0].ins)  # both read whole by the first GEMM
+
+    def scanned(w, x):
+        return jax.lax.scan(lambda c, _: (c @ w, None), x, None, length=3)[0]
+
+    (loop,) = _buffers(scanned, w, x)[1]
+    assert loop.buffers == frozenset(loop.outs)  # the carry is loop state: a buffer
+    assert loop.whole  # the body's GEMM reads w (and the carry) whole
+
+
+def test_segment_working_bytes_by_hand():
+    ws = memory.WorkingSet(
+        live=np.array([10.0, 50.0, 20.0, 5.0]),
+        sliced=np.array([40.0, 0.0, 0.0, 0.0]),  # a microbatch copy, read by operator 0
+        unpacked=(frozenset({"a"}), frozenset(), frozenset({"a", "b"}), frozenset({"c"})),
+    )
+    size = {"a": 100, "b": 7, "c": 1}.__getitem__
+    layers = [0, 2, 3, 4]  # layers {0, 1} {2} {3}
+    peak, unpacked = memory.segment_working_bytes(ws, size, layers, num_microbatches=1)
+    assert peak[0, 1] == 50 and peak[1, 2] == 20 and peak[1, 3] == 20 and peak[0, 3] == 50
+    # with 4 microbatches the first layer also holds its microbatch's copy: 10 + 40
+    peak4, _ = memory.segment_working_bytes(ws, size, layers, num_microbatches=4)
+    assert peak4[0, 1] == 50 and ws.at(4)[0] == 50 and ws.at(1)[0] == 10
+    # "a" is read in layers 0 and 1 but copied once
+    assert unpacked[0, 1] == 100 and unpacked[0, 2] == 107 and unpacked[0, 3] == 108
+    assert unpacked[2, 3] == 1
+    # against brute force on random sequences: union of what each [i, j) reads, max live
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        n_ops = int(rng.integers(3, 12))
+        ws = memory.WorkingSet(
+            live=rng.integers(0, 100, n_ops).astype(float),
+            sliced=rng.integers(0, 10, n_ops).astype(float),
+            unpacked=tuple(frozenset(rng.choice(5, rng.integers(0, 3))) for _ in range(n_ops)),
+        )
+        cuts = sorted(rng.choice(np.arange(1, n_ops), rng.integers(0, n_ops - 1), replace=False))
+        layers = [0, *cuts, n_ops]
+        peak, unpacked = memory.segment_working_bytes(
+            ws, lambda v: 2.0**v, layers, num_microbatches=2
+        )
+        for i in range(len(layers) - 1):
+            for j in range(i + 1, len(layers)):
+                a, b = layers[i], layers[j]
+                assert peak[i, j] == max(ws.at(2)[a:b])
+                assert unpacked[i, j] == sum(2.0**v for v in frozenset().union(*ws.unpacked[a:b]))
+
+
+def test_forward_and_spmd_program_bytes_by_hand():
+    s = memory.forward_program_bytes(
+        param_bytes=1000,
+        batch_input_bytes=64,
+        live_peak_bytes=300,
+        output_bytes=10,
+        num_microbatches=4,
+        num_stages=2,
+        boundary_bytes=20,
+        unpacked_param_bytes=800,
+    )
+    # params + (batch + peak) + (2 · boundary + (m + 1) · output + unpacked)
+    assert (s.params, s.activations, s.temporaries) == (1000, 364, 40 + 50 + 800)
+    single = dict(num_microbatches=1, num_stages=1, param_bytes=0, batch_input_bytes=0)
+    # one tick: no output buffer (XLA writes the result in place)
+    assert memory.forward_program_bytes(**single, live_peak_bytes=0, output_bytes=10).total == 0
+    # SPMD: every device pads to the largest stage, term by term
+    spmd = memory.spmd_program_bytes(
+        param_bytes=[1000, 10],
+        boundary_bytes=[5, 20],
+        working_bytes=[100, 900],
+        batch_input_bytes=64,
+        output_bytes=10,
+        num_microbatches=4,
+    )
+    assert spmd == 1000 + 64 + 2 * 20 + 900 + 5 * 10
+
+
+# the former worst case (GPT, 4 stages: +18%), a scanned GPT, the CNN whose stages differ most
+# (padding, and a batch read whole at m = 1), an MLP as one tick
+XLA_MEMORY_CASES = [
+    ("linen_gpt", 4, 4),
+    ("scanned_gpt", 2, 1),
+    ("cnn", 4, 4),
+    ("cnn", 4, 1),
+    ("linen_mlp", 1, 1),
+]
+
+
+@pytest.mark.parametrize("name, stages, m", XLA_MEMORY_CASES)
+def test_forward_memory_model_within_15_percent_of_xla(cases, name, stages, m):
+    # Predicted bytes of the emitted SPMD program against XLA's memory_analysis (argument +
+    # temp). bench/cost_model.py --memory-only reports every test model at 1, 2, 4 stages and
+    # m = 1, 4 (all within ±11% on jax 0.10.2 / XLA CPU).
+    import pathlib
+    import sys
+
     from conftest import mesh
 
-    errors = {}
-    for name in ("linen_mlp", "scanned_gpt", "cnn"):
-        fn, args = cases[name]
-        plan = autopipe.plan(fn, *args, mesh=mesh(2), num_microbatches=4)
-        ma = plan.compiled.memory_analysis()
-        measured = ma.argument_size_in_bytes + ma.temp_size_in_bytes
-        # the planner leaves out the unpacked-parameter copy XLA makes today; the model has it
-        model = max(s.memory + s.param_bytes for s in plan.stages)
-        errors[name] = model / measured - 1
-    assert all(abs(e) <= 0.15 for e in errors.values()), errors
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "bench"))
+    from cost_model import predicted_memory
+
+    fn, args = cases[name]
+    plan = autopipe.plan(fn, *args, mesh=mesh(stages), num_microbatches=m)
+    ma = plan.compiled.memory_analysis()
+    measured = ma.argument_size_in_bytes + ma.temp_size_in_bytes
+    predicted = predicted_memory(plan)
+    assert predicted["program"] == pytest.approx(measured, rel=0.15)
+    # the largest stage alone (what the stage DP prices) never exceeds the padded program
+    assert max(predicted["stage"]) <= predicted["program"]
 
 
 def test_hardware_is_hashable_and_replaceable():
