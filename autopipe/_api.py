@@ -20,6 +20,7 @@ import numpy as np
 
 from autopipe._parallel import LayerShardings, shard_layers
 from autopipe._plan import Plan, Predicted, Stage, _Runtime
+from autopipe.cost_models import memory
 from autopipe.cost_models.hardware import Hardware, get_hardware
 from autopipe.cost_models.memory import forward_program_bytes
 from autopipe.cost_models.rules import transfer_time
@@ -43,6 +44,7 @@ class _Costs:
     act_bytes: tuple[int, ...]  # output bytes per operator
     narrow_cuts: tuple[int, ...]  # cuts where one value is live (e.g. between blocks)
     unruled: tuple[str, ...]
+    working: memory.WorkingSet  # materialised bytes live at each operator (XLA's fusion)
 
 
 # --- argument checks -------------------------------------------------------------------------
@@ -137,6 +139,24 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
         ),
         unruled=tuple(unruled),
         narrow_cuts=tuple(k for k in range(1, len(times)) if len(live[k]) == 1),
+        working=memory.working_set(
+            [_op_buffers(program, program.ops[i]) for i in split.pipeline],
+            program.nbytes,
+            placed=sources,
+            sliced=[v for v in program.invars if v in program.batch_dependent],
+            live_out=[a for a in program.outvars if isinstance(a, int)],
+        ),
+    )
+
+
+def _op_buffers(program: Program, op) -> memory.OpBuffers:
+    return memory.op_buffers(
+        op.primitive if op.kind == "eqn" else op.kind,
+        op.eqn.params if op.eqn is not None else {},
+        op.invars,
+        op.outvars,
+        [program.avals[a] for a in op.invars if isinstance(a, int)],
+        [program.avals[v] for v in op.outvars],
     )
 
 
@@ -200,31 +220,33 @@ def _segment_memory(
     p: int = 1,
     param_scale: Mapping[int, float] | None = None,
     rows_scale: float = 1.0,
+    copies: bool = False,
 ) -> np.ndarray:
     """mem[i, j] = per-device bytes of the forward-only program for a stage of layers [i, j)
-    (`cost_models.memory.forward_program_bytes`), plus its receive and send buffers.
+    (`cost_models.memory.forward_program_bytes`): its parameters, the batch, its working set
+    (materialised values only), the receive and send buffers and the output buffer.
     ``rows_scale``: microbatch rows relative to the traced program's (activations scale).
-
-    The unpacked-parameter copy XLA keeps today (see `forward_program_bytes`) is left out
-    (param_copies=0): it is an artefact of the emitted program, not a property of the stage.
+    ``copies``: add the parameters the backend copies out of the flat buffer for GEMM and
+    convolution calls (`Hardware.copies_library_operands`: XLA:CPU does).
     """
-    r = rows_scale
+    r, scale = rows_scale, param_scale or {}
     seg = segment_bytes(program, costs, layers, param_scale)
+    peak, unpacked = memory.segment_working_bytes(
+        costs.working, lambda v: program.nbytes(v) * scale.get(v, 1.0), layers, num_microbatches=m
+    )
     batch_in = sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent) * m
     out_bytes = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
     send = np.array([0, *(costs.cut_bytes[k] for k in layers[1:-1]), 0], dtype=float)
-    mem = (
-        2 * r * np.maximum(seg.inputs, send[None, :])
-        + forward_program_bytes(
-            param_bytes=seg.params,
-            batch_input_bytes=batch_in * r,
-            live_peak_bytes=seg.peak * r,
-            output_bytes=out_bytes * r,
-            num_microbatches=m,
-            num_stages=p,
-            param_copies=0.0,
-        ).total
-    )
+    mem = forward_program_bytes(
+        param_bytes=seg.params,
+        batch_input_bytes=batch_in * r,
+        live_peak_bytes=peak * r,
+        output_bytes=out_bytes * r,
+        num_microbatches=m,
+        num_stages=p,
+        boundary_bytes=r * np.maximum(seg.inputs, send[None, :]),
+        unpacked_param_bytes=unpacked if copies else 0.0,
+    ).total
     return np.where(np.triu(np.ones_like(mem), 1) > 0, mem, np.inf)
 
 
@@ -386,7 +408,9 @@ def _layer_problem(
     return StageProblem(
         layer_time=t,
         cut_time=cut,
-        segment_memory=_segment_memory(front.program, c, layers, m, p, scale, r),
+        segment_memory=_segment_memory(
+            front.program, c, layers, m, p, scale, r, front.hardware.copies_library_operands
+        ),
         memory_limit=memory_limit,
         num_stages=p,
         num_microbatches=m,

@@ -399,6 +399,7 @@ def calibrate(
         hw,
         name=name or f"{dev.platform}-calibrated",
         memory_bytes=memory,
+        copies_library_operands=dev.platform == "cpu",
         source=f"autopipe.calibrate on {dev.device_kind} ({platform.node()}), "
         f"{time.strftime('%Y-%m-%d %H:%M')}",
     )

@@ -81,6 +81,9 @@ class Hardware:
     devices_per_node: int = 8  # devices sharing the fast link
     inter_node_bandwidth: float | None = None  # bytes/s one direction per device; None = link
     inter_node_latency: float | None = None  # seconds; None = link_latency
+    # the backend copies a parameter out of autopipe's flat parameter buffer before a GEMM or
+    # convolution library call reads it (measured on XLA:CPU; the stage DP then counts it)
+    copies_library_operands: bool = False
     source: str = ""  # where the figures come from (datasheet, or "calibrated on …")
 
     def __post_init__(self) -> None:
@@ -303,6 +306,7 @@ PRESETS: dict[str, Hardware] = {
         link_bandwidth=5e9,
         link_latency=20e-6,
         op_overhead=5e-6,
+        copies_library_operands=True,
         source="rough defaults for a small CPU host; run autopipe.calibrate() to measure",
     ),
 }

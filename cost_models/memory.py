@@ -143,7 +143,6 @@ def forward_program_bytes(
     num_stages: int,
     boundary_bytes: Any = 0.0,
     unpacked_param_bytes: Any = 0.0,
-    param_copies: float = 0.0,
 ) -> StageMemory:
     """Per-device bytes of autopipe's emitted forward-only program for one stage (numbers or
     arrays of them, e.g. a [i, j] table over candidate stages).
@@ -155,21 +154,18 @@ def forward_program_bytes(
       bytes received and sent per microbatch), the output buffer (`output_rows` microbatch
       outputs, which every device of the SPMD program allocates), and the parameters copied
       out of the flat buffer for library calls (``unpacked_param_bytes``,
-      `segment_working_bytes`). ``param_copies`` adds that many copies of *all* the parameters
-      (the cruder bound used before the unpacked bytes were known; keep it 0).
+      `segment_working_bytes`).
 
     The copies are real on XLA:CPU today (a GEMM or convolution cannot read a slice of the
-    packed buffer in place), but they belong to how the program packs parameters, not to the
-    stage: the stage DP leaves them out (``unpacked_param_bytes=0``), the comparison with
-    XLA's ``memory_analysis()`` counts them.
+    packed buffer in place); they come from how the program packs parameters, so the stage DP
+    counts them only for hardware that makes them (`Hardware.copies_library_operands`).
     """
     return StageMemory(
         params=param_bytes,
         activations=batch_input_bytes + live_peak_bytes,
         temporaries=2 * boundary_bytes
         + output_rows(num_microbatches, num_stages) * output_bytes
-        + unpacked_param_bytes
-        + param_copies * param_bytes,
+        + unpacked_param_bytes,
     )
 
 

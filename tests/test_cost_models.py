@@ -470,6 +470,9 @@ def test_forward_memory_model_within_15_percent_of_xla(cases, name, stages, m):
     assert predicted["program"] == pytest.approx(measured, rel=0.15)
     # the largest stage alone (what the stage DP prices) never exceeds the padded program
     assert max(predicted["stage"]) <= predicted["program"]
+    # and the plan's own per-stage figure (the DP's memory term; the cpu preset counts the
+    # weight copies XLA:CPU makes) is within the same bound
+    assert max(s.memory for s in plan.stages) == pytest.approx(measured, rel=0.15)
 
 
 def test_hardware_is_hashable_and_replaceable():
