@@ -29,7 +29,7 @@ from autopipe.passes.cluster import cluster
 from autopipe.passes.emit import emit, make_packers
 from autopipe.passes.graph import build_program, operator_graph
 from autopipe.passes.ir import Program
-from autopipe.passes.layout import Split, live_across, split_ops, stage_layouts
+from autopipe.passes.layout import Split, live_across, placed_sources, split_ops, stage_layouts
 from autopipe.passes.partition import StageProblem, solve_stages, step_time
 from autopipe.passes.trace import Traced, batch_size_of, make_arg_spec, trace
 
@@ -122,8 +122,7 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
         consumers = [pos[j] for j in graph.successors(i) if j in pos]
         if consumers:
             times[min(consumers)] += graph.nodes[i]["time"]
-    sources = set(program.invars) - program.batch_dependent | {v for v, _ in program.consts}
-    sources |= {v for i in split.hoisted for v in program.ops[i].outvars}
+    sources = placed_sources(program, split)
     reads = tuple(
         frozenset(a for a in program.ops[i].invars if isinstance(a, int) and a in sources)
         for i in split.pipeline
@@ -139,24 +138,29 @@ def _operator_costs(program: Program, split: Split, hw: Hardware) -> _Costs:
         ),
         unruled=tuple(unruled),
         narrow_cuts=tuple(k for k in range(1, len(times)) if len(live[k]) == 1),
-        working=memory.working_set(
-            [_op_buffers(program, program.ops[i]) for i in split.pipeline],
-            program.nbytes,
-            placed=sources,
-            sliced=[v for v in program.invars if v in program.batch_dependent],
-            live_out=[a for a in program.outvars if isinstance(a, int)],
-        ),
+        working=working_set(program, split),
     )
 
 
-def _op_buffers(program: Program, op) -> memory.OpBuffers:
-    return memory.op_buffers(
-        op.primitive if op.kind == "eqn" else op.kind,
-        op.eqn.params if op.eqn is not None else {},
-        op.invars,
-        op.outvars,
-        [program.avals[a] for a in op.invars if isinstance(a, int)],
-        [program.avals[v] for v in op.outvars],
+def working_set(program: Program, split: Split) -> memory.WorkingSet:
+    """`memory.working_set` over the pipeline operators: the buffers XLA materialises."""
+    bufs = [
+        memory.op_buffers(
+            op.primitive if op.kind == "eqn" else op.kind,
+            op.eqn.params if op.eqn is not None else {},
+            op.invars,
+            op.outvars,
+            [program.avals[a] for a in op.invars if isinstance(a, int)],
+            [program.avals[v] for v in op.outvars],
+        )
+        for op in (program.ops[i] for i in split.pipeline)
+    ]
+    return memory.working_set(
+        bufs,
+        program.nbytes,
+        placed=placed_sources(program, split),
+        sliced=[v for v in program.invars if v in program.batch_dependent],
+        live_out=[a for a in program.outvars if isinstance(a, int)],
     )
 
 
@@ -458,8 +462,6 @@ def _finish(
         pipeline_axis=pipeline_axis,
         runtime=runtime,
         started=started,
-        data_axis=front.data_axis,
-        tensor_axis=front.tensor_axis,
         dims=shard.dims,
         lean_sharding=shard.lean,
     )
@@ -500,6 +502,8 @@ def make_plan(
         layouts=tuple(layouts),
         mesh=mesh,
         _runtime=runtime,
+        data_axis=front.data_axis,
+        tensor_axis=front.tensor_axis,
         **extra,
     )
 

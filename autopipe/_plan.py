@@ -344,7 +344,7 @@ class Plan:
             if local:
                 per_stage[s] = pack(*[jax.device_put(raw[v], local[0]) for v in ids])
         out = []
-        for k, buf in enumerate(_param_buffers(rt.emitted, self.num_devices)):
+        for k, buf in enumerate(rt.emitted.buffers):
             arrays = [
                 jax.device_put(per_stage[idx[0].start or 0][k][(slice(None), *idx[1:])], d)
                 for d, idx in buf.sharding.addressable_devices_indices_map(buf.shape).items()
@@ -475,15 +475,6 @@ def nnx_merge(graphdef: Any, state: Any) -> Any:
     from flax import nnx
 
     return nnx.merge(graphdef, state)
-
-
-def _param_buffers(emitted: Any, num_devices: int) -> tuple[jax.ShapeDtypeStruct, ...]:
-    if hasattr(emitted, "buffers"):
-        return emitted.buffers
-    return tuple(
-        jax.ShapeDtypeStruct((num_devices, n), dt, sharding=emitted.param_sharding)
-        for dt, n in zip(emitted.param_dtypes, emitted.param_sizes, strict=True)
-    )
 
 
 def _stage_devices(mesh: Any, axis: str, stage: int) -> list[Any]:

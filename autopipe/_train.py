@@ -249,7 +249,6 @@ def train(
         runtime=runtime,
         started=started,
         remat=remat_stages,
-        data_axis=front.data_axis,
     )
 
 
@@ -292,10 +291,7 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
         loss_scale=loss_scale,
         data_axis=front.data_axis,
     )
-    param_avals = tuple(
-        jax.ShapeDtypeStruct((p, n), dt, sharding=emitted.param_sharding)
-        for dt, n in zip(emitted.param_dtypes, emitted.param_sizes, strict=True)
-    )
+    param_avals = emitted.buffers
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     opt_avals = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(

@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 
 import autopipe  # noqa: E402
 from autopipe import models  # noqa: E402
+from autopipe._api import working_set  # noqa: E402
 from autopipe.cost_models import memory  # noqa: E402
 from autopipe.cost_models.rules import eqn_cost  # noqa: E402
-from autopipe.passes.layout import placed_sources  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -155,27 +155,7 @@ def flop_rows() -> list[dict]:
 
 def program_working_set(plan) -> memory.WorkingSet:
     """`memory.working_set` over the plan's pipeline operators, as the planner computes it."""
-    program, split = plan.program, plan.split
-    bufs = []
-    for i in split.pipeline:
-        op = program.ops[i]
-        bufs.append(
-            memory.op_buffers(
-                op.primitive if op.kind == "eqn" else op.kind,
-                op.eqn.params if op.eqn is not None else {},
-                op.invars,
-                op.outvars,
-                [program.avals[a] for a in op.invars if isinstance(a, int)],
-                [program.avals[v] for v in op.outvars],
-            )
-        )
-    return memory.working_set(
-        bufs,
-        program.nbytes,
-        placed=placed_sources(program, split),
-        sliced=[v for v in program.invars if v in program.batch_dependent],
-        live_out=[a for a in program.outvars if isinstance(a, int)],
-    )
+    return working_set(plan.program, plan.split)
 
 
 def predicted_memory(plan) -> dict:

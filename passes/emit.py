@@ -361,6 +361,4 @@ def pack_traced(
             _pack(env, st.params, sizes) + _pack_split(env, st.sharded, split_sizes, tp)
         )
     stacked = [jnp.stack(bufs) for bufs in zip(*per_stage, strict=True)]
-    return tuple(
-        jax.device_put(b, spec.sharding) for b, spec in zip(stacked, buffers, strict=True)
-    )
+    return tuple(jax.device_put(b, spec.sharding) for b, spec in zip(stacked, buffers, strict=True))

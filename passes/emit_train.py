@@ -375,6 +375,15 @@ class EmittedTrain:
     residual_sizes: dict[str, int]  # elements per residual slot, per dtype
     residual_chunks: ResidualChunks
 
+    @property
+    def buffers(self) -> tuple[jax.ShapeDtypeStruct, ...]:
+        """The parameter buffers the step takes: ``(devices, L)`` per dtype."""
+        p = len(self.device_layouts)
+        return tuple(
+            jax.ShapeDtypeStruct((p, n), dt, sharding=self.param_sharding)
+            for dt, n in zip(self.param_dtypes, self.param_sizes, strict=True)
+        )
+
 
 def device_layouts(program: Program, stages: Sequence[StageLayout], p: int) -> list[FlatLayout]:
     """Device d holds the parameters of stages d, d + p, … in one flat layout."""
