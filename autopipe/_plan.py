@@ -462,8 +462,8 @@ class TrainState:
 
 def _check_leaf(fn_name: str, path: str, want: Any, x: Any) -> None:
     dtype = x.dtype if hasattr(x, "dtype") else np.asarray(x).dtype
-    got = (tuple(np.shape(x)), np.dtype(dtype))
-    if got != (tuple(want.shape), np.dtype(want.dtype)):
+    got = (tuple(np.shape(x)), dtype)  # dtypes compare as is: PRNG keys have no numpy dtype
+    if got != (tuple(want.shape), want.dtype):
         raise ValueError(
             f"plan for {fn_name}: argument {path} has shape {got[0]} and dtype {got[1]}, but "
             f"the plan was made for {tuple(want.shape)} {want.dtype}. Make a new plan for "

@@ -83,7 +83,10 @@ def _abstract(leaf: Any, path: str) -> jax.ShapeDtypeStruct:
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype)
     if hasattr(leaf, "shape") and hasattr(leaf, "dtype"):
-        return jax.ShapeDtypeStruct(tuple(leaf.shape), np.dtype(leaf.dtype))
+        dtype = leaf.dtype  # typed PRNG keys have an extended dtype numpy cannot name
+        if not jax.dtypes.issubdtype(dtype, jax.dtypes.extended):
+            dtype = np.dtype(dtype)
+        return jax.ShapeDtypeStruct(tuple(leaf.shape), dtype)
     if isinstance(leaf, (bool, int, float, complex)):
         return jax.ShapeDtypeStruct((), jax.numpy.asarray(leaf).dtype)
     raise TypeError(
