@@ -12,6 +12,8 @@ from autopipe._api import plan as plan
 from autopipe._api import search_factorizations as search_factorizations
 from autopipe._calibrate import Calibration as Calibration
 from autopipe._calibrate import calibrate as calibrate
+from autopipe._checkpoint import restore_checkpoint as restore_checkpoint
+from autopipe._checkpoint import save_checkpoint as save_checkpoint
 from autopipe._distributed import initialize as initialize
 from autopipe._plan import Plan as Plan
 from autopipe._plan import Predicted as Predicted
@@ -44,6 +46,8 @@ __all__ = [
     "parallelize",
     "plan",
     "plot_schedule",
+    "restore_checkpoint",
+    "save_checkpoint",
     "search_factorizations",
     "timeline",
     "train",

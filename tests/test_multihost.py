@@ -130,6 +130,40 @@ def _train(steps: int = 3) -> dict:
     return result
 
 
+def _checkpoint(directory: str) -> dict:
+    """pp = 4 × dp = 2 over every process: 6 steps straight, and steps 4-6 again from a
+    checkpoint saved at step 3 (each process writes the shards it holds)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    import optax
+
+    import autopipe
+
+    fn, variables, x = _model("mlp")
+    y = jnp.asarray(np.random.default_rng(2).normal(size=(x.shape[0], 8)), jnp.float32)
+
+    def loss_fn(params, batch):
+        return jnp.mean((fn(params, batch[0]) - batch[1]) ** 2)
+
+    mesh = jax.make_mesh((4, 2), ("pp", "dp"), devices=jax.devices())
+    plan = autopipe.train(
+        loss_fn, optax.adamw(1e-2), variables, (x, y), mesh=mesh, num_microbatches=2
+    )
+    state, straight = plan.init(variables), []
+    for step in range(1, 7):
+        state, loss = plan.step(state, (x, y))
+        straight.append(float(loss))
+        if step == 3:
+            autopipe.save_checkpoint(directory, state, step=step)
+    restored, step = autopipe.restore_checkpoint(directory, plan.init(variables))
+    resumed = []
+    for _ in range(3):
+        restored, loss = plan.step(restored, (x, y))
+        resumed.append(float(loss))
+    return {"step": step, "straight": straight[3:], "resumed": resumed}
+
+
 def _only_local_params(plan, variables):
     import jax
 
@@ -175,6 +209,8 @@ def _worker(case: str) -> dict:
         return _local_rows("mlp")
     if case == "train":
         return _train()
+    if case.startswith("checkpoint:"):
+        return _checkpoint(case.split(":", 1)[1])
     if case == "differ":  # process 1 plans with other microbatches
         return _forward("mlp", jax.device_count(), 4 if jax.process_index() == 0 else 2)
     if case == "mesh":  # a mesh over process 0's devices only
@@ -252,6 +288,14 @@ def test_training_across_processes_matches_single_device(processes, devices):
         assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
         assert rep.get("unplace_error") is None, rep
         assert rep["loss_err"] < 1e-5 and rep["param_err"] < 1e-5, rep
+
+
+def test_checkpoint_across_processes_resumes_with_identical_losses(tmp_path):
+    results, reports, _ = _run(f"checkpoint:{tmp_path / 'ckpt'}", 2, 4, timeout=60)
+    for r, rep in zip(results, reports, strict=True):
+        assert r.returncode == 0 and rep is not None, r.stderr[-3000:]
+        assert "error" not in rep, rep
+        assert rep["step"] == 3 and rep["resumed"] == rep["straight"], rep
 
 
 @pytest.mark.slow
