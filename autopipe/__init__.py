@@ -13,10 +13,10 @@ from autopipe._api import search_factorizations as search_factorizations
 from autopipe._calibrate import Calibration as Calibration
 from autopipe._calibrate import calibrate as calibrate
 from autopipe._distributed import initialize as initialize
+from autopipe._executable import TrainState as TrainState
 from autopipe._plan import Plan as Plan
 from autopipe._plan import Predicted as Predicted
 from autopipe._plan import Stage as Stage
-from autopipe._plan import TrainState as TrainState
 from autopipe._train import train as train
 from autopipe._viz import chrome_trace as chrome_trace
 from autopipe._viz import compare_schedules as compare_schedules

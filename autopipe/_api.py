@@ -18,15 +18,16 @@ from typing import Any
 import jax
 import numpy as np
 
+from autopipe._compile import _compile
+from autopipe._executable import _Runtime
 from autopipe._parallel import LayerShardings, shard_layers
-from autopipe._plan import Plan, Predicted, Stage, _Runtime
+from autopipe._plan import Plan, Predicted, Stage
 from autopipe.cost_models import memory
 from autopipe.cost_models.hardware import Hardware, get_hardware
 from autopipe.cost_models.memory import forward_program_bytes
 from autopipe.cost_models.rules import transfer_time
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.emit import emit, make_packers
 from autopipe.passes.graph import build_program, operator_graph
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across, placed_sources, split_ops, stage_layouts
@@ -560,55 +561,6 @@ def _sum_collectives(per_layer) -> tuple[tuple[str, float], ...]:
         for kind, nbytes in layer:
             total[kind] = total.get(kind, 0.0) + nbytes
     return tuple(sorted((k, b) for k, b in total.items() if b > 0))
-
-
-def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
-    traced, program = front.traced, front.program
-    emitted = emit(
-        program,
-        layouts,
-        sched,
-        mesh=mesh,
-        axis=axis,
-        batch_size=traced.batch_size,
-        data_axis=front.data_axis,
-        tensor_axis=front.tensor_axis,
-        dims=dims,
-    )
-    param_avals = emitted.buffers
-    batch_avals = tuple(
-        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
-        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
-        if b
-    )
-    compiled = emitted.step.lower(param_avals, batch_avals).compile()
-    _check_branch_collectives(compiled.as_text(), front.traced.spec.fn_name)
-    return _Runtime(
-        emitted=emitted,
-        compiled=compiled,
-        packers=make_packers(
-            program,
-            front.split,
-            [lay.params for lay in layouts],
-            split_layouts=[lay.sharded for lay in layouts],
-            tp=front.axis_size(front.tensor_axis),
-        ),
-    )
-
-
-def _check_branch_collectives(hlo: str, fn_name: str) -> None:
-    """A collective-permute inside a stage's branch runs on that stage's devices only, while
-    its rendezvous waits for every device: it would deadlock. Refuse such a program."""
-    bad = [
-        line for line in hlo.splitlines() if " collective-permute(" in line and "/branch_" in line
-    ]
-    if bad:
-        raise RuntimeError(
-            f"{fn_name}: XLA resharded a value inside a pipeline stage with a collective-permute "
-            f"({len(bad)} of them), which would deadlock when stages run different branches. "
-            "Plan without the tensor axis (a mesh without it, or tensor_axis=None) and please "
-            f"report the model. First one: {bad[0].strip()[:300]}"
-        )
 
 
 def plan(

@@ -14,19 +14,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from autopipe._api import _Front, _front, _is_concrete, make_plan, segment_bytes
-from autopipe._compat import gather_global
-from autopipe._plan import Plan, Predicted, Stage, _Runtime
+from autopipe._compile import _compile_train
+from autopipe._executable import _Runtime
+from autopipe._plan import Plan, Predicted, Stage
 from autopipe.cost_models.hardware import Hardware
 from autopipe.cost_models.rules import transfer_time
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.emit import make_packers
-from autopipe.passes.emit_train import emit_train
 from autopipe.passes.layout import StageLayout, _flat, stage_layouts
 from autopipe.passes.partition import StageProblem, solve_stages
 
@@ -274,84 +272,3 @@ def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat:
         bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,
     )
-
-
-def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
-    traced, program = front.traced, front.program
-    p = sched.num_devices
-    emitted = emit_train(
-        program,
-        layouts,
-        sched,
-        mesh=mesh,
-        axis=axis,
-        batch_size=traced.batch_size,
-        optimizer=optimizer,
-        remat=remat,
-        loss_scale=loss_scale,
-        data_axis=front.data_axis,
-    )
-    param_avals = emitted.buffers
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_avals = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape,
-            x.dtype,
-            sharding=emitted.param_sharding if x.ndim == 2 and x.shape[0] == p else replicated,
-        ),
-        jax.eval_shape(optimizer.init, param_avals),
-    )
-    batch_avals = tuple(
-        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
-        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
-        if b
-    )
-    compiled = emitted.step.lower(param_avals, opt_avals, batch_avals).compile()
-    packers = make_packers(program, front.split, emitted.device_layouts, training=True)
-    init_opt = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_avals))
-    return _Runtime(
-        emitted=emitted,
-        compiled=compiled,
-        packers=packers,
-        init_opt=init_opt,
-        unplace=_unplace_fn(program, emitted),
-    )
-
-
-def _unplace_fn(program, emitted) -> Callable:
-    """Gather: flat per-dtype buffers → the parameter leaves in input order (on the host
-    device), reading each device's own shard."""
-    producer = program.producers()
-    where = {
-        sl.value: (d, dt, sl)
-        for d, lay in enumerate(emitted.device_layouts)
-        for dt, slots in lay.slots
-        for sl in slots
-    }
-    rows: dict[int, dict[int, int]] = {}
-    for v in where:
-        if (i := producer.get(v)) is not None:
-            rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
-    params = [v for v in program.invars if v not in program.batch_dependent]
-
-    def gather(bufs):
-        shards = {}
-        for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
-            if not buf.is_fully_addressable:  # stages in other processes: fetch every row
-                for d, row in enumerate(np.asarray(gather_global(buf))):
-                    shards[dt, d] = row
-                continue
-            for shard in buf.addressable_shards:
-                shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
-
-        def get(v):
-            d, dt, sl = where[v]
-            return shards[dt, d][sl.offset : sl.offset + sl.size].reshape(sl.shape)
-
-        leaves = [
-            get(r) if r in where else np.stack([get(rows[r][i]) for i in sorted(rows[r])])
-            for r in params
-        ]
-        return [jnp.asarray(x) for x in leaves]
-
-    return gather
