@@ -18,7 +18,7 @@ from autopipe.passes.emit import emit, make_packers
 from autopipe.passes.emit_train import emit_train
 
 if TYPE_CHECKING:
-    from autopipe._api import _Front
+    from autopipe._front import Front as _Front
 
 
 def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:

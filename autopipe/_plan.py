@@ -1,23 +1,21 @@
-"""`Plan`: the single source of truth for one compilation, and its runtime.
+"""The plan record: what one planning run decided, frozen and serialisable.
 
-A plan records what was decided (stages as ranges of the program's pipeline operators, the
-schedule, microbatches), what it is predicted to cost, the hardware it was priced for, and —
-when compiled for a concrete mesh — the executable. It prints, serialises to JSON, reloads
-without searching again, and is called like the function it parallelizes.
+A `PlanRecord` holds the decisions (stages as ranges of the program's pipeline operators and
+of its layers, the schedule, microbatches, remat, which mesh axes split data and operators),
+what they are predicted to cost and the hardware they were priced for — and nothing compiled.
+It prints, writes JSON and reads it back (`PlanRecord.from_json`), and is what the pictures
+draw. The staged API (`autopipe.trace(...).lower(...).plan()`) returns one with the program it
+belongs to attached; `compile()` of that gives the executable `autopipe.Plan`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
 
-from autopipe._executable import Executable, _Runtime
 from autopipe.cost_models.hardware import Hardware
-from autopipe.passes.ir import Program
-from autopipe.passes.layout import Split, StageLayout
+from autopipe.passes import schedule as schedules
 from autopipe.passes.schedule import Schedule
-from autopipe.passes.trace import Traced
 
 JSON_VERSION = 1
 
@@ -48,8 +46,10 @@ class Predicted:
     unruled_primitives: tuple[str, ...]  # priced by memory traffic only (no cost rule)
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
-class Plan(Executable):
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PlanRecord:
+    """The decisions of one plan and their predicted costs (no program, no executable)."""
+
     fn_name: str
     fingerprint: str
     mesh_axes: tuple[tuple[str, int], ...]
@@ -61,17 +61,10 @@ class Plan(Executable):
     schedule: Schedule
     predicted: Predicted
     hardware: Hardware
-    planning_seconds: float = dataclasses.field(compare=False)
-    traced: Traced = dataclasses.field(repr=False)
-    program: Program = dataclasses.field(repr=False)
-    split: Split = dataclasses.field(repr=False)
-    layouts: tuple[StageLayout, ...] = dataclasses.field(repr=False)
-    mesh: Any = dataclasses.field(repr=False)
-    _runtime: _Runtime = dataclasses.field(repr=False)
+    planning_seconds: float = dataclasses.field(default=0.0, compare=False)
     remat: tuple[bool, ...] = ()  # training, per stage: recompute the forward in the backward
     data_axis: str | None = None  # mesh axis splitting every microbatch (None: no data split)
     tensor_axis: str | None = None  # mesh axis splitting operators (None: no tensor split)
-    dims: Any = dataclasses.field(default=None, repr=False)  # value → dim split over tensor_axis
     lean_sharding: bool = False  # tensor shardings chosen with parameter memory priced
     factorizations: tuple = ()  # mesh=None / N devices: every (pp, dp, tp) priced, best first
 
@@ -93,15 +86,6 @@ class Plan(Executable):
     @property
     def num_layers(self) -> int:
         return len(self.layer_boundaries) - 1
-
-    @property
-    def compiled(self) -> Any:
-        """The `jax.stages.Compiled` executable (None for a planning-only plan)."""
-        return self._runtime.compiled
-
-    def as_text(self) -> str:
-        """The compiled HLO text."""
-        return self._require_compiled().as_text()
 
     def summary(self) -> str:
         tensor = self.tensor_axis is not None
@@ -157,37 +141,6 @@ class Plan(Executable):
     def __repr__(self) -> str:
         return self.summary()
 
-    def profile(self, *args: Any, repeats: int = 7) -> tuple:
-        """Compiles and times each stage alone on the current backend (median of `repeats`);
-        returns one `StageProfile` (measured vs predicted seconds per microbatch) per stage."""
-        from autopipe._profile import profile_stages
-
-        return profile_stages(self, *args, repeats=repeats)
-
-    # --- pictures (autopipe._viz) ----------------------------------------------------------
-
-    def plot_schedule(self, path=None, *, timing="event"):
-        """Timeline of the schedule from predicted times (device × time, boxes per action,
-        grey = bubble); saved to `path` when given. Returns the matplotlib Figure.
-        ``timing="lockstep"`` shows what one SPMD program runs (each tick = slowest device)."""
-        from autopipe import _viz
-
-        return _viz.plot_schedule(self.schedule, _viz.plan_durations(self), path, timing=timing)
-
-    def plot_stages(self, path=None):
-        """Layers coloured by stage, and predicted time and memory per stage (a Figure)."""
-        from autopipe import _viz
-
-        return _viz.plot_stages(self, path)
-
-    def save_chrome_trace(self, path, *, timing="event") -> dict:
-        """Writes the predicted schedule as Chrome trace-event JSON (chrome://tracing)."""
-        from autopipe import _viz
-
-        return _viz.save_chrome_trace(
-            self.schedule, _viz.plan_durations(self), path, timing=timing, name=self.fn_name
-        )
-
     # --- serialisation ---------------------------------------------------------------------
 
     def to_dict(self) -> dict:
@@ -213,11 +166,54 @@ class Plan(Executable):
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, fn, *example_args, mesh, **options) -> Plan:
-        """Rebuilds the saved plan for `fn` without searching again (see `autopipe.plan`)."""
-        from autopipe._api import plan_from_dict
+    def from_json(cls, text: str) -> PlanRecord:
+        """The record saved by `to_json` (its decisions only; to run it, replay it for the
+        function: ``autopipe.Plan.from_json(text, fn, *example_args, mesh=mesh)``)."""
+        return cls.from_dict(json.loads(text))
 
-        return plan_from_dict(json.loads(text), fn, example_args, mesh=mesh, **options)
+    @classmethod
+    def from_dict(cls, saved: dict) -> PlanRecord:
+        if saved.get("version") != JSON_VERSION:
+            raise ValueError(
+                f"saved plan has version {saved.get('version')!r}; this autopipe reads version "
+                f"{JSON_VERSION}. Plan again with autopipe.plan."
+            )
+        axes = tuple((str(n), int(k)) for n, k in saved["mesh_axes"])
+        stages = tuple(_stage_from_dict(d) for d in saved["stages"])
+        p, m, kind = len(stages), saved["num_microbatches"], saved["schedule"]
+        if kind == "inference":
+            sched = schedules.inference(p, m)
+        else:
+            v = p // dict(axes)[saved["pipeline_axis"]]
+            sched = schedules.make(kind, p // v, m, v)
+        predicted = dict(saved["predicted"])
+        for key in ("memory_per_device", "unruled_primitives"):
+            predicted[key] = tuple(predicted[key])
+        return cls(
+            fn_name=saved["function"],
+            fingerprint=saved["fingerprint"],
+            mesh_axes=axes,
+            pipeline_axis=saved["pipeline_axis"],
+            num_microbatches=m,
+            layer_boundaries=tuple(saved["layer_boundaries"]),
+            stage_boundaries=tuple(saved["stage_boundaries"]),
+            stages=stages,
+            schedule=sched,
+            predicted=Predicted(**predicted),
+            hardware=Hardware(**saved["hardware"]),
+            data_axis=saved.get("data_axis"),
+            tensor_axis=saved.get("tensor_axis"),
+            lean_sharding=saved.get("lean_sharding", False),
+        )
+
+
+def _stage_from_dict(d: dict) -> Stage:
+    d = dict(d)
+    for key in ("layers", "operators", "primitives"):
+        d[key] = tuple(d[key])
+    d["collectives"] = tuple((k, b) for k, b in d["collectives"])
+    d["strategies"] = tuple((k, n) for k, n in d["strategies"])
+    return Stage(**d)
 
 
 _SPLITS = ("column", "row", "batch", "gather", "lhs")  # the strategies worth listing
