@@ -58,7 +58,9 @@ class Traced:
 
     @functools.cached_property
     def traced(self) -> TracedProgram:
-        return trace_pass(self.fn, self.example_args, batch_argnums=self.batch_argnums)
+        return trace_pass(
+            self.fn, self.example_args, batch_argnums=self.batch_argnums, num_microbatches=1
+        )
 
     @property
     def jaxpr(self) -> Any:
