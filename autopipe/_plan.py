@@ -30,7 +30,9 @@ class Stage:
     primitives: tuple[str, ...]  # the primitives it runs, in program order
     param_bytes: int
     send_bytes: int  # per microbatch, to the next stage
-    time: float  # predicted seconds per microbatch (compute + send)
+    # predicted seconds per microbatch: forward + send (forward-only plans), or forward +
+    # backward (+ a recomputed forward under remat) for training (`cost_models.durations`)
+    time: float
     memory: float  # predicted bytes per device
     device_param_bytes: int = -1  # parameter bytes one device holds (its tensor shards)
     collectives: tuple[tuple[str, float], ...] = ()  # tensor axis, per microbatch: kind, bytes

@@ -128,6 +128,12 @@ class Plan(Planned, Executable):
         """The `jax.stages.Compiled` executable (None for a planning-only plan)."""
         return self._runtime.compiled
 
+    @property
+    def emitted(self) -> Any:
+        """What the emit pass made (`passes.emit.Emitted` / `passes.emit_train.EmittedTrain`:
+        the jitted step, buffer avals and shardings); None for a planning-only plan."""
+        return self._runtime.emitted
+
     def as_text(self) -> str:
         """The compiled HLO text."""
         return self._require_compiled().as_text()

@@ -145,6 +145,12 @@ class Lowered:
         return self.front.program
 
     @property
+    def primitives(self) -> tuple[str, ...]:
+        """The primitive of each pipeline operator, in program order (as `costs` indexes)."""
+        ops = self.front.program.ops
+        return tuple(ops[i].primitive for i in self.front.split.pipeline)
+
+    @property
     def layers(self) -> tuple[int, ...]:
         """Layer boundaries over pipeline operators, as the stage search sees them."""
         return layers_for(self.front, self.front.num_stages)
@@ -195,10 +201,9 @@ class Lowered:
 
     def as_text(self) -> str:
         """One line per pipeline operator: primitive, predicted seconds, bytes crossing."""
-        c, f = self.costs, self.front
+        c = self.costs
         rows = [f"{'op':>5}  {'primitive':<24} {'seconds':>10} {'cut bytes':>12}"]
-        for k, i in enumerate(f.split.pipeline):
-            prim = f.program.ops[i].primitive
+        for k, prim in enumerate(self.primitives):
             rows.append(f"{k:>5}  {prim:<24} {c.op_times[k]:>10.3g} {c.cut_bytes[k]:>12}")
         return "\n".join(rows)
 

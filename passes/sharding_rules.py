@@ -16,10 +16,12 @@ from typing import Any
 
 import numpy as np
 
+from autopipe._compat import CALL_JAXPR_PARAM
+
 Dim = int | None
 Shape = tuple[int, ...]
 
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_CALLS = CALL_JAXPR_PARAM
 
 
 @dataclasses.dataclass(frozen=True)
