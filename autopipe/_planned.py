@@ -40,6 +40,8 @@ class Planned(PlanRecord):
     optimizer: optax.GradientTransformation | None = dataclasses.field(default=None, repr=False)
     reduction: str = "mean"  # training: the loss is a mean (or a sum) over the examples
 
+    __hash__ = object.__hash__  # compared and hashed by identity (it holds a program)
+
     @property
     def traced(self) -> Traced:
         return self.front.traced
