@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from autopipe._plan import TrainState
+from autopipe._executable import TrainState
 
 
 def _tree(state: TrainState) -> dict[str, Any]:

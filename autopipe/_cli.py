@@ -103,7 +103,20 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    what = p.add_argument_group("what to plan (a built-in model, or --function)")
+    _what_arguments(p.add_argument_group("what to plan (a built-in model, or --function)"))
+    _where_arguments(p.add_argument_group("where it runs"))
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        default="autopipe-plan",
+        help="directory for plan.json, summary.txt, schedule.png, stages.png, trace.json "
+        "(default ./autopipe-plan)",
+    )
+    out.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
+    return parser
+
+
+def _what_arguments(what: Any) -> None:
     what.add_argument(
         "--model",
         choices=("gpt", "scanned-gpt", "mlp"),
@@ -157,7 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8,
         help="batch per replica for built-in models (default 8)",
     )
-    where = p.add_argument_group("where it runs")
+
+
+def _where_arguments(where: Any) -> None:
     where.add_argument("--devices", type=int, default=8, help="total devices (default 8)")
     where.add_argument(
         "--pp",
@@ -181,15 +196,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="bytes per device for the stage search, e.g. 64GB or 40GiB (default: the "
         "hardware's memory)",
     )
-    out = p.add_argument_group("output")
-    out.add_argument(
-        "--out",
-        default="autopipe-plan",
-        help="directory for plan.json, summary.txt, schedule.png, stages.png, trace.json "
-        "(default ./autopipe-plan)",
-    )
-    out.add_argument("--no-pictures", action="store_true", help="skip the PNG pictures")
-    return parser
 
 
 def parse_shape(spec: str) -> Any:
@@ -369,10 +375,12 @@ def choose_plan(target: Target, args: argparse.Namespace, hardware: Any) -> Chos
                 hardware=hardware,
                 memory_limit=limit,
             )
-        except ValueError as e:
-            if args.pp == "auto" and "memory_limit" in str(e):
+        except autopipe.PlanInfeasible as e:
+            if args.pp == "auto":
                 tried.append((pp, "does not fit memory"))
                 continue
+            raise CliError(str(e)) from None
+        except ValueError as e:
             raise CliError(str(e)) from None
         return Chosen(plan=plan, pp=pp, replicas=args.devices // pp, tried=tuple(tried))
     why = (
@@ -432,16 +440,28 @@ def write_outputs(chosen: Chosen, text: str, out: pathlib.Path, pictures: bool) 
     return [str(out / name) for name in written]
 
 
-def plan_command(args: argparse.Namespace) -> int:
-    from autopipe.cost_models.hardware import get_hardware
+def cli_hardware(text: str) -> Any:
+    """``--hardware``: a preset name or the path of a saved profile (public API only)."""
+    import autopipe
 
+    if text in autopipe.PRESETS:
+        return autopipe.PRESETS[text]
+    if text.endswith(".json") or pathlib.Path(text).exists():
+        try:
+            return autopipe.load_hardware(text)
+        except (ValueError, OSError, TypeError) as e:
+            raise CliError(f"--hardware {text!r}: {e}") from None
+    raise CliError(
+        f"--hardware {text!r} is not a preset; choose one of {sorted(autopipe.PRESETS)}, or "
+        "the path of a profile saved by autopipe.calibrate()."
+    )
+
+
+def plan_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     if args.devices < 1:
         raise CliError(f"--devices {args.devices}: need at least 1 device.")
-    try:
-        hardware = get_hardware(args.hardware)
-    except (ValueError, OSError) as e:
-        raise CliError(f"--hardware {args.hardware!r}: {e}") from None
+    hardware = cli_hardware(args.hardware)
     target = function_target(args) if args.function else builtin_target(args)
     chosen = choose_plan(target, args, hardware)
     batch = chosen.plan.traced.batch_size

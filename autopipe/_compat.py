@@ -20,6 +20,15 @@ Var = jex_core.Var
 DropVar = jex_core.DropVar
 jaxpr_as_fun = jex_core.jaxpr_as_fun
 
+# Call primitives (inlined by the graph pass, looked through by the sharding rules) and the
+# parameter each keeps its closed jaxpr in; names as jax 0.10 spells them.
+CALL_JAXPR_PARAM = {
+    "pjit": "jaxpr",
+    "jit": "jaxpr",
+    "closed_call": "call_jaxpr",
+    "core_call": "call_jaxpr",
+}
+
 
 def bind_eqn(eqn: JaxprEqn, *args: Any) -> list[Any]:
     """Evaluates one jaxpr equation on concrete or traced arguments, as `eval_jaxpr` does."""

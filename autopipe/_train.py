@@ -1,39 +1,41 @@
-"""`autopipe.train`: plan and compile a pipelined optax training step from a loss function.
+"""The training planner: stages for forward + backward time under the memory limit.
 
-The user writes ``loss_fn(params, batch) -> scalar`` (a mean over the batch) and picks an optax
-optimizer; `train` traces the loss at microbatch size, chooses stages for forward + backward
-time under the memory limit (parameters, gradients, optimizer state and the residuals the
-schedule keeps in flight), and emits one jitted step (see `autopipe.passes.emit_train`).
+Given the front of a loss function (traced at microbatch size, `split_ops(training=True)`) and
+an optax optimizer, `search_training` clusters the layers, prices every candidate stage with
+the training memory model (`cost_models.stage_memory.training_segment_memory`: parameters,
+gradients, optimizer state and the residuals the schedule keeps in flight, or only the stage
+inputs under remat) and the duration model (`cost_models.durations`), runs the stage DP, and
+decides per stage whether to rematerialise. The emitted step is `passes.emit_train`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import time
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
-from autopipe._api import _Front, _front, _is_concrete, make_plan, segment_bytes
-from autopipe._compat import gather_global
-from autopipe._plan import Plan, Predicted, Stage, _Runtime
-from autopipe.cost_models.hardware import Hardware
+from autopipe._front import Front
+from autopipe._plan import Predicted, Stage
+from autopipe._stage_search import make_stage
+from autopipe.cost_models.durations import (
+    BACKWARD_FACTOR,
+    action_durations,
+    training_stage_scale,
+)
 from autopipe.cost_models.rules import transfer_time
+from autopipe.cost_models.stage_memory import training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.emit import make_packers
-from autopipe.passes.emit_train import emit_train
 from autopipe.passes.layout import StageLayout, _flat, stage_layouts
-from autopipe.passes.partition import StageProblem, solve_stages
+from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 
-BACKWARD_FACTOR = 2.0  # a backward costs about twice its forward (two matmuls per matmul)
+TRAINING_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
 
 
-def _opt_factor(optimizer: optax.GradientTransformation, front: _Front) -> float:
+def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:
     """Optimizer-state bytes per parameter byte (Adam: 2), from optimizer.init's shapes."""
     prog = front.program
     params = [
@@ -47,15 +49,19 @@ def _opt_factor(optimizer: optax.GradientTransformation, front: _Front) -> float
     return float(s_bytes / p_bytes)
 
 
-def _problem(front: _Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
-    """Stage time = forward + backward (+ a recomputed forward under remat); memory = params
-    × (1 + gradient + optimizer state) + residuals of the in-flight microbatches."""
+def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
+    """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
+    training memory model (`training_segment_memory`)."""
     c, hw = front.costs, front.hardware
-    seg = segment_bytes(front.program, c, layers)
-    residuals = seg.inputs + seg.made if remat else seg.made * in_flight
-    mem = seg.params * (2 + opt_factor) + residuals + 2 * seg.peak
-    mem = np.where(np.triu(np.ones_like(mem), 1) > 0, mem, np.inf)
-    scale = 1 + BACKWARD_FACTOR + (1 if remat else 0)
+    mem = training_segment_memory(
+        c,
+        layers,
+        front.program.nbytes,
+        optimizer_factor=opt_factor,
+        in_flight=in_flight,
+        remat=remat,
+    )
+    scale = training_stage_scale(remat)
     t = tuple(
         scale * float(sum(c.op_times[a:b])) for a, b in zip(layers[:-1], layers[1:], strict=True)
     )
@@ -70,7 +76,7 @@ def _problem(front: _Front, layers, *, limit, in_flight, opt_factor, remat) -> S
     )
 
 
-def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
+def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
     """raw parameter value → {row (None: the whole value): devices holding it}."""
     prog = front.program
     producer = prog.producers()
@@ -85,7 +91,7 @@ def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[in
     return owner
 
 
-def _check_untied(front: _Front, owner: dict[int, dict]) -> None:
+def _check_untied(front: Front, owner: dict[int, dict]) -> None:
     spec, prog = front.traced.spec, front.program
     path = dict(zip(prog.invars, spec.in_paths, strict=True))
     for raw, rows in sorted(owner.items()):
@@ -101,7 +107,7 @@ def _check_untied(front: _Front, owner: dict[int, dict]) -> None:
             )
 
 
-def _with_orphans(front: _Front, layouts: list[StageLayout], owner) -> list[StageLayout]:
+def _with_orphans(front: Front, layouts: list[StageLayout], owner) -> list[StageLayout]:
     """Parameters no stage reads still get the optimizer's update: keep them on the last."""
     prog = front.program
     orphans = [v for v in prog.invars if v not in prog.batch_dependent and v not in owner]
@@ -114,58 +120,44 @@ def _with_orphans(front: _Front, layouts: list[StageLayout], owner) -> list[Stag
     return layouts
 
 
-def train(
-    loss_fn: Callable,
-    optimizer: optax.GradientTransformation,
-    *example_args: Any,
-    mesh: Any,
-    schedule: Literal["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"] = "1f1b",
-    num_microbatches: int | None = None,
-    virtual_stages: int | None = None,
-    batch_argnums: Sequence[int] = (1,),
-    pipeline_axis: str = "pp",
-    data_axis: str = "dp",
-    hardware: str | Hardware | None = None,
-    memory_limit: float | None = None,
-    remat: bool | None = None,
-    reduction: Literal["mean", "sum"] = "mean",
-    compile: bool = True,  # noqa: A002
-) -> Plan:
-    """Plans and compiles a pipelined training step of ``loss_fn`` with ``optimizer``.
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainingSearch:
+    """A finished training search: what the plan records and what compilation needs."""
 
-    ``loss_fn(*args)`` returns a float scalar: the mean (``reduction="mean"``) or sum over the
-    examples of the batch arguments (``batch_argnums``); the others are the parameters the
-    optimizer trains. Use the returned plan as ``state = plan.init(*params)``,
-    ``state, loss = plan.step(state, *batch)`` (state is donated), and
-    ``params = plan.unplace(state)``. ``remat=None`` recomputes a stage's forward in its
-    backward only where keeping residuals would not fit ``memory_limit``. The optimizer must
-    be elementwise (SGD, momentum, Adam, AdamW, …): it runs on each stage's flat buffers.
-    A mesh axis named ``data_axis`` splits every microbatch's rows over data-parallel
-    replicas, whose gradients are summed before the update (the batch must divide by
-    replicas × microbatches); other non-pipeline axes replicate the step.
-    """
-    started = time.perf_counter()
-    if schedule not in schedules.SCHEDULES or schedule == "inference":
+    layers: tuple[int, ...]
+    boundaries: tuple[int, ...]  # over layers
+    layouts: tuple[StageLayout, ...]
+    schedule: schedules.Schedule
+    stages: tuple[Stage, ...]
+    predicted: Predicted
+    remat: tuple[bool, ...]
+
+
+def check_schedule(schedule: str, virtual_stages: int | None) -> int:
+    """The number of virtual stages per device for a training schedule (checked)."""
+    if schedule not in TRAINING_SCHEDULES:
         raise ValueError(
-            f"schedule={schedule!r}; choose one of gpipe, 1f1b, interleaved_1f1b, "
-            "zb_h1 (autopipe.plan is the forward-only pipeline)."
+            f"schedule={schedule!r}; choose one of {', '.join(TRAINING_SCHEDULES)} "
+            "(autopipe.plan is the forward-only pipeline)."
         )
     v = virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)
     if v != 1 and schedule != "interleaved_1f1b":
         raise ValueError(f"virtual_stages={v} needs schedule='interleaved_1f1b'.")
-    front = _front(
-        loss_fn,
-        example_args,
-        mesh=mesh,
-        pipeline_axis=pipeline_axis,
-        num_microbatches=num_microbatches,
-        batch_argnums=batch_argnums,
-        num_stages=None,
-        hardware=hardware,
-        training=True,
-        virtual_stages=v,
-        data_axis=data_axis,
-    )
+    return v
+
+
+def search_training(
+    front: Front,
+    optimizer: optax.GradientTransformation,
+    *,
+    schedule: str,
+    memory_limit: float | None,
+    remat: bool | None,
+) -> TrainingSearch:
+    """Stages, remat per stage and predicted costs of a training plan (see the module doc).
+    ``remat=None`` recomputes a stage's forward in its backward only where keeping residuals
+    would not fit ``memory_limit``."""
+    v = front.virtual_stages
     p, m, S = front.num_stages // v, front.num_microbatches, front.num_stages
     sched = schedules.make(schedule, p, m, v)
     schedules.validate(sched)
@@ -179,92 +171,68 @@ def train(
         )
         for r in ([remat] if remat is not None else [False, True])
     }
-    try:
-        solution = solve_stages(problems[bool(remat)])
-        remat_stages = (bool(remat),) * S
-    except ValueError:
-        if remat is not None:
-            raise
-        # keeping residuals does not fit: cut stages for remat, then let every stage that
-        # can afford its residuals keep them
-        solution = solve_stages(problems[True])
-        keep = problems[False].segment_memory
-        b = solution.boundaries
-        remat_stages = tuple(bool(keep[b[s], b[s + 1]] > limit / v) for s in range(S))
-        solution = dataclasses.replace(
-            solution,
-            stage_times=tuple(
-                t if r else t * (1 + BACKWARD_FACTOR) / (2 + BACKWARD_FACTOR)
-                for t, r in zip(solution.stage_times, remat_stages, strict=True)
-            ),
-            stage_memory=tuple(
-                m_ if r else float(keep[b[s], b[s + 1]])
-                for s, (m_, r) in enumerate(zip(solution.stage_memory, remat_stages, strict=True))
-            ),
-        )
-    op_bounds = tuple(layers[b] for b in solution.boundaries)
+    bounds, times, mems, remat_stages = _solve(problems, remat, S, limit / v)
+    op_bounds = tuple(layers[b] for b in bounds)
     layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
     owner = _raw_owner(front, layouts, p)
     _check_untied(front, owner)
     layouts = tuple(_with_orphans(front, layouts, owner))
     stages = tuple(
-        Stage(
-            index=s,
-            layers=(solution.boundaries[s], solution.boundaries[s + 1]),
-            operators=(op_bounds[s], op_bounds[s + 1]),
-            primitives=tuple(
-                front.program.ops[i].primitive
-                for i in front.split.pipeline[op_bounds[s] : op_bounds[s + 1]]
-            ),
-            param_bytes=lay.param_bytes,
-            send_bytes=int(front.costs.cut_bytes[op_bounds[s + 1]]) if s < S - 1 else 0,
-            time=float(solution.stage_times[s]),
-            memory=float(solution.stage_memory[s]),
+        make_stage(
+            front,
+            s,
+            (bounds[s], bounds[s + 1]),
+            op_bounds,
+            lay,
+            time=times[s],
+            memory=mems[s],
         )
         for s, lay in enumerate(layouts)
     )
-    predicted = _predict(front, sched, stages, p, remat=remat_stages)
-    runtime = _Runtime(emitted=None, compiled=None, packers=[])
-    if compile and _is_concrete(mesh):
-        runtime = _compile_train(
-            front,
-            layouts,
-            sched,
-            mesh,
-            pipeline_axis,
-            optimizer,
-            remat_stages,
-            1.0 / (m * front.axis_size(front.data_axis)) if reduction == "mean" else 1.0,
-        )
-    return make_plan(
-        front,
-        layers,
-        solution.boundaries,
-        layouts,
-        stages,
-        sched,
-        predicted,
-        mesh=mesh,
-        pipeline_axis=pipeline_axis,
-        runtime=runtime,
-        started=started,
+    return TrainingSearch(
+        layers=tuple(layers),
+        boundaries=tuple(bounds),
+        layouts=layouts,
+        schedule=sched,
+        stages=stages,
+        predicted=_predict(front, sched, stages, p, remat=remat_stages),
         remat=remat_stages,
     )
 
 
-def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat: Sequence[bool]):
-    """Step time and bubble from the table run event by event with per-stage times (a stage's
-    time is forward + backward, plus a recomputed forward under remat)."""
-    fwd = [s.time / (1 + BACKWARD_FACTOR + r) for s, r in zip(stages, remat, strict=True)]
+def _solve(problems: dict, remat: bool | None, S: int, limit: float):
+    """(boundaries, stage times, stage memory, remat per stage)."""
+    try:
+        sol = solve_stages(problems[bool(remat)])
+        return sol.boundaries, sol.stage_times, sol.stage_memory, (bool(remat),) * S
+    except PlanInfeasible:
+        if remat is not None:
+            raise
+    # keeping residuals does not fit: cut stages for remat, then let every stage that can
+    # afford its residuals keep them
+    sol = solve_stages(problems[True])
+    keep = problems[False].segment_memory
+    b = sol.boundaries
+    remat_stages = tuple(bool(keep[b[s], b[s + 1]] > limit) for s in range(S))
+    times = tuple(
+        t if r else t * (1 + BACKWARD_FACTOR) / (2 + BACKWARD_FACTOR)
+        for t, r in zip(sol.stage_times, remat_stages, strict=True)
+    )
+    mems = tuple(
+        m_ if r else float(keep[b[s], b[s + 1]])
+        for s, (m_, r) in enumerate(zip(sol.stage_memory, remat_stages, strict=True))
+    )
+    return b, times, mems, remat_stages
 
-    def duration(a: schedules.Action) -> float:
-        if a.kind == "F":
-            return fwd[a.stage]
-        recompute = fwd[a.stage] if remat[a.stage] and a.kind in ("B", "W") else 0.0
-        if sched.split_backward:  # B and W split the backward's two matmuls
-            return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute
-        return fwd[a.stage] * BACKWARD_FACTOR + recompute
 
+def _predict(front: Front, sched: schedules.Schedule, stages, p: int, *, remat: Sequence[bool]):
+    """Step time and bubble from the table run event by event with the duration model."""
+    duration = action_durations(
+        [s.time for s in stages],
+        training=True,
+        split_backward=sched.split_backward,
+        remat=remat,
+    )
     _, makespan = schedules.simulate(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]
     return Predicted(
@@ -274,84 +242,3 @@ def _predict(front: _Front, sched: schedules.Schedule, stages, p: int, *, remat:
         bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,
     )
-
-
-def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
-    traced, program = front.traced, front.program
-    p = sched.num_devices
-    emitted = emit_train(
-        program,
-        layouts,
-        sched,
-        mesh=mesh,
-        axis=axis,
-        batch_size=traced.batch_size,
-        optimizer=optimizer,
-        remat=remat,
-        loss_scale=loss_scale,
-        data_axis=front.data_axis,
-    )
-    param_avals = emitted.buffers
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_avals = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape,
-            x.dtype,
-            sharding=emitted.param_sharding if x.ndim == 2 and x.shape[0] == p else replicated,
-        ),
-        jax.eval_shape(optimizer.init, param_avals),
-    )
-    batch_avals = tuple(
-        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
-        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
-        if b
-    )
-    compiled = emitted.step.lower(param_avals, opt_avals, batch_avals).compile()
-    packers = make_packers(program, front.split, emitted.device_layouts, training=True)
-    init_opt = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_avals))
-    return _Runtime(
-        emitted=emitted,
-        compiled=compiled,
-        packers=packers,
-        init_opt=init_opt,
-        unplace=_unplace_fn(program, emitted),
-    )
-
-
-def _unplace_fn(program, emitted) -> Callable:
-    """Gather: flat per-dtype buffers → the parameter leaves in input order (on the host
-    device), reading each device's own shard."""
-    producer = program.producers()
-    where = {
-        sl.value: (d, dt, sl)
-        for d, lay in enumerate(emitted.device_layouts)
-        for dt, slots in lay.slots
-        for sl in slots
-    }
-    rows: dict[int, dict[int, int]] = {}
-    for v in where:
-        if (i := producer.get(v)) is not None:
-            rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
-    params = [v for v in program.invars if v not in program.batch_dependent]
-
-    def gather(bufs):
-        shards = {}
-        for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
-            if not buf.is_fully_addressable:  # stages in other processes: fetch every row
-                for d, row in enumerate(np.asarray(gather_global(buf))):
-                    shards[dt, d] = row
-                continue
-            for shard in buf.addressable_shards:
-                shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
-
-        def get(v):
-            d, dt, sl = where[v]
-            return shards[dt, d][sl.offset : sl.offset + sl.size].reshape(sl.shape)
-
-        leaves = [
-            get(r) if r in where else np.stack([get(rows[r][i]) for i in sorted(rows[r])])
-            for r in params
-        ]
-        return [jnp.asarray(x) for x in leaves]
-
-    return gather

@@ -21,12 +21,14 @@ import pathlib
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
+from autopipe.cost_models.durations import action_durations
+from autopipe.cost_models.rules import transfer_time
 from autopipe.passes.schedule import Action, Schedule, simulate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from autopipe._plan import Plan
+    from autopipe._plan import PlanRecord
 
 Timing = Literal["event", "lockstep"]
 Durations = dict[str, float] | Callable[[Action], float]
@@ -44,22 +46,16 @@ def _as_callable(durations: Durations) -> Callable[[Action], float]:
     return durations if callable(durations) else (lambda a: durations[a.kind])
 
 
-def plan_durations(plan: Plan) -> Callable[[Action], float]:
-    """Seconds per action of `plan.schedule` from the plan's per-stage predicted times.
-
-    Forward-only plans: F is the stage's time. Training plans price a stage as forward +
-    backward with the backward ``BACKWARD_FACTOR`` × the forward (`autopipe._train`); B is that
-    backward, or half of it each for B and W when the schedule splits the backward. These are
-    the durations behind ``plan.predicted``, so the picture's makespan is the predicted step.
-    """
-    stages, sched = plan.stages, plan.schedule
-    if not sched.training:
-        return lambda a: stages[a.stage].time
-    from autopipe._train import BACKWARD_FACTOR
-
-    fwd = [st.time / (1 + BACKWARD_FACTOR) for st in stages]
-    back = BACKWARD_FACTOR / 2 if sched.split_backward else BACKWARD_FACTOR
-    return lambda a: fwd[a.stage] if a.kind == "F" else fwd[a.stage] * back
+def plan_durations(plan: PlanRecord) -> Callable[[Action], float]:
+    """Seconds per action of `plan.schedule` from the plan's per-stage predicted times, by the
+    one action-duration model the planner prices the step with
+    (`cost_models.durations.action_durations`): the picture's makespan is the predicted step."""
+    return action_durations(
+        [st.time for st in plan.stages],
+        training=plan.schedule.training,
+        split_backward=plan.schedule.split_backward,
+        remat=plan.remat,
+    )
 
 
 def timeline(
@@ -255,22 +251,13 @@ def compare_schedules(
 # --- stages ---------------------------------------------------------------------------------
 
 
-def layer_times(plan: Plan) -> list[float]:
-    """Predicted forward seconds per layer (sum over its pipeline operators)."""
-    from autopipe.passes.graph import operator_graph
-
-    graph = operator_graph(plan.program, plan.hardware)
-    op_time = [graph.nodes[i]["time"] for i in plan.split.pipeline]
-    bounds = plan.layer_boundaries
-    return [float(sum(op_time[a:b])) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-
-
-def plot_stages(plan: Plan, path: str | pathlib.Path | None = None) -> Figure:
-    """The layer sequence coloured by stage (width = predicted time), then per stage its
-    predicted time (compute + send) and memory (parameters + activations) against the limit."""
-    from autopipe.cost_models.rules import transfer_time
-
-    times = layer_times(plan)
+def plot_stages(
+    plan: PlanRecord, layer_times: Sequence[float], path: str | pathlib.Path | None = None
+) -> Figure:
+    """The layer sequence coloured by stage (width = predicted forward time per layer, as
+    the stage search priced it), then per stage its predicted time (compute + send) and
+    memory (parameters + activations) against the limit."""
+    times = list(layer_times)
     p = plan.num_stages
     colors = _stage_colors(p)
     fig = _figure(min(20.0, max(9.0, 0.3 * p + 6)), 7.5)
@@ -348,7 +335,7 @@ def _stage_colors(p: int) -> list[Any]:
     return [cmap(s if p <= 20 else s / max(1, p - 1)) for s in range(p)]
 
 
-def _stage_of_layer(plan: Plan, layer: int) -> int:
+def _stage_of_layer(plan: PlanRecord, layer: int) -> int:
     for st in plan.stages:
         if st.layers[0] <= layer < st.layers[1]:
             return st.index

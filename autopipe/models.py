@@ -1,12 +1,10 @@
 """Small reference models for tests, the demo and the CLI.
 
-The pipeline compiler traces these forward passes to jaxprs and cuts them into stages, so
-every model here is written plainly: no dropout, no RNG at apply time, float32 by default,
-and strictly per-sample over the leading batch axis (row ``b`` of the output depends only on
-row ``b`` of the input). The same GPT architecture exists three ways -- Flax linen unrolled,
-linen with ``nn.scan`` over the blocks, and Flax NNX -- with matching parameter names, so that
-the converters at the bottom of this file can move weights between them and tests can check
-that all three compute identical logits.
+Written plainly for the pipeline compiler: no dropout, no RNG at apply time, float32 by
+default, strictly per-sample over the leading batch axis. One GPT architecture exists three
+ways (linen unrolled, linen with ``nn.scan`` over the blocks, NNX) with matching parameter
+names; the converters at the bottom move weights between them, so tests can check that all
+three compute identical logits.
 """
 
 from __future__ import annotations
@@ -48,9 +46,7 @@ __all__ = [
 _POS_INIT_STDDEV = 0.02
 
 
-# --------------------------------------------------------------------------------------------
-# Configuration
-# --------------------------------------------------------------------------------------------
+# --- Configuration --------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,9 +90,7 @@ def gpt3_175b() -> GPTConfig:
     return GPTConfig.gpt3_175b()
 
 
-# --------------------------------------------------------------------------------------------
-# Shared, framework-neutral pieces of math
-# --------------------------------------------------------------------------------------------
+# --- Shared, framework-neutral pieces of math -----------------------------------------------
 
 
 def _causal_mask(seq: int) -> jax.Array:
@@ -136,9 +130,7 @@ def _position_ids(seq: int, max_seq: int) -> jax.Array:
     return jnp.arange(seq)
 
 
-# --------------------------------------------------------------------------------------------
-# Flax linen models
-# --------------------------------------------------------------------------------------------
+# --- Flax linen models ----------------------------------------------------------------------
 
 
 class LinenMLP(nn.Module):
@@ -298,9 +290,7 @@ class LinenCNN(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-# --------------------------------------------------------------------------------------------
-# Flax NNX models
-# --------------------------------------------------------------------------------------------
+# --- Flax NNX models ------------------------------------------------------------------------
 
 
 class NnxMLP(nnx.Module):
@@ -416,9 +406,7 @@ class NnxGPT(nnx.Module):
         return self.lm_head(self.ln_f(x)).astype(jnp.float32)
 
 
-# --------------------------------------------------------------------------------------------
-# Helpers: inputs, initialisation, abstract shapes, parameter conversion
-# --------------------------------------------------------------------------------------------
+# --- Helpers: inputs, initialisation, abstract shapes, parameter conversion -----------------
 
 
 def make_tokens(config: GPTConfig, batch: int, seed: int = 0) -> jax.Array:

@@ -1,8 +1,8 @@
 """Planner benchmarks (no execution): planning time, DP optimality, plan quality, schedules.
 
 Each function takes the runner's argparse namespace and returns rows (dicts) for one table.
-They use autopipe's internals (`autopipe._api._front`, the stage problem) on purpose: the
-baselines are priced by exactly the cost model the planner optimises.
+They use the staged API (`autopipe.trace(...).lower(...)`: its costs and stage problem) on
+purpose: the baselines are priced by exactly the cost model the planner optimises.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def planning_time(args) -> list[dict]:
                 model.apply, variables, tokens, mesh={"pp": pp}, num_microbatches=8,
                 hardware="h100",
             )  # fmt: skip
-        except ValueError as e:  # does not fit: still a planning time
+        except autopipe.PlanInfeasible as e:  # does not fit: still a planning time
             rows.append(
                 {
                     "model": f"gpt3-{size} bf16",
@@ -136,27 +136,21 @@ def _random_problem(rng):
 
 def _model_problem(size: str, pp: int, m: int):
     """The planner's own stage problem for a GPT-3 shape (its layers, costs, memory table)."""
-    from autopipe._api import _front, _layer_problem, _layers
+    import autopipe
 
     model, variables, tokens, _ = gpt(size, m)
-    front = _front(
-        model.apply,
-        (variables, tokens),
-        mesh={"pp": pp},
-        pipeline_axis="pp",
-        num_microbatches=m,
-        batch_argnums=(1,),
-        num_stages=None,
-        hardware="h100",
+    lowered = autopipe.trace(model.apply, variables, tokens).lower(
+        {"pp": pp}, num_microbatches=m, hardware="h100"
     )
-    layers = _layers(front, pp)
-    return front, layers, _layer_problem(front, layers, front.hardware.memory_bytes)
+    layers = lowered.layers
+    return lowered, layers, lowered.stage_problem(layers=layers)
 
 
 def dp_optimality(args) -> list[dict]:
     """The stage DP against brute force over every partition: random tables and real models."""
     import numpy as np
 
+    import autopipe
     from autopipe.passes.partition import solve_stages
 
     rng = np.random.default_rng(0)
@@ -169,7 +163,7 @@ def dp_optimality(args) -> list[dict]:
         t0 = time.perf_counter()
         try:
             dp = solve_stages(problem).step_time
-        except ValueError:
+        except autopipe.PlanInfeasible:
             dp = math.inf
         t1 = time.perf_counter()
         best, _ = _brute_force(problem)
@@ -358,11 +352,17 @@ def _formula_in_flight(kind: str, p: int, m: int, v: int) -> str:
     }[kind]
 
 
+def _idle_share(sched, times, makespan: float) -> float:
+    """Idle share of the ``devices × makespan`` device-seconds of a timeline."""
+    busy = sum(end - start for start, end in times.values())
+    return 1.0 - busy / (sched.num_devices * makespan) if makespan > 0 else 0.0
+
+
 def schedules(args) -> list[dict]:
     """Bubble (event-driven, F = 1, B = 2, ZB: B = W = 1, interleaved stages 1/v as long) and
     peak activations in flight on device 0, in units of one stage's activations A, vs the
     literature's formulas (DESIGN.md)."""
-    from autopipe import _viz
+    import autopipe
     from autopipe.passes import schedule as S
 
     rows = []
@@ -375,8 +375,8 @@ def schedules(args) -> list[dict]:
             def cost(a, v=v, split=split):
                 return {"F": 1.0, "B": 1.0 if split else 2.0, "W": 1.0}[a.kind] / v
 
-            times, makespan = _viz.timeline(sched, cost)
-            lock_times, lock = _viz.timeline(sched, cost, timing="lockstep")
+            times, makespan = autopipe.timeline(sched, cost)
+            lock_times, lock = autopipe.timeline(sched, cost, timing="lockstep")
             rows.append(
                 {
                     "schedule": kind,
@@ -384,9 +384,9 @@ def schedules(args) -> list[dict]:
                     "m": m,
                     "v": v,
                     "ticks": sched.num_ticks,
-                    "bubble": round(_viz.bubble(sched, times, makespan), 3),
+                    "bubble": round(_idle_share(sched, times, makespan), 3),
                     "bubble_formula": _formula_bubble(kind, p, m, v),
-                    "lockstep_bubble": round(_viz.bubble(sched, lock_times, lock), 3),
+                    "lockstep_bubble": round(_idle_share(sched, lock_times, lock), 3),
                     # forward-only frees each activation after its tick: one in flight
                     "in_flight_dev0_A": round(sched.in_flight()[0] / v, 2) if sched.training else 1,
                     "in_flight_formula": _formula_in_flight(kind, p, m, v),

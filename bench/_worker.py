@@ -102,7 +102,7 @@ class Worker:
         batch = [x for x, b in zip(leaves, batch_flags, strict=True) if b]
         bufs = plan.place_params(params)
         mb = plan.traced.microbatch_size
-        dtypes = plan._runtime.emitted.param_dtypes
+        dtypes = plan.emitted.param_dtypes
         out = []
         for s, lay in enumerate(layouts):
             dev = jax.devices()[s]

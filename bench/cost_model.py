@@ -37,9 +37,9 @@ import numpy as np  # noqa: E402
 
 import autopipe  # noqa: E402
 from autopipe import models  # noqa: E402
-from autopipe._api import working_set  # noqa: E402
 from autopipe.cost_models import memory  # noqa: E402
 from autopipe.cost_models.rules import eqn_cost  # noqa: E402
+from autopipe.passes.costs import working_set  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 

@@ -45,10 +45,10 @@ GiB = 2**30
 class _Pricer:
     """One trace of the whole batch and what pricing a split at any factorization needs."""
 
-    front: object  # autopipe._api._Front traced at one microbatch, pp = 1
+    front: object  # an autopipe.Lowered traced at one microbatch, pp = 1
     units: list[int]  # per pipeline operator: 0 = embedding, 1 + b = block b, last = head
     unit_params: list[float]  # parameter bytes per unit
-    cache: dict  # shared by every `shard_layers` call (solved sharding segments)
+    cache: object  # a ShardingCache shared by every pricing (solved sharding segments)
 
     @property
     def num_blocks(self) -> int:
@@ -57,27 +57,22 @@ class _Pricer:
     def step(self, f, bounds: tuple[int, ...]) -> float:
         """Predicted step time of the stages ``bounds`` (pipeline operator positions) at the
         factorization ``f`` (an `autopipe.Factorization`); inf if a stage does not fit."""
-        from autopipe._api import _layer_problem
-        from autopipe._parallel import shard_layers
+        import autopipe
         from autopipe.passes.partition import solve_stages
 
         base = self.front
         axes = (("pp", f.pp), ("dp", f.dp), ("tp", f.tp))
-        shard = shard_layers(
-            base.program, base.split, bounds, base.hardware, axes, "tp", cache=self.cache
-        )
-        problem = _layer_problem(
-            base,
-            bounds,
-            base.hardware.memory_bytes,
-            shard,
+        shard = base.shardings(bounds, mesh_axes=axes, tensor_axis="tp", cache=self.cache)
+        problem = base.stage_problem(
+            layers=bounds,
+            shardings=shard,
             rows_scale=1.0 / (f.dp * f.num_microbatches),
             num_stages=f.pp,
             num_microbatches=f.num_microbatches,
         )  # one layer per stage: the "search" has one candidate, the split itself
         try:
             return solve_stages(problem).step_time
-        except ValueError:  # a stage does not fit in the device's memory
+        except autopipe.PlanInfeasible:  # a stage does not fit in the device's memory
             return math.inf
 
     def equal_blocks(self, pp: int) -> tuple[int, ...] | None:
@@ -101,17 +96,11 @@ class _Pricer:
 
 
 def _pricer(model, variables, tokens) -> _Pricer:
-    from autopipe._api import _front
+    import autopipe
+    from autopipe.passes.tensor_parallel import ShardingCache
 
-    front = _front(
-        model.apply,
-        (variables, tokens),
-        mesh={"pp": 1},
-        pipeline_axis="pp",
-        num_microbatches=1,
-        batch_argnums=(1,),
-        num_stages=None,
-        hardware="h100",
+    front = autopipe.trace(model.apply, variables, tokens).lower(
+        {"pp": 1}, num_microbatches=1, hardware="h100"
     )
     units = _block_units(front)
     unit_params = [0.0] * (max(units) + 1)
@@ -119,7 +108,7 @@ def _pricer(model, variables, tokens) -> _Pricer:
     for reads, u in zip(front.costs.reads, units, strict=True):
         unit_params[u] += sum(front.program.nbytes(v) for v in reads - seen)
         seen |= reads
-    return _Pricer(front=front, units=units, unit_params=unit_params, cache={})
+    return _Pricer(front=front, units=units, unit_params=unit_params, cache=ShardingCache())
 
 
 def _best(pricer: _Pricer, factorizations, split) -> tuple[float, object]:

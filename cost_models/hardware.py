@@ -315,25 +315,46 @@ PRESETS["a100"] = PRESETS["a100_80gb"]
 
 
 def get_hardware(
-    hardware: str | os.PathLike | Hardware | Mapping | None, *, platform: str = "cpu"
+    hardware: str | os.PathLike | Hardware | Mapping | Any | None,
+    *,
+    platform: str = "cpu",
+    device_kind: str = "",
 ) -> Hardware:
     """Resolves the planner's ``hardware=`` argument to a `Hardware`.
 
-    Accepts a `Hardware`, a preset name, a path to a JSON profile (from `autopipe.calibrate` or
-    `Hardware.save`), a dict of `Hardware` fields, or None (the preset for `platform`).
+    Accepts a `Hardware`, what `autopipe.calibrate()` returns (its ``.hardware``), a preset
+    name, a path to a JSON profile (from `autopipe.calibrate` or `Hardware.save`), a dict of
+    `Hardware` fields, or None (the preset for the devices: `default_preset`).
     """
     if isinstance(hardware, Hardware):
         return hardware
+    if isinstance(getattr(hardware, "hardware", None), Hardware):  # a Calibration
+        return hardware.hardware
     if isinstance(hardware, Mapping):
         return Hardware(**hardware)
     if hardware is not None and (
         isinstance(hardware, os.PathLike) or str(hardware).endswith(".json")
     ):
         return load_hardware(hardware)
-    key = hardware if hardware is not None else ("h100" if platform == "gpu" else "cpu")
-    if key not in PRESETS:
+    key = hardware if hardware is not None else default_preset(platform, device_kind)
+    if not isinstance(key, str) or key not in PRESETS:
         raise ValueError(
             f"hardware={key!r} is not a preset; choose one of {sorted(PRESETS)}, pass an "
-            "autopipe.Hardware(...), or the path of a profile saved by autopipe.calibrate()."
+            "autopipe.Hardware(...), what autopipe.calibrate() returns, or the path of a "
+            "profile saved by autopipe.calibrate()."
         )
     return PRESETS[key]
+
+
+_TPU_KINDS = (("v5p", "tpu_v5p"), ("v5 lite", "tpu_v5e"), ("v5e", "tpu_v5e"), ("v4", "tpu_v4"))
+
+
+def default_preset(platform: str, device_kind: str = "") -> str:
+    """The preset for ``hardware=None``: by the mesh's platform ("cpu", "gpu", "tpu") and,
+    for TPUs, the device kind jax reports ("TPU v4", "TPU v5 lite", "TPU v5p", ...)."""
+    if platform == "gpu":
+        return "h100"
+    if platform == "tpu":
+        kind = device_kind.lower()
+        return next((name for key, name in _TPU_KINDS if key in kind), "tpu_v5e")
+    return "cpu"

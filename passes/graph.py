@@ -11,7 +11,8 @@ to value ids:
     iteration, so stages can be cut between layers;
   - dead operators are removed.
 
-To make another higher-order primitive inlinable, add its name to ``_CALLS`` with how to read
+To make another higher-order primitive inlinable, add its name to
+``autopipe._compat.CALL_JAXPR_PARAM`` with how to read
 its inner jaxpr; to keep one intact, do nothing (it is bound as one operator).
 
 `operator_graph` then prices every operator with the cost rules of `cost_models` and returns a
@@ -27,12 +28,12 @@ from typing import Any
 
 import networkx as nx
 
-from autopipe._compat import ClosedJaxpr, DropVar, Literal
+from autopipe._compat import CALL_JAXPR_PARAM, ClosedJaxpr, DropVar, Literal
 from autopipe.cost_models.hardware import Hardware
 from autopipe.cost_models.rules import Cost, eqn_cost, jaxpr_cost, nbytes, op_time
 from autopipe.passes.ir import Atom, Lit, Op, Program
 
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
+_CALLS = CALL_JAXPR_PARAM
 _MAX_SPLIT_LENGTH = 4096  # longer scans are time loops, not layer stacks: kept whole
 
 

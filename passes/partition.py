@@ -63,6 +63,12 @@ SegmentMemory = np.ndarray | Callable[[int, int], float]
 _TIE_RTOL = 1e-12
 
 
+class PlanInfeasible(ValueError):
+    """No plan fits: every split of the layers into stages exceeds the memory limit (or, for a
+    device count, no factorization of the devices fits). Catch it by type; the message names
+    the limit, the smallest achievable memory and the fixes."""
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
 class StageProblem:
     """Input of :func:`solve_stages`. Times are seconds for ONE microbatch; memory is bytes.
@@ -349,14 +355,14 @@ def _trace_min_max(g: np.ndarray, cost: np.ndarray, p: int) -> tuple[int, ...]:
     return tuple(boundaries)
 
 
-def _memory_error(memory: np.ndarray, problem: StageProblem) -> ValueError:
+def _memory_error(memory: np.ndarray, problem: StageProblem) -> PlanInfeasible:
     p = problem.num_stages
     table = _min_max_table(memory, p)
     smallest = float(table[p, 0])
     where = ""
     if np.isfinite(smallest):
         where = f" (boundaries {list(_trace_min_max(table, memory, p))})"
-    return ValueError(
+    return PlanInfeasible(
         f"no partition of {len(problem.layer_time)} layers into {p} stages fits "
         f"memory_limit={problem.memory_limit:.6g} bytes: the smallest achievable largest "
         f"stage memory is {smallest:.6g} bytes{where}; use more stages, a larger "

@@ -18,11 +18,13 @@ The model:
 
 `solve` minimises Σ op_time(op, strategy) + Σ time of every collective. That is a pairwise
 cost problem over nodes (operators and free inputs, one choice each), solved exactly by
-`solve_choices`: nodes of degree ≤ 2 are eliminated (min-sum variable elimination), a small
-remainder is enumerated, a larger one is a 0/1 program for ``scipy.optimize.milp``. Ties go to
-fewer collectives, then replicated operators, then sharded storage of free inputs.
+`passes.choices.solve_choices`: nodes of degree ≤ 2 are eliminated (min-sum variable
+elimination), a small remainder is enumerated, a larger one is a 0/1 program for
+``scipy.optimize.milp``. Ties go to fewer collectives, then replicated operators, then sharded
+storage of free inputs.
 
-To support a primitive, register a rule yielding its sharded strategies::
+To support a primitive, register a rule (`passes.sharding_rules`) yielding its sharded
+strategies::
 
     @register_strategy_rule("cumsum")
     def _cumsum_rule(view: OpView) -> Iterable[Strategy]:
@@ -44,248 +46,22 @@ from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
-import scipy.optimize
-import scipy.sparse
 
+from autopipe.passes.choices import choice_cost as choice_cost
+from autopipe.passes.choices import solve_choices as solve_choices
 from autopipe.passes.ir import Lit, Op, Program
+from autopipe.passes.sharding_rules import STRATEGY_RULES as STRATEGY_RULES
+from autopipe.passes.sharding_rules import Dim as Dim
+from autopipe.passes.sharding_rules import OpView as OpView
+from autopipe.passes.sharding_rules import Shape as Shape
+from autopipe.passes.sharding_rules import Strategy as Strategy
+from autopipe.passes.sharding_rules import StrategyRule as StrategyRule
+from autopipe.passes.sharding_rules import register_strategy_rule as register_strategy_rule
 
-Dim = int | None
-Shape = tuple[int, ...]
-
-_CALLS = {"pjit": "jaxpr", "jit": "jaxpr", "closed_call": "call_jaxpr", "core_call": "call_jaxpr"}
 # Tie-break weights, relative to the largest cost: per collective, per sharded operator
 # strategy, per replicated free input (so equal-time choices prefer fewer collectives, then
 # replicated operators, then sharded storage of parameters).
 _TIE_COLLECTIVE, _TIE_SHARDED, _TIE_REPLICATED_INPUT = 4e-9, 2e-9, 1e-9
-_MAX_ELIMINATION_TABLE = 64  # largest |choices(p)| x |choices(q)| a degree-2 elimination builds
-_MAX_ENUMERATION = 4096  # a core with at most this many joint choices is enumerated, not a MILP
-
-
-@dataclasses.dataclass(frozen=True)
-class Strategy:
-    """One way to run an operator: required operand Dims, produced result Dims, the collective
-    it implies on its results (None if local) and the share of its work one device does."""
-
-    name: str
-    ins: tuple[Dim, ...]
-    outs: tuple[Dim, ...]
-    collective: str | None = None
-    compute_fraction: float = 1.0
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class OpView:
-    """What a strategy rule sees of an operator (a literal operand has shape ``()``)."""
-
-    primitive: str
-    in_shapes: tuple[Shape, ...]
-    out_shapes: tuple[Shape, ...]
-    params: Mapping[str, Any]
-    tp: int
-    weights: tuple[bool, ...] = ()  # per operand: batch-independent (a parameter or made of them)
-
-    def split(
-        self, name: str, ins: Sequence[Dim], outs: Sequence[Dim], collective: str | None = None
-    ) -> Strategy:
-        """A strategy whose work is split evenly over the tensor axis."""
-        return Strategy(name, tuple(ins), tuple(outs), collective, 1.0 / self.tp)
-
-
-StrategyRule = Callable[[OpView], Iterable[Strategy]]
-STRATEGY_RULES: dict[str, StrategyRule] = {}
-
-
-def register_strategy_rule(*names: str) -> Callable[[StrategyRule], StrategyRule]:
-    """Registers a rule yielding the sharded strategies of primitives `names`."""
-
-    def register(rule: StrategyRule) -> StrategyRule:
-        for name in names:
-            STRATEGY_RULES[name] = rule
-        return rule
-
-    return register
-
-
-# --- rules ------------------------------------------------------------------------------------
-
-ELEMENTWISE = frozenset(
-    "abs add and atan2 cbrt ceil clamp convert_element_type copy copy_p cos cosh div eq erf "
-    "erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite le log log1p logistic lt max "
-    "min mul ne neg nextafter not or pow reduce_precision rem round rsqrt select_n sign sin sinh "
-    "sqrt square stop_gradient sub tan tanh xor".split()
-)
-
-
-@register_strategy_rule(*ELEMENTWISE)
-def _elementwise_rule(view: OpView) -> Iterable[Strategy]:
-    """Every operand of the result's shape split on the same dim; scalars and operands of size 1
-    there (broadcast) stay replicated."""
-    (out,) = view.out_shapes
-    if any(len(s) not in (0, len(out)) for s in view.in_shapes):
-        return
-    for d in range(len(out)):
-        ins = [d if s and s[d] == out[d] else None for s in view.in_shapes]
-        yield view.split("elementwise", ins, (d,))
-
-
-@register_strategy_rule("broadcast_in_dim")
-def _broadcast_in_dim_rule(view: OpView) -> Iterable[Strategy]:
-    """Result dim d comes from operand dim i (d = broadcast_dimensions[i], same size) or is new:
-    then the replicated operand is broadcast straight into the local shard."""
-    operand, out = view.in_shapes[0], view.out_shapes[0]
-    dims = view.params["broadcast_dimensions"]
-    source = {o: i for i, o in enumerate(dims) if operand[i] == out[o]}
-    rest = (None,) * (len(view.in_shapes) - 1)
-    for d in range(len(out)):
-        yield view.split("broadcast", (source.get(d), *rest), (d,))
-
-
-def _reshape_groups(a: Shape, b: Shape) -> list[tuple[list[int], list[int]]]:
-    """Minimal groups (dims of `a`, dims of `b`) of equal size product; size-1 dims left out."""
-    ia, ib = [i for i, n in enumerate(a) if n != 1], [j for j, n in enumerate(b) if n != 1]
-    if 0 in a or 0 in b or np.prod(a) != np.prod(b):
-        return []
-    groups, i, j = [], 0, 0
-    while i < len(ia):
-        ga, gb, pa, pb = [ia[i]], [ib[j]], a[ia[i]], b[ib[j]]
-        i, j = i + 1, j + 1
-        while pa != pb:
-            if pa < pb:
-                ga.append(ia[i])
-                pa, i = pa * a[ia[i]], i + 1
-            else:
-                gb.append(ib[j])
-                pb, j = pb * b[ib[j]], j + 1
-        groups.append((ga, gb))
-    return groups
-
-
-@register_strategy_rule("reshape")
-def _reshape_rule(view: OpView) -> Iterable[Strategy]:
-    """A split dim survives when it is the leading part of its result dim: kept whole, split into
-    (a, b, ...) (sharded on a) or the major dim of a merged group."""
-    if view.params.get("dimensions") is not None:
-        return
-    rest = (None,) * (len(view.in_shapes) - 1)
-    for ga, gb in _reshape_groups(view.in_shapes[0], view.out_shapes[0]):
-        if len(ga) == 1 or len(gb) == 1:
-            yield view.split("reshape", (ga[0], *rest), (gb[0],))
-
-
-@register_strategy_rule("transpose")
-def _transpose_rule(view: OpView) -> Iterable[Strategy]:
-    for o, i in enumerate(view.params["permutation"]):
-        yield view.split("transpose", (i,), (o,))
-
-
-@register_strategy_rule("squeeze")
-def _squeeze_rule(view: OpView) -> Iterable[Strategy]:
-    removed = set(view.params["dimensions"])
-    kept = [d for d in range(len(view.in_shapes[0])) if d not in removed]
-    for o, d in enumerate(kept):
-        yield view.split("squeeze", (d,), (o,))
-
-
-@register_strategy_rule("reduce_sum", "reduce_max", "reduce_min")
-def _reduce_rule(view: OpView) -> Iterable[Strategy]:
-    """Reducing over other dims is local (the split dim is renumbered); reducing over the split
-    dim leaves partial results on each device, combined by an all-reduce."""
-    axes = set(view.params["axes"])
-    kept = [d for d in range(len(view.in_shapes[0])) if d not in axes]
-    for o, d in enumerate(kept):
-        yield view.split("reduce", (d,), (o,))
-    for d in sorted(axes):
-        yield view.split("reduce", (d,), (None,), "all_reduce")
-
-
-@register_strategy_rule("dot_general")
-def _dot_general_rule(view: OpView) -> Iterable[Strategy]:
-    """Result dims are (batch..., lhs free..., rhs free...). ``batch``: a shared batch dim split on
-    both sides (attention heads); ``lhs``: an lhs free dim split, rhs replicated; ``column``: an
-    rhs free dim split, lhs replicated; ``row``: a contracting dim split on both sides, partial
-    sums all-reduced into a replicated result.
-
-    A weight (batch-independent rhs) is never multiplied by split rows of the batch: that would
-    be data parallelism on the tensor axis, with every device holding and reading the whole
-    weight; the planner splits rows on the data axis instead, and the tensor axis splits
-    weights (Megatron's column/row parallelism)."""
-    (lc, rc), (lb, rb) = view.params["dimension_numbers"]
-    lhs, rhs = view.in_shapes
-    lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
-    rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
-    for k, (a, b) in enumerate(zip(lb, rb, strict=True)):
-        yield view.split("batch", (a, b), (k,))
-    if not view.weights[1]:  # rows of the batch × a weight: data parallelism, not tensor
-        for k, a in enumerate(lfree):
-            yield view.split("lhs", (a, None), (len(lb) + k,))
-    for k, b in enumerate(rfree):
-        yield view.split("column", (None, b), (len(lb) + len(lfree) + k,))
-    for a, b in zip(lc, rc, strict=True):
-        yield view.split("row", (a, b), (None,), "all_reduce")
-
-
-@register_strategy_rule("conv_general_dilated")
-def _conv_rule(view: OpView) -> Iterable[Strategy]:
-    """``column``: kernel output features split; ``lhs``: input batch split; ``row``: input
-    features split on both sides, partial sums all-reduced."""
-    p = view.params
-    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
-        return
-    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
-    yield view.split("column", (None, rhs_spec[0]), (out_spec[1],))
-    if not view.weights[1]:
-        yield view.split("lhs", (lhs_spec[0], None), (out_spec[0],))
-    yield view.split("row", (lhs_spec[1], rhs_spec[1]), (None,), "all_reduce")
-
-
-@register_strategy_rule("gather")
-def _gather_rule(view: OpView) -> Iterable[Strategy]:
-    """An operand dim taken whole by every slice and not indexed (an embedding's hidden dim)
-    passes through to its offset dim of the result; indices stay replicated."""
-    dn, sizes = view.params["dimension_numbers"], view.params["slice_sizes"]
-    operand = view.in_shapes[0]
-    skipped = {*dn.collapsed_slice_dims, *getattr(dn, "operand_batching_dims", ())}
-    passthrough = [d for d in range(len(operand)) if d not in skipped]
-    for d, o in zip(passthrough, dn.offset_dims, strict=True):
-        if sizes[d] == operand[d] and d not in dn.start_index_map:
-            yield view.split("gather", (d, None), (o,))
-
-
-@register_strategy_rule("reduce_window_sum", "reduce_window_max", "reduce_window_min")
-def _reduce_window_rule(view: OpView) -> Iterable[Strategy]:
-    """Dims the window does not touch (size 1, stride 1, no padding or dilation) stay split."""
-    p = view.params
-    for d in range(len(view.in_shapes[0])):
-        window = (p["window_dimensions"][d], p["window_strides"][d], tuple(p["padding"][d]))
-        if window == (1, 1, (0, 0)) and p["base_dilation"][d] == p["window_dilation"][d] == 1:
-            yield view.split("window", (d,), (d,))
-
-
-@register_strategy_rule("custom_jvp_call")
-def _custom_jvp_rule(view: OpView) -> Iterable[Strategy]:
-    """Elementwise when its body is (``jax.nn.relu``), otherwise replicated only."""
-    if len(view.out_shapes) == 1 and _is_elementwise(view.params["call_jaxpr"], view.out_shapes[0]):
-        yield from _elementwise_rule(view)
-
-
-def _is_elementwise(closed: Any, shape: Shape) -> bool:
-    jaxpr = getattr(closed, "jaxpr", closed)
-    for eqn in jaxpr.eqns:
-        name = eqn.primitive.name
-        if name in _CALLS:
-            if not _is_elementwise(eqn.params[_CALLS[name]], shape):
-                return False
-        elif name not in ELEMENTWISE:
-            return False
-        if any(tuple(v.aval.shape) not in ((), shape) for v in (*eqn.invars, *eqn.outvars)):
-            return False
-    return all(tuple(v.aval.shape) in ((), shape) for v in (*jaxpr.invars, *jaxpr.outvars))
-
-
-@register_strategy_rule("iota")
-def _replicated_rule(view: OpView) -> Iterable[Strategy]:
-    """Replicated only (slicing the result for a sharded consumer is free anyway)."""
-    return ()
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -382,156 +158,6 @@ def collective_bytes(kind: str, nbytes: float, tp: int) -> float:
     """Payload per device in `cost_models.comm`'s convention for a value of `nbytes` in full:
     the local shard for all_gather / all_to_all, the full value for all_reduce / reduce_scatter."""
     return nbytes / tp if kind in ("all_gather", "all_to_all") else float(nbytes)
-
-
-# --- the generic choice problem -----------------------------------------------------------------
-
-
-def choice_cost(
-    unary: Sequence[Sequence[float]],
-    pairwise: Mapping[tuple[int, int], Any],
-    choice: Sequence[int],
-) -> float:
-    """Σ_n unary[n][c_n] + Σ_(a,b) pairwise[a, b][c_a, c_b]."""
-    total = sum(float(u[c]) for u, c in zip(unary, choice, strict=True))
-    return total + sum(float(np.asarray(m)[choice[a], choice[b]]) for (a, b), m in pairwise.items())
-
-
-def solve_choices(
-    unary: Sequence[Sequence[float]],
-    pairwise: Mapping[tuple[int, int], Any],
-    *,
-    presolve: bool = True,
-) -> tuple[tuple[int, ...], float]:
-    """One choice per node minimising `choice_cost`; returns (choices, cost).
-
-    ``unary[n][c]`` is node n's cost for choice c; ``pairwise[a, b][c_a, c_b]`` an edge's cost.
-    With `presolve`, nodes of degree ≤ 2 (or with one choice) are eliminated exactly first and
-    a small remainder is enumerated; otherwise the remainder is a 0/1 program (`_milp`). Ties go
-    to lower choice indices as far as elimination and enumeration decide them.
-    """
-    u = [np.asarray(c, dtype=float).copy() for c in unary]
-    pair: dict[tuple[int, int], np.ndarray] = {}
-    for (a, b), m in pairwise.items():
-        m = np.asarray(m, dtype=float)
-        key, m = ((a, b), m) if a < b else ((b, a), m.T)
-        assert a != b and m.shape == (len(u[key[0]]), len(u[key[1]])), (a, b, m.shape)
-        pair[key] = pair[key] + m if key in pair else m
-    adj: dict[int, set[int]] = {n: set() for n in range(len(u))}
-    for a, b in pair:
-        adj[a].add(b)
-        adj[b].add(a)
-    steps = _eliminate(u, pair, adj) if presolve else []
-    core = sorted(adj)
-    small = presolve and np.prod([len(u[n]) for n in core]) <= _MAX_ENUMERATION
-    choice = (_enumerate if small else _milp)(u, pair, core)
-    for n, nbrs, arg in reversed(steps):
-        choice[n] = int(arg[tuple(choice[p] for p in nbrs)])
-    result = tuple(choice[n] for n in range(len(u)))
-    return result, choice_cost(unary, pairwise, result)
-
-
-def _oriented(pair: dict, n: int, p: int) -> np.ndarray:
-    """The edge matrix between n and p indexed [choice of n, choice of p]."""
-    return pair[n, p] if n < p else pair[p, n].T
-
-
-def _eliminate(u: list, pair: dict, adj: dict) -> list[tuple[int, tuple[int, ...], np.ndarray]]:
-    """Min-sum variable elimination of nodes with one choice or degree ≤ 2, in place.
-
-    Each step (n, neighbours, arg) records n's best choice per choice of its neighbours:
-    # arg[c_p, c_q] = argmin_i u[n][i] + M[n,p][i, c_p] + M[n,q][i, c_q]
-    """
-    steps, changed = [], True
-    while changed:
-        changed = False
-        for n in sorted(adj):
-            nbrs = tuple(sorted(adj[n]))
-            if len(u[n]) == 1:
-                for p in nbrs:
-                    u[p] += _oriented(pair, p, n)[:, 0]
-                nbrs, table = (), u[n]
-            elif len(nbrs) > 2 or np.prod([len(u[p]) for p in nbrs]) > _MAX_ELIMINATION_TABLE:
-                continue
-            else:
-                table = u[n].reshape(-1, *[1] * len(nbrs))
-                for k, p in enumerate(nbrs):
-                    shape = [len(u[n])] + [1] * len(nbrs)
-                    shape[k + 1] = len(u[p])
-                    table = table + _oriented(pair, n, p).reshape(shape)
-            best, arg = table.min(axis=0), table.argmin(axis=0)
-            if len(nbrs) == 1:
-                u[nbrs[0]] += best
-            elif len(nbrs) == 2:
-                p, q = nbrs
-                pair[p, q] = pair[p, q] + best if (p, q) in pair else best
-                adj[p].add(q)
-                adj[q].add(p)
-            for p in adj.pop(n):
-                adj[p].discard(n)
-                pair.pop((min(n, p), max(n, p)))
-            steps.append((n, nbrs, np.asarray(arg)))
-            changed = True
-    return steps
-
-
-def _enumerate(u: list, pair: dict, nodes: list[int]) -> dict[int, int]:
-    """The remaining problem by evaluating every joint choice (cheaper than a MILP when small).
-    # total[c_0, c_1, ...] = Σ_n u[n][c_n] + Σ_(a,b) M[a,b][c_a, c_b]"""
-    pos = {n: k for k, n in enumerate(nodes)}
-    total = np.zeros([len(u[n]) for n in nodes])
-    for n in nodes:
-        total = total + u[n].reshape([-1 if k == pos[n] else 1 for k in range(len(nodes))])
-    for (a, b), m in pair.items():
-        shape = [1] * len(nodes)
-        shape[pos[a]], shape[pos[b]] = m.shape
-        total = total + m.reshape(shape)
-    best = np.unravel_index(int(np.argmin(total)), total.shape) if nodes else ()
-    return {n: int(c) for n, c in zip(nodes, best, strict=True)}
-
-
-def _milp(u: list, pair: dict, nodes: list[int]) -> dict[int, int]:
-    """The remaining problem as a 0/1 program: x[n, c] = node n takes choice c; y[e, i, j] = edge
-    e takes (i, j), tied to x by its marginals (Σ_j y[e, i, j] = x[a, i], Σ_i y = x[b, j]), which
-    makes y the product of the x's for integral x, so y may stay continuous."""
-    if not pair:
-        return {n: int(np.argmin(u[n])) for n in nodes}
-    start, size = {}, 0
-    for n in nodes:
-        start[n], size = size, size + len(u[n])
-    num_x, edges = size, sorted(pair.items())
-    rows, cols, row = [], [], 0
-    for n in nodes:  # Σ_c x[n, c] = 1
-        rows += [row] * len(u[n])
-        cols += range(start[n], start[n] + len(u[n]))
-        row += 1
-    equal_one = row
-    vals = [1.0] * len(rows)
-    for (a, b), m in edges:
-        grid = size + np.arange(m.size).reshape(m.shape)
-        size += m.size
-        for n, lines in ((a, grid), (b, grid.T)):
-            for i, line in enumerate(lines):  # Σ y[line] - x[n, i] = 0
-                rows += [row] * (len(line) + 1)
-                cols += [*line.tolist(), start[n] + i]
-                vals += [1.0] * len(line) + [-1.0]
-                row += 1
-    shifted = [u[n] - u[n].min() for n in nodes] + [m.ravel() - m.min() for _, m in edges]
-    cost = np.concatenate(shifted)
-    cost /= max(float(np.abs(cost).max()), 1e-300)
-    matrix = scipy.sparse.csr_array((vals, (rows, cols)), shape=(row, size))
-    rhs = np.zeros(row)
-    rhs[:equal_one] = 1.0
-    result = scipy.optimize.milp(
-        cost,
-        constraints=scipy.optimize.LinearConstraint(matrix, rhs, rhs),
-        integrality=np.r_[np.ones(num_x), np.zeros(size - num_x)],
-        bounds=scipy.optimize.Bounds(0.0, 1.0),
-        options={"mip_rel_gap": 0.0},
-    )
-    if result.x is None:
-        raise RuntimeError(f"sharding MILP failed: {result.message}")
-    return {n: int(np.argmax(result.x[start[n] : start[n] + len(u[n])])) for n in nodes}
 
 
 # --- solve ------------------------------------------------------------------------------------

@@ -168,7 +168,7 @@ def _only_local_params(plan, variables):
     import jax
 
     from autopipe._distributed import owns_any
-    from autopipe._plan import _stage_devices
+    from autopipe._executable import _stage_devices
 
     prog = plan.program
     needed = set()

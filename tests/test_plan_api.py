@@ -89,7 +89,7 @@ def test_plan_is_deterministic_and_json_round_trips(gpt, gpt_plan4, monkeypatch)
         raise AssertionError("from_json must not search again")
 
     monkeypatch.setattr(partition, "solve_stages", no_search)
-    monkeypatch.setattr(autopipe._api, "solve_stages", no_search)
+    monkeypatch.setattr(autopipe._stage_search, "solve_stages", no_search)
     loaded = autopipe.Plan.from_json(gpt_plan4.to_json(), fn, *args, mesh=mesh(4))
     assert loaded.to_json() == gpt_plan4.to_json()
     np.testing.assert_array_equal(loaded(*args), gpt_plan4(*args))

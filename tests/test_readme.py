@@ -38,3 +38,18 @@ def test_3d_example_runs():
     reference = namespace["model"].apply(namespace["variables"], namespace["tokens"])
     np.testing.assert_allclose(namespace["logits"], reference, rtol=1e-5, atol=1e-5)
     assert np.prod([k for _, k in namespace["big"].mesh_axes]) == 64
+
+
+def test_staged_example_runs():
+    blocks = _blocks()
+    quickstart, example = blocks[0], next(b for b in blocks if "autopipe.trace(" in b)
+    namespace: dict = {}
+    exec(compile(quickstart, "README quickstart", "exec"), namespace)
+    exec(compile(example, "README staged", "exec"), namespace)
+    np.testing.assert_allclose(
+        namespace["logits"],
+        namespace["plan"](namespace["variables"], namespace["tokens"]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert namespace["planned"].to_json() == namespace["plan"].to_json()

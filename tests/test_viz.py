@@ -113,11 +113,16 @@ def test_stage_picture_colours_every_layer_and_draws_one_bar_per_stage(plan4, tm
     scale = plan4.stages[0].time / (heights[0] + sends[0])
     for st, h, s in zip(plan4.stages, heights, sends, strict=True):
         assert (h + s) * scale == pytest.approx(st.time)
-    assert sum(_viz.layer_times(plan4)) <= sum(st.time for st in plan4.stages)
+    assert sum(plan4.layer_times) <= sum(st.time for st in plan4.stages)
     assert path.stat().st_size > 10_000
 
 
-def test_training_plan_timeline_matches_its_prediction():
+@pytest.mark.parametrize("remat", [False, True])
+@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"])
+def test_training_plan_timeline_matches_its_prediction(kind, remat):
+    """One duration model (`cost_models.durations`): the picture's makespan is the plan's
+    predicted step for every schedule, with and without remat (ZB-H1 with remat drew 6.50
+    against a predicted 6.75 when the pictures had their own model)."""
     import optax
 
     cfg = models.GPTConfig(vocab=64, seq=8, d_model=32, heads=2, layers=4, mlp_ratio=2)
@@ -128,14 +133,14 @@ def test_training_plan_timeline_matches_its_prediction():
     def loss(variables, tokens):
         return jnp.mean(model.apply(variables, tokens) ** 2)
 
-    for kind in ("zb_h1", "interleaved_1f1b"):
-        plan = autopipe.train(
-            loss, optax.sgd(0.1), variables, tokens, mesh={"pp": 2}, schedule=kind,
-            num_microbatches=4, compile=False,
-        )  # fmt: skip
-        _, makespan = _viz.timeline(plan.schedule, _viz.plan_durations(plan))
-        assert makespan == pytest.approx(plan.predicted.step_time, rel=1e-9)
-        assert _boxes(plan.plot_schedule()) == _actions(plan.schedule)
+    plan = autopipe.train(
+        loss, optax.sgd(0.1), variables, tokens, mesh={"pp": 2}, schedule=kind,
+        num_microbatches=4, remat=remat, compile=False,
+    )  # fmt: skip
+    assert plan.remat == (remat,) * plan.num_stages
+    _, makespan = _viz.timeline(plan.schedule, _viz.plan_durations(plan))
+    assert makespan == pytest.approx(plan.predicted.step_time, rel=1e-9)
+    assert _boxes(plan.plot_schedule()) == _actions(plan.schedule)
 
 
 def test_compare_schedules_shares_the_time_axis(tmp_path):

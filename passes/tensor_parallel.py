@@ -1,4 +1,5 @@
-"""Tensor parallelism inside stages, priced per layer for the stage search.
+"""Tensor-sharding search: tensor parallelism inside stages, priced per layer for the stage
+search.
 
 The program's pipeline operators are cut into *sharding segments* at points where a single
 value is live (the residual stream between transformer blocks, the activation between
@@ -13,6 +14,11 @@ The stage search then sees additive per-layer costs: a layer's time is the sum o
 times under their strategies plus the collectives attributed to them (an operator's own, and
 the reshards of the values it makes), and a stage boundary that cuts a split value pays the
 all-gather that sends it whole to the next stage.
+
+Memo: `ShardingCache` holds what several calls on the same program reuse (operator costs,
+sharding segments, solved segments); every entry is keyed by everything its value depends on
+(the hardware, the mesh's axes and the tensor axis, the tensor degree, the memory price), so a
+cache can be shared by calls for different hardware or mesh positions.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from autopipe.cost_models import comm
 from autopipe.cost_models.hardware import Hardware
@@ -30,6 +37,33 @@ from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across
 
 SEGMENT_OPS = 96  # fewest pipeline operators per sharding segment (more = freer, slower solve)
+
+OpParts = tuple[float, float, float, float]  # compute s, memory s, overhead s, whole bytes
+Segment = tuple[list[int], dict[int, None], Any]  # operators, fixed values, signature
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SolvedKey:
+    """Everything a solved segment depends on besides its structure (the signature)."""
+
+    signature: Any
+    tp: int
+    lean: bool
+    hardware: Hardware
+    mesh_axes: tuple[tuple[str, int], ...]
+    tensor_axis: str | None
+
+
+@dataclasses.dataclass(kw_only=True)
+class ShardingCache:
+    """Reused by `shard_layers` calls on ONE program (create one per program)."""
+
+    readers: dict[int, list[int]] | None = None  # local op → the ops reading its results
+    live: list | None = None  # values live across each pipeline cut
+    segments: list[Segment] | None = None
+    parts: dict[tuple[int, Hardware], OpParts] = dataclasses.field(default_factory=dict)
+    priced: dict[tuple[int, int, Any, Hardware], float] = dataclasses.field(default_factory=dict)
+    solved: dict[SolvedKey, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,25 +84,25 @@ class LayerShardings:
 
 
 def layer_ops(
-    program: Program, split: Split, layers: Sequence[int], cache: dict | None = None
+    program: Program, split: Split, layers: Sequence[int], cache: ShardingCache | None = None
 ) -> list[list[int]]:
     """Operator indices per layer: its pipeline ops plus the local parameter ops whose first
     pipeline consumer it holds (each local op belongs to one layer, as in the cost pass)."""
-    cache = {} if cache is None else cache
-    if "readers" not in cache:  # local op → the ops reading its results
+    cache = ShardingCache() if cache is None else cache
+    if cache.readers is None:
         readers: dict[int, list[int]] = {}
         made = {v: i for i in split.local for v in program.ops[i].outvars}
         for j, op in enumerate(program.ops):
             for a in op.invars:
                 if isinstance(a, int) and a in made:
                     readers.setdefault(made[a], []).append(j)
-        cache["readers"] = readers
+        cache.readers = readers
     owner = {
         i: k for k, (a, b) in enumerate(itertools.pairwise(layers)) for i in split.pipeline[a:b]
     }
     out: list[set[int]] = [set(split.pipeline[a:b]) for a, b in itertools.pairwise(layers)]
     for i in sorted(split.local, reverse=True):  # readers of a local op come after it
-        firsts = [owner[j] for j in cache["readers"].get(i, ()) if j in owner]
+        firsts = [owner[j] for j in cache.readers.get(i, ()) if j in owner]
         if firsts:
             owner[i] = min(firsts)
             out[owner[i]].add(i)
@@ -113,6 +147,51 @@ def _fixed(program: Program, per_segment: Sequence[Sequence[int]]) -> list[dict[
     return fixed
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Pricing:
+    """Per-operator and per-collective prices of one (program, hardware, mesh, tp) call."""
+
+    program: Program
+    cache: ShardingCache
+    hw: Hardware
+    mesh_axes: tuple[tuple[str, int], ...]
+    tensor_axis: str | None
+    tp: int
+
+    def parts(self, i: int) -> OpParts:
+        key = (i, self.hw)
+        if key not in self.cache.parts:
+            cost = op_cost(self.program, self.program.ops[i])
+            c, m = compute_time(cost, self.hw), memory_time(cost, self.hw)
+            whole = sharding.replicated(self.program.ops[i])
+            self.cache.parts[key] = (
+                c,
+                m,
+                op_time(cost, self.hw) - max(c, m),
+                sharding.local_bytes(self.program, i, whole, 1),
+            )
+        return self.cache.parts[key]
+
+    def time_of(self, i: int, strategy: sharding.Strategy) -> float:
+        """Roofline of one device's share: its part of the arithmetic, and the bytes of the
+        operands and results it holds (a replicated weight is read whole)."""
+        key = (i, self.tp, strategy, self.hw)
+        if key not in self.cache.priced:
+            c, m, overhead, nbytes = self.parts(i)
+            local = (
+                sharding.local_bytes(self.program, i, strategy, self.tp) / nbytes if nbytes else 1.0
+            )
+            self.cache.priced[key] = overhead + max(c * strategy.compute_fraction, m * local)
+        return self.cache.priced[key]
+
+    def comm_time(self, kind: str, nbytes: float) -> float:
+        return comm.collective_time(kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw)
+
+    def store_cost(self, v: int, dim: int | None) -> float:
+        link = self.hw.axis_link(self.mesh_axes, self.tensor_axis)
+        return self.program.nbytes(v) / (1 if dim is None else self.tp) / link.bandwidth
+
+
 def shard_layers(
     program: Program,
     split: Split,
@@ -120,107 +199,48 @@ def shard_layers(
     hw: Hardware,
     mesh_axes: Sequence[tuple[str, int]],
     tensor_axis: str | None,
-    cache: dict | None = None,
+    cache: ShardingCache | None = None,
     lean: bool = False,
 ) -> LayerShardings:
     """Every operator's sharding for the tensor axis of `mesh_axes` (tp = 1 without one), and
-    the resulting per-layer costs. ``cache``: a dict shared by calls on the same program and
-    hardware (operator costs, segments and solved segments are reused).
+    the resulting per-layer costs. ``cache``: a `ShardingCache` shared by calls on the same
+    program (operator costs, segments and solved segments are reused).
 
     The default minimises time alone: a weight may stay whole on every device when splitting it
     would cost more communication than compute it saves. ``lean`` adds a memory price: holding
     a byte of parameter on a device costs the time to send that byte over the tensor link, so
     a weight is split whenever the communication its split causes per microbatch is smaller
     than the weight itself (big matmul weights are, small norms and biases are not)."""
+    mesh_axes = tuple(mesh_axes)
     tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
-    cache = {} if cache is None else cache
-    parts = cache.setdefault("parts", {})  # op → (compute s, memory s, overhead s, bytes)
+    cache = ShardingCache() if cache is None else cache
+    price = _Pricing(
+        program=program, cache=cache, hw=hw, mesh_axes=mesh_axes, tensor_axis=tensor_axis, tp=tp
+    )
     per_layer = layer_ops(program, split, layers, cache)
-    for i in (i for ops in per_layer for i in ops):
-        if i not in parts:
-            cost = op_cost(program, program.ops[i])
-            c, m = compute_time(cost, hw), memory_time(cost, hw)
-            whole = sharding.replicated(program.ops[i])
-            parts[i] = (
-                c,
-                m,
-                op_time(cost, hw) - max(c, m),
-                sharding.local_bytes(program, i, whole, 1),
-            )
     if tp == 1:
         return LayerShardings(
             tp=1,
             lean=lean,
-            times=tuple(sum(time_of_whole(parts[i]) for i in ops) for ops in per_layer),
+            times=tuple(sum(time_of_whole(price.parts(i)) for i in ops) for ops in per_layer),
             cut_times=tuple(0.0 for _ in layers[2:]),
             cut_gathers=tuple(0.0 for _ in layers[2:]),
             dims={},
             collectives=tuple(() for _ in per_layer),
             strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
         )
-
-    priced: dict = cache.setdefault("priced", {})  # (op, tp, strategy) → seconds
-
-    def time_of(i: int, strategy: sharding.Strategy) -> float:
-        """Roofline of one device's share: its part of the arithmetic, and the bytes of the
-        operands and results it holds (a replicated weight is read whole)."""
-        key = (i, tp, strategy)
-        if key not in priced:
-            c, m, overhead, nbytes = parts[i]
-            local = sharding.local_bytes(program, i, strategy, tp) / nbytes if nbytes else 1.0
-            priced[key] = overhead + max(c * strategy.compute_fraction, m * local)
-        return priced[key]
-
-    def comm_time(kind: str, nbytes: float) -> float:
-        return comm.collective_time(kind, nbytes, tensor_axis, mesh_axes, hw)
-
-    link = hw.axis_link(mesh_axes, tensor_axis)
-
-    def store_cost(v: int, dim: int | None) -> float:
-        return program.nbytes(v) / (1 if dim is None else tp) / link.bandwidth
-
-    if "live" not in cache:
-        cache["live"] = live_across(program, split)
-    live = cache["live"]
-    if "segments" not in cache:
-        bounds = sharding_segments(program, split, live=live)
-        per_seg = layer_ops(program, split, bounds, cache)
-        cache["segments"] = [
-            (ops, fixed, sharding.signature(program, ops, fixed))
-            for ops, fixed in zip(per_seg, _fixed(program, per_seg), strict=True)
-        ]
-    solved: dict = cache.setdefault("solved", {})
-    dims: dict[int, int | None] = {}
-    chosen: dict[int, sharding.Strategy] = {}
-    charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
-    for ops, fixed, signature in cache["segments"]:
-        key = (tp, lean, signature)
-        if key not in solved:
-            solved[key] = sharding.solve(
-                program,
-                ops,
-                tp=tp,
-                fixed=fixed,
-                op_time=time_of,
-                comm_time=comm_time,
-                store_cost=store_cost if lean else None,
-            )
-        sol = solved[key]
-        sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)
-        dims.update(sol.dims)
-        chosen.update(sol.strategies)
-        made = {v: i for i in ops for v in program.ops[i].outvars}
-        for kind, v, nbytes in sol.collectives:
-            i = made[v] if v in made else _first_reader(program, ops, v)
-            charged.setdefault(i, []).append((kind, nbytes))
+    for i in (i for ops in per_layer for i in ops):
+        price.parts(i)  # operator costs in layer order, as the solver will read them
+    dims, chosen, charged = _solve_segments(program, split, price, lean)
     times, colls = [], []
     for ops in per_layer:
         layer_colls = [c for i in ops for c in charged.get(i, ())]
         times.append(
-            sum(time_of(i, chosen[i]) for i in ops)
-            + sum(comm_time(kind, nbytes) for kind, nbytes in layer_colls)
+            sum(price.time_of(i, chosen[i]) for i in ops)
+            + sum(price.comm_time(kind, nbytes) for kind, nbytes in layer_colls)
         )
         colls.append(tuple(layer_colls))
+    live = cache.live
     shards = [
         [program.nbytes(v) / tp for v in live[k] if dims.get(v) is not None] for k in layers[1:-1]
     ]
@@ -228,12 +248,61 @@ def shard_layers(
         tp=tp,
         lean=lean,
         times=tuple(times),
-        cut_times=tuple(sum(comm_time("all_gather", b) for b in cut) for cut in shards),
+        cut_times=tuple(sum(price.comm_time("all_gather", b) for b in cut) for cut in shards),
         cut_gathers=tuple(float(sum(cut)) for cut in shards),
         dims=dims,
         collectives=tuple(colls),
         strategies=tuple(tuple(chosen[i].name for i in ops) for ops in per_layer),
     )
+
+
+def _segments(program: Program, split: Split, cache: ShardingCache) -> list[Segment]:
+    if cache.live is None:
+        cache.live = live_across(program, split)
+    if cache.segments is None:
+        bounds = sharding_segments(program, split, live=cache.live)
+        per_seg = layer_ops(program, split, bounds, cache)
+        cache.segments = [
+            (ops, fixed, sharding.signature(program, ops, fixed))
+            for ops, fixed in zip(per_seg, _fixed(program, per_seg), strict=True)
+        ]
+    return cache.segments
+
+
+def _solve_segments(program: Program, split: Split, price: _Pricing, lean: bool):
+    """(value → split dim, op → strategy, op → its collectives) over every sharding segment,
+    each structure solved once (`ShardingCache.solved`)."""
+    dims: dict[int, int | None] = {}
+    chosen: dict[int, sharding.Strategy] = {}
+    charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
+    for ops, fixed, signature in _segments(program, split, price.cache):
+        key = SolvedKey(
+            signature=signature,
+            tp=price.tp,
+            lean=lean,
+            hardware=price.hw,
+            mesh_axes=price.mesh_axes,
+            tensor_axis=price.tensor_axis,
+        )
+        if key not in price.cache.solved:
+            price.cache.solved[key] = sharding.solve(
+                program,
+                ops,
+                tp=price.tp,
+                fixed=fixed,
+                op_time=price.time_of,
+                comm_time=price.comm_time,
+                store_cost=price.store_cost if lean else None,
+            )
+        sol = price.cache.solved[key]
+        sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)
+        dims.update(sol.dims)
+        chosen.update(sol.strategies)
+        made = {v: i for i in ops for v in program.ops[i].outvars}
+        for kind, v, nbytes in sol.collectives:
+            i = made[v] if v in made else _first_reader(program, ops, v)
+            charged.setdefault(i, []).append((kind, nbytes))
+    return dims, chosen, charged
 
 
 def time_of_whole(parts: tuple[float, float, float, float]) -> float:

@@ -1,0 +1,151 @@
+"""Compilation: a plan's decisions → the emitted program (`passes.emit` / `passes.emit_train`)
+lowered and compiled by XLA for a concrete mesh, with what the runtime needs to place
+parameters (`autopipe._executable`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autopipe._compat import gather_global
+from autopipe._executable import _Runtime
+from autopipe.passes.emit import emit, make_packers
+from autopipe.passes.emit_train import emit_train
+
+if TYPE_CHECKING:
+    from autopipe._front import Front as _Front
+
+
+def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
+    traced, program = front.traced, front.program
+    emitted = emit(
+        program,
+        layouts,
+        sched,
+        mesh=mesh,
+        axis=axis,
+        batch_size=traced.batch_size,
+        data_axis=front.data_axis,
+        tensor_axis=front.tensor_axis,
+        dims=dims,
+    )
+    param_avals = emitted.buffers
+    batch_avals = tuple(
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
+        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
+        if b
+    )
+    compiled = emitted.step.lower(param_avals, batch_avals).compile()
+    _check_branch_collectives(compiled.as_text(), front.traced.spec.fn_name)
+    return _Runtime(
+        emitted=emitted,
+        compiled=compiled,
+        packers=make_packers(
+            program,
+            front.split,
+            [lay.params for lay in layouts],
+            split_layouts=[lay.sharded for lay in layouts],
+            tp=front.axis_size(front.tensor_axis),
+        ),
+    )
+
+
+def _check_branch_collectives(hlo: str, fn_name: str) -> None:
+    """A collective-permute inside a stage's branch runs on that stage's devices only, while
+    its rendezvous waits for every device: it would deadlock. Refuse such a program."""
+    bad = [
+        line for line in hlo.splitlines() if " collective-permute(" in line and "/branch_" in line
+    ]
+    if bad:
+        raise RuntimeError(
+            f"{fn_name}: XLA resharded a value inside a pipeline stage with a collective-permute "
+            f"({len(bad)} of them), which would deadlock when stages run different branches. "
+            "Plan without the tensor axis (a mesh without it, or tensor_axis=None) and please "
+            f"report the model. First one: {bad[0].strip()[:300]}"
+        )
+
+
+def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
+    traced, program = front.traced, front.program
+    p = sched.num_devices
+    emitted = emit_train(
+        program,
+        layouts,
+        sched,
+        mesh=mesh,
+        axis=axis,
+        batch_size=traced.batch_size,
+        optimizer=optimizer,
+        remat=remat,
+        loss_scale=loss_scale,
+        data_axis=front.data_axis,
+    )
+    param_avals = emitted.buffers
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    opt_avals = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(
+            x.shape,
+            x.dtype,
+            sharding=emitted.param_sharding if x.ndim == 2 and x.shape[0] == p else replicated,
+        ),
+        jax.eval_shape(optimizer.init, param_avals),
+    )
+    batch_avals = tuple(
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
+        for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
+        if b
+    )
+    compiled = emitted.step.lower(param_avals, opt_avals, batch_avals).compile()
+    packers = make_packers(program, front.split, emitted.device_layouts, training=True)
+    init_opt = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_avals))
+    return _Runtime(
+        emitted=emitted,
+        compiled=compiled,
+        packers=packers,
+        init_opt=init_opt,
+        unplace=_unplace_fn(program, emitted),
+    )
+
+
+def _unplace_fn(program, emitted) -> Callable:
+    """Gather: flat per-dtype buffers → the parameter leaves in input order (on the host
+    device), reading each device's own shard."""
+    producer = program.producers()
+    where = {
+        sl.value: (d, dt, sl)
+        for d, lay in enumerate(emitted.device_layouts)
+        for dt, slots in lay.slots
+        for sl in slots
+    }
+    rows: dict[int, dict[int, int]] = {}
+    for v in where:
+        if (i := producer.get(v)) is not None:
+            rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
+    params = [v for v in program.invars if v not in program.batch_dependent]
+
+    def gather(bufs):
+        shards = {}
+        for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
+            if not buf.is_fully_addressable:  # stages in other processes: fetch every row
+                for d, row in enumerate(np.asarray(gather_global(buf))):
+                    shards[dt, d] = row
+                continue
+            for shard in buf.addressable_shards:
+                shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
+
+        def get(v):
+            d, dt, sl = where[v]
+            return shards[dt, d][sl.offset : sl.offset + sl.size].reshape(sl.shape)
+
+        leaves = [
+            get(r) if r in where else np.stack([get(rows[r][i]) for i in sorted(rows[r])])
+            for r in params
+        ]
+        return [jnp.asarray(x) for x in leaves]
+
+    return gather

@@ -1,0 +1,251 @@
+"""Sharding strategy rules: per primitive, the ways an operator can run split over a tensor
+axis of size ``tp`` (a registry keyed by primitive, used by `passes.sharding`).
+
+Each rule sees an `OpView` (shapes, params, which operands are weights) and yields
+`Strategy` values: the `Dim` each operand must have, the `Dim` each result comes out with,
+the collective the strategy implies on its result, and the share of the work one device
+does. Register a rule with `register_strategy_rule`; a primitive without one is replicated
+only (and listed by the sharding pass as unruled).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from autopipe._compat import CALL_JAXPR_PARAM
+
+Dim = int | None
+Shape = tuple[int, ...]
+
+_CALLS = CALL_JAXPR_PARAM
+
+
+@dataclasses.dataclass(frozen=True)
+class Strategy:
+    """One way to run an operator: required operand Dims, produced result Dims, the collective
+    it implies on its results (None if local) and the share of its work one device does."""
+
+    name: str
+    ins: tuple[Dim, ...]
+    outs: tuple[Dim, ...]
+    collective: str | None = None
+    compute_fraction: float = 1.0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OpView:
+    """What a strategy rule sees of an operator (a literal operand has shape ``()``)."""
+
+    primitive: str
+    in_shapes: tuple[Shape, ...]
+    out_shapes: tuple[Shape, ...]
+    params: Mapping[str, Any]
+    tp: int
+    weights: tuple[bool, ...] = ()  # per operand: batch-independent (a parameter or made of them)
+
+    def split(
+        self, name: str, ins: Sequence[Dim], outs: Sequence[Dim], collective: str | None = None
+    ) -> Strategy:
+        """A strategy whose work is split evenly over the tensor axis."""
+        return Strategy(name, tuple(ins), tuple(outs), collective, 1.0 / self.tp)
+
+
+StrategyRule = Callable[[OpView], Iterable[Strategy]]
+STRATEGY_RULES: dict[str, StrategyRule] = {}
+
+
+def register_strategy_rule(*names: str) -> Callable[[StrategyRule], StrategyRule]:
+    """Registers a rule yielding the sharded strategies of primitives `names`."""
+
+    def register(rule: StrategyRule) -> StrategyRule:
+        for name in names:
+            STRATEGY_RULES[name] = rule
+        return rule
+
+    return register
+
+
+# --- rules ------------------------------------------------------------------------------------
+
+ELEMENTWISE = frozenset(
+    "abs add and atan2 cbrt ceil clamp convert_element_type copy copy_p cos cosh div eq erf "
+    "erf_inv erfc exp exp2 expm1 floor ge gt integer_pow is_finite le log log1p logistic lt max "
+    "min mul ne neg nextafter not or pow reduce_precision rem round rsqrt select_n sign sin sinh "
+    "sqrt square stop_gradient sub tan tanh xor".split()
+)
+
+
+@register_strategy_rule(*ELEMENTWISE)
+def _elementwise_rule(view: OpView) -> Iterable[Strategy]:
+    """Every operand of the result's shape split on the same dim; scalars and operands of size 1
+    there (broadcast) stay replicated."""
+    (out,) = view.out_shapes
+    if any(len(s) not in (0, len(out)) for s in view.in_shapes):
+        return
+    for d in range(len(out)):
+        ins = [d if s and s[d] == out[d] else None for s in view.in_shapes]
+        yield view.split("elementwise", ins, (d,))
+
+
+@register_strategy_rule("broadcast_in_dim")
+def _broadcast_in_dim_rule(view: OpView) -> Iterable[Strategy]:
+    """Result dim d comes from operand dim i (d = broadcast_dimensions[i], same size) or is new:
+    then the replicated operand is broadcast straight into the local shard."""
+    operand, out = view.in_shapes[0], view.out_shapes[0]
+    dims = view.params["broadcast_dimensions"]
+    source = {o: i for i, o in enumerate(dims) if operand[i] == out[o]}
+    rest = (None,) * (len(view.in_shapes) - 1)
+    for d in range(len(out)):
+        yield view.split("broadcast", (source.get(d), *rest), (d,))
+
+
+def _reshape_groups(a: Shape, b: Shape) -> list[tuple[list[int], list[int]]]:
+    """Minimal groups (dims of `a`, dims of `b`) of equal size product; size-1 dims left out."""
+    ia, ib = [i for i, n in enumerate(a) if n != 1], [j for j, n in enumerate(b) if n != 1]
+    if 0 in a or 0 in b or np.prod(a) != np.prod(b):
+        return []
+    groups, i, j = [], 0, 0
+    while i < len(ia):
+        ga, gb, pa, pb = [ia[i]], [ib[j]], a[ia[i]], b[ib[j]]
+        i, j = i + 1, j + 1
+        while pa != pb:
+            if pa < pb:
+                ga.append(ia[i])
+                pa, i = pa * a[ia[i]], i + 1
+            else:
+                gb.append(ib[j])
+                pb, j = pb * b[ib[j]], j + 1
+        groups.append((ga, gb))
+    return groups
+
+
+@register_strategy_rule("reshape")
+def _reshape_rule(view: OpView) -> Iterable[Strategy]:
+    """A split dim survives when it is the leading part of its result dim: kept whole, split into
+    (a, b, ...) (sharded on a) or the major dim of a merged group."""
+    if view.params.get("dimensions") is not None:
+        return
+    rest = (None,) * (len(view.in_shapes) - 1)
+    for ga, gb in _reshape_groups(view.in_shapes[0], view.out_shapes[0]):
+        if len(ga) == 1 or len(gb) == 1:
+            yield view.split("reshape", (ga[0], *rest), (gb[0],))
+
+
+@register_strategy_rule("transpose")
+def _transpose_rule(view: OpView) -> Iterable[Strategy]:
+    for o, i in enumerate(view.params["permutation"]):
+        yield view.split("transpose", (i,), (o,))
+
+
+@register_strategy_rule("squeeze")
+def _squeeze_rule(view: OpView) -> Iterable[Strategy]:
+    removed = set(view.params["dimensions"])
+    kept = [d for d in range(len(view.in_shapes[0])) if d not in removed]
+    for o, d in enumerate(kept):
+        yield view.split("squeeze", (d,), (o,))
+
+
+@register_strategy_rule("reduce_sum", "reduce_max", "reduce_min")
+def _reduce_rule(view: OpView) -> Iterable[Strategy]:
+    """Reducing over other dims is local (the split dim is renumbered); reducing over the split
+    dim leaves partial results on each device, combined by an all-reduce."""
+    axes = set(view.params["axes"])
+    kept = [d for d in range(len(view.in_shapes[0])) if d not in axes]
+    for o, d in enumerate(kept):
+        yield view.split("reduce", (d,), (o,))
+    for d in sorted(axes):
+        yield view.split("reduce", (d,), (None,), "all_reduce")
+
+
+@register_strategy_rule("dot_general")
+def _dot_general_rule(view: OpView) -> Iterable[Strategy]:
+    """Result dims are (batch..., lhs free..., rhs free...). ``batch``: a shared batch dim split on
+    both sides (attention heads); ``lhs``: an lhs free dim split, rhs replicated; ``column``: an
+    rhs free dim split, lhs replicated; ``row``: a contracting dim split on both sides, partial
+    sums all-reduced into a replicated result.
+
+    A weight (batch-independent rhs) is never multiplied by split rows of the batch: that would
+    be data parallelism on the tensor axis, with every device holding and reading the whole
+    weight; the planner splits rows on the data axis instead, and the tensor axis splits
+    weights (Megatron's column/row parallelism)."""
+    (lc, rc), (lb, rb) = view.params["dimension_numbers"]
+    lhs, rhs = view.in_shapes
+    lfree = [d for d in range(len(lhs)) if d not in lc and d not in lb]
+    rfree = [d for d in range(len(rhs)) if d not in rc and d not in rb]
+    for k, (a, b) in enumerate(zip(lb, rb, strict=True)):
+        yield view.split("batch", (a, b), (k,))
+    if not view.weights[1]:  # rows of the batch × a weight: data parallelism, not tensor
+        for k, a in enumerate(lfree):
+            yield view.split("lhs", (a, None), (len(lb) + k,))
+    for k, b in enumerate(rfree):
+        yield view.split("column", (None, b), (len(lb) + len(lfree) + k,))
+    for a, b in zip(lc, rc, strict=True):
+        yield view.split("row", (a, b), (None,), "all_reduce")
+
+
+@register_strategy_rule("conv_general_dilated")
+def _conv_rule(view: OpView) -> Iterable[Strategy]:
+    """``column``: kernel output features split; ``lhs``: input batch split; ``row``: input
+    features split on both sides, partial sums all-reduced."""
+    p = view.params
+    if p["feature_group_count"] != 1 or p["batch_group_count"] != 1:
+        return
+    lhs_spec, rhs_spec, out_spec = p["dimension_numbers"]
+    yield view.split("column", (None, rhs_spec[0]), (out_spec[1],))
+    if not view.weights[1]:
+        yield view.split("lhs", (lhs_spec[0], None), (out_spec[0],))
+    yield view.split("row", (lhs_spec[1], rhs_spec[1]), (None,), "all_reduce")
+
+
+@register_strategy_rule("gather")
+def _gather_rule(view: OpView) -> Iterable[Strategy]:
+    """An operand dim taken whole by every slice and not indexed (an embedding's hidden dim)
+    passes through to its offset dim of the result; indices stay replicated."""
+    dn, sizes = view.params["dimension_numbers"], view.params["slice_sizes"]
+    operand = view.in_shapes[0]
+    skipped = {*dn.collapsed_slice_dims, *getattr(dn, "operand_batching_dims", ())}
+    passthrough = [d for d in range(len(operand)) if d not in skipped]
+    for d, o in zip(passthrough, dn.offset_dims, strict=True):
+        if sizes[d] == operand[d] and d not in dn.start_index_map:
+            yield view.split("gather", (d, None), (o,))
+
+
+@register_strategy_rule("reduce_window_sum", "reduce_window_max", "reduce_window_min")
+def _reduce_window_rule(view: OpView) -> Iterable[Strategy]:
+    """Dims the window does not touch (size 1, stride 1, no padding or dilation) stay split."""
+    p = view.params
+    for d in range(len(view.in_shapes[0])):
+        window = (p["window_dimensions"][d], p["window_strides"][d], tuple(p["padding"][d]))
+        if window == (1, 1, (0, 0)) and p["base_dilation"][d] == p["window_dilation"][d] == 1:
+            yield view.split("window", (d,), (d,))
+
+
+@register_strategy_rule("custom_jvp_call")
+def _custom_jvp_rule(view: OpView) -> Iterable[Strategy]:
+    """Elementwise when its body is (``jax.nn.relu``), otherwise replicated only."""
+    if len(view.out_shapes) == 1 and _is_elementwise(view.params["call_jaxpr"], view.out_shapes[0]):
+        yield from _elementwise_rule(view)
+
+
+def _is_elementwise(closed: Any, shape: Shape) -> bool:
+    jaxpr = getattr(closed, "jaxpr", closed)
+    for eqn in jaxpr.eqns:
+        name = eqn.primitive.name
+        if name in _CALLS:
+            if not _is_elementwise(eqn.params[_CALLS[name]], shape):
+                return False
+        elif name not in ELEMENTWISE:
+            return False
+        if any(tuple(v.aval.shape) not in ((), shape) for v in (*eqn.invars, *eqn.outvars)):
+            return False
+    return all(tuple(v.aval.shape) in ((), shape) for v in (*jaxpr.invars, *jaxpr.outvars))
+
+
+@register_strategy_rule("iota")
+def _replicated_rule(view: OpView) -> Iterable[Strategy]:
+    """Replicated only (slicing the result for a sharded consumer is free anyway)."""
+    return ()
