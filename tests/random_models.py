@@ -593,22 +593,24 @@ def split_pays():
 
 
 # Tolerances on `compare`'s "max" metric: max |got − want| over a leaf / max |want| of that leaf
-# (losses: relative error), from noise floors measured with this runner on seed 0 (excess
-# precision off, see `main`; "measured" = the largest over the passing cases of seed 0 0–93):
-# - float32: forward ≤ 3.1e-7, training (3 steps) ≤ 1.4e-7. 1e-5 is 30× that; a 1 % change of
-#   the largest kernel entry moves forward outputs by ≥ 1.4e-3 and the trained leaf by 1e-2.
-# - bfloat16, same reductions as the reference (no tensor axis in a forward plan; training,
-#   whose data-axis sum `_replica_sum` mirrors): bit-exact in every case (0 .. 8e-8, the latter
-#   the float32 loss). 1e-3 is a quarter of one bf16 ulp at a leaf's largest value.
+# (losses: relative error), from noise floors measured with this runner (excess precision off,
+# see `main`) over the passing cases of seed 0, cases 0–140:
+# - float32 forward: ≤ 5.9e-7 (47 cases); 1e-5 is 17× that. float32 training, 3 steps: ≤ 2.3e-6
+#   (22 cases; the largest with clip + AdamW over a data axis, Adam turning ulp-level gradient
+#   differences into ulp-level steps); 2e-5 is 9× that. A 1 % change of the largest kernel
+#   entry moves forward outputs by ≥ 1.4e-3 and that trained entry by 1e-2.
+# - bfloat16 with the reference's reductions (forward plans without a tensor axis; training,
+#   whose data-axis sum `_replica_sum` mirrors): bit-exact in all 23 cases (≤ 7.4e-8, the
+#   float32 loss). 1e-3 is a quarter of one bf16 ulp at a leaf's largest value.
 # - bfloat16 forward with a tensor axis: a contraction split over the axis rounds its partial
 #   sums to bf16 before the all-reduce, which a single-device reference cannot reproduce:
-#   measured 4.9e-3, 5.5e-3, 7.9e-3 (seed 0 cases 72, 6, 61; the same cases in float32: 3e-7).
+#   measured 0, 4.9e-3, 5.5e-3, 7.9e-3 (seed 0 cases 31, 72, 6, 61; case 6 in float32: 2.8e-7).
 #   3e-2 is 4× the largest; at it a 1 % change of one weight is NOT reliably caught (the
 #   self-test uses cases without a tensor axis).
 TOL = {
     ("forward", "float32"): 1e-5,
     ("forward", "bfloat16"): 1e-3,
-    ("train", "float32"): 1e-5,
+    ("train", "float32"): 2e-5,
     ("train", "bfloat16"): 1e-3,
 }
 TOL_BF16_TENSOR_FORWARD = 3e-2
