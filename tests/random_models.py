@@ -44,6 +44,12 @@ STEPS = 3
 # --- optimizers ------------------------------------------------------------------------------
 
 
+def _labels_by_name(params):
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: "kernel" if "kernel" in jax.tree_util.keystr(path) else "other", params
+    )
+
+
 def _ndim_mask(params):
     return jax.tree.map(lambda x: x.ndim > 1, params)
 
@@ -61,6 +67,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adafactor": lambda: optax.adafactor(1e-2),
     "adamw_masked": lambda: optax.adamw(1e-2, weight_decay=1e-1, mask=_ndim_mask),
     "lion": lambda: optax.lion(1e-3),
+    # labels by parameter name: exact only where the step sees the user's paths
+    "labels_by_name": lambda: optax.multi_transform(
+        {"kernel": optax.adamw(1e-2), "other": optax.sgd(0.05)}, _labels_by_name
+    ),
 }
 
 # --- refusals the library may raise for cases it cannot run exactly -------------------------
@@ -76,6 +86,17 @@ REFUSALS: tuple[tuple[type, str, str], ...] = (
         RuntimeError,
         r"XLA resharded a value inside a pipeline stage with a collective-permute",
         "issue 14: the tensor axis left to XLA's partitioner (to become an internal assertion)",
+    ),
+    (
+        ValueError,
+        r"^optimizer: this optax transformation combines parameter leaves",
+        "issue 13: a global transform (clip_by_global_norm) with per-leaf statistics",
+    ),
+    (
+        ValueError,
+        r"^optimizer: for parameter \S+ the optax transformation (computes a statistic over "
+        r"the whole leaf|treats this leaf differently)",
+        "issue 13: a transform that is not exact on the pipeline's parameter slots",
     ),
     (
         ValueError,
