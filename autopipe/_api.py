@@ -413,9 +413,8 @@ def _layer_problem(
     return StageProblem(
         layer_time=t,
         cut_time=cut,
-        segment_memory=_segment_memory(
-            front.program, c, layers, m, p, scale, r, front.hardware.copies_library_operands
-        ),
+        # no weight copies (copies=False): the emitted program reads its parameter slots in place
+        segment_memory=_segment_memory(front.program, c, layers, m, p, scale, r),
         memory_limit=memory_limit,
         num_stages=p,
         num_microbatches=m,

@@ -25,7 +25,7 @@ from autopipe.cost_models.hardware import Hardware
 from autopipe.cost_models.rules import transfer_time
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.layout import StageLayout, _flat, stage_layouts
+from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.partition import StageProblem, solve_stages
 
 BACKWARD_FACTOR = 2.0  # a backward costs about twice its forward (two matmuls per matmul)
@@ -74,7 +74,7 @@ def _raw_owner(front: _Front, layouts: Sequence[StageLayout], p: int) -> dict[in
     producer = prog.producers()
     owner: dict[int, dict] = {}
     for s, lay in enumerate(layouts):
-        for v in lay.params.values():
+        for v in lay.params:
             i = producer.get(v)
             raw, row = (
                 (prog.ops[i].invars[0], prog.ops[i].iteration) if i is not None else (v, None)
@@ -106,7 +106,7 @@ def _with_orphans(front: _Front, layouts: list[StageLayout], owner) -> list[Stag
     if not orphans:
         return layouts
     last = layouts[-1]
-    params = _flat(prog, [*last.params.values(), *orphans])
+    params = tuple(sorted({*last.params, *orphans}))
     extra = sum(prog.nbytes(v) for v in orphans)
     layouts[-1] = dataclasses.replace(last, params=params, param_bytes=last.param_bytes + extra)
     return layouts

@@ -102,9 +102,19 @@ def _check_training(name, schedule, pp, m, dp=1, **options):
     np.testing.assert_allclose(losses, want_losses, rtol=1e-4)
     got = plan.unplace(state)
     assert jax.tree.structure(got) == jax.tree.structure(want_params)
-    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_params), strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=3e-5)
+    flat = jax.tree_util.tree_flatten_with_path(want_params)[0]
+    for a, (path, b) in zip(jax.tree.leaves(got), flat, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=_atol(jax.tree_util.keystr(path)))
     return plan
+
+
+def _atol(path: str) -> float:
+    """Attention key biases have exactly zero gradient in exact arithmetic (softmax is
+    shift-invariant): their float gradient is noise of ~1e-10..1e-9 that differs with any
+    summation order, and Adam turns it into steps of up to lr·|g|/(|g| + eps) ≈ 1e-2·1e-9/1e-6
+    = 1e-5 each, in either run: after 5 steps the runs may be 5e-5 apart (measured: 3.4e-5 on
+    block_0's key bias, every other leaf within 1.1e-5)."""
+    return 1e-4 if path.endswith("['key']['bias']") else 3e-5
 
 
 GRID = [(pp, m) for pp in (2, 4) for m in (4, 8)]
