@@ -31,6 +31,7 @@ from autopipe.passes.cluster import cluster
 from autopipe.passes.graph import build_program, operator_graph
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across, placed_sources, split_ops, stage_layouts
+from autopipe.passes.param_layout import layout_extra_bytes
 from autopipe.passes.partition import StageProblem, solve_stages, step_time
 from autopipe.passes.trace import Traced, batch_size_of, make_arg_spec, trace
 
@@ -510,6 +511,10 @@ def make_plan(
 
 def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layouts, shard=None):
     mem = problem.segment_memory
+    # the forward layout's slot padding and rest-buffer copies; not yet for tensor-split plans,
+    # whose memory limits the stage DP prices without them
+    tp1 = shard is None or shard.tp == 1
+    extra = layout_extra_bytes(front.program, layouts) if tp1 else [0] * len(layouts)
     out = []
     for s, lay in enumerate(layouts):
         lo, hi = stage_bounds[s], stage_bounds[s + 1]
@@ -530,7 +535,7 @@ def _stages(front: _Front, problem: StageProblem, stage_bounds, op_bounds, layou
                 param_bytes=lay.param_bytes,
                 send_bytes=int(send),
                 time=float(t),
-                memory=float(mem[lo, hi]),
+                memory=float(mem[lo, hi] + extra[s]),  # + the emitted layout's padding, copies
                 device_param_bytes=lay.device_param_bytes,
                 collectives=_sum_collectives(
                     [

@@ -109,7 +109,8 @@ class Worker:
             run = emit_pass._stage_fn(
                 program,
                 lay,
-                slots.on(s),
+                slots,
+                s,
                 last=s == len(layouts) - 1,
                 sizes=sizes,
                 constrain=lambda v, x: x,

@@ -32,8 +32,14 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program, apply_op, read_atom
-from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
-from autopipe.passes.param_layout import ParamLayout, param_layout, read_value
+from autopipe.passes.layout import StageLayout, buffer_sizes
+from autopipe.passes.param_layout import (
+    ParamLayout,
+    pack_flat,
+    param_layout,
+    read_params,
+    unpack_flat,
+)
 from autopipe.passes.schedule import Schedule
 
 
@@ -52,38 +58,28 @@ def auto_mesh(mesh: Any) -> jax.sharding.Mesh:
     return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
 
 
-def _unpack(env: dict, layout: FlatLayout, bufs: dict[str, Any]) -> None:
-    for dt, slots in layout.slots:
-        for s in slots:
-            env[s.value] = jax.lax.slice(bufs[dt], (s.offset,), (s.offset + s.size,)).reshape(
-                s.shape
-            )
-
-
-def _pack(env: dict, layout: FlatLayout, sizes: dict[str, int]) -> tuple[Any, ...]:
-    slots = dict(layout.slots)
-    out = []
-    for dt, n in sizes.items():
-        parts = [env[s.value].reshape(-1) for s in slots.get(dt, ())]
-        used = sum(s.size for s in slots.get(dt, ()))
-        if used < n:
-            parts.append(jnp.zeros((n - used,), dt))
-        out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
-    return tuple(out)
-
-
-def _stage_fn(program: Program, layout: StageLayout, reads, *, last: bool, sizes: dict, constrain):
-    """Stage ``layout`` as ``run(slots, recv, xs) -> (send, outputs or None)``; ``reads``:
-    (slot index, value) of the parameters it reads."""
+def _stage_fn(
+    program: Program,
+    layout: StageLayout,
+    params: ParamLayout,
+    device: int,
+    *,
+    last: bool,
+    sizes: dict,
+    constrain,
+):
+    """Stage ``layout`` on ``device`` as ``run(bufs, recv, xs) -> (send, outputs or None)``,
+    reading its parameters from its blocks of the buffers of ``params``."""
     batch_in = [v for v in program.invars if v in program.batch_dependent]
 
-    def run(slots: Sequence[Any], recv: dict, xs: Sequence[Any]):
+    def run(bufs: Sequence[Any], recv: dict, xs: Sequence[Any]):
         env: dict = {}
-        _unpack(env, layout.recv, recv)
+        unpack_flat(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
         for v in env:  # whole on every device of the tensor axis, as planned
             env[v] = constrain(None, env[v])
-        env.update((v, constrain(v, read_value(program, slots[k], v))) for k, v in reads)
+        held = read_params(program, params, device, bufs)
+        env.update((v, constrain(v, x)) for v, x in held.items())
         for i in layout.ops:
             op = program.ops[i]
             outs = apply_op(op, [read_atom(env, a) for a in op.invars])
@@ -91,7 +87,7 @@ def _stage_fn(program: Program, layout: StageLayout, reads, *, last: bool, sizes
         for v in (*layout.send.values(), *(a for a in program.outvars if isinstance(a, int))):
             if v in env:  # values leave the stage whole on every device of the tensor axis
                 env[v] = constrain(None, env[v])
-        send = _pack(env, layout.send, sizes)
+        send = pack_flat(env, layout.send, sizes)
         outs = tuple(read_atom(env, a) for a in program.outvars) if last else None
         return send, outs
 
@@ -150,7 +146,7 @@ def emit(
     smap = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tuple(P(axis) for _ in layout.slots), rows),
+        in_specs=(tuple(P(axis) for _ in layout.avals(mesh, axis, tensor_axis)), rows),
         out_specs=tuple(out_rows for _ in program.outvars),
         axis_names={axis, data_axis} if data_axis else {axis},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
@@ -189,7 +185,7 @@ def _body(program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axi
     constrain = _constrainer(program, dims, tensor_axis)
     runs = [
         _stage_fn(
-            program, st, layout.on(s), last=s == p - 1, sizes=boundary_sizes, constrain=constrain
+            program, st, layout, s, last=s == p - 1, sizes=boundary_sizes, constrain=constrain
         )
         for s, st in enumerate(stages)
     ]

@@ -13,6 +13,12 @@ array indexed per layer) is copied on every read.
 
 Per-device bytes are ``sum over classes of (largest count on a device) × value bytes``: exactly
 the largest stage's for identical blocks, plus whatever values one device has and another lacks.
+Where that padding would exceed ``budget`` × the largest device's own bytes (stages that share
+few shapes, e.g. a CNN's convolutions of growing width), the slots held by the fewest devices
+move, most wasteful first, into a *rest* buffer per dtype packed end to end per device (the old
+flat layout): no padding, but a value sliced out of it is copied when a GEMM reads it, so only
+values that align badly pay for it. Training asks for no rest (`budget=None`): optimizers must
+see every leaf as its own array.
 
 Placement (`make_packers`, `pack_traced`) evaluates the hoisted ops (slices of stacked layer
 weights, casts) per device and writes each value into its slot; `gather_values` reads them back.
@@ -31,7 +37,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program, eval_ops
-from autopipe.passes.layout import Split, placed_sources
+from autopipe.passes.layout import FlatLayout, Split, _flat, buffer_sizes, placed_sources
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -55,6 +61,13 @@ class ParamSlot:
 class ParamLayout:
     slots: tuple[ParamSlot, ...]
     num_devices: int
+    rest: tuple[FlatLayout, ...] = ()  # per device: values packed into the rest buffers
+
+    @property
+    def rest_sizes(self) -> dict[str, int]:
+        """Elements per device of the rest buffer of each dtype (buffers after the slots)."""
+        used = {dt for lay in self.rest for dt, slots in lay.slots if slots}
+        return {dt: n for dt, n in buffer_sizes(self.rest).items() if dt in used}
 
     def on(self, device: int) -> tuple[tuple[int, int], ...]:
         """(slot index, value) of every value device ``device`` holds."""
@@ -64,18 +77,28 @@ class ParamLayout:
 
     def device_bytes(self, tp: int = 1) -> int:
         """Parameter bytes one device holds (a 1/tp shard of the tensor-split slots)."""
-        return sum(s.nbytes // (tp if s.dim is not None else 1) for s in self.slots)
+        rest = sum(n * np.dtype(dt).itemsize for dt, n in self.rest_sizes.items())
+        return rest + sum(s.nbytes // (tp if s.dim is not None else 1) for s in self.slots)
 
     def avals(self, mesh: Any, axis: str, tensor_axis: str | None) -> tuple:
-        """The slots as global ``(p, *shape)`` arrays with their shardings."""
-        return tuple(
+        """The slots as global ``(p, *shape)`` arrays with their shardings, then the rest
+        buffers as ``(p, n)``."""
+        p = self.num_devices
+        slots = tuple(
             jax.ShapeDtypeStruct(
-                (self.num_devices, *s.shape),
-                s.dtype,
-                sharding=NamedSharding(mesh, s.spec(axis, tensor_axis)),
+                (p, *s.shape), s.dtype, sharding=NamedSharding(mesh, s.spec(axis, tensor_axis))
             )
             for s in self.slots
         )
+        rest = NamedSharding(mesh, P(axis))
+        return slots + tuple(
+            jax.ShapeDtypeStruct((p, n), dt, sharding=rest) for dt, n in self.rest_sizes.items()
+        )
+
+    def held(self, device: int) -> list[int]:
+        """Every value device ``device`` holds."""
+        rest = self.rest[device].values() if self.rest else ()
+        return [*(v for _, v in self.on(device)), *rest]
 
     @property
     def exact_shapes(self) -> bool:
@@ -89,11 +112,13 @@ def param_layout(
     *,
     dims: Mapping[int, int | None] | None = None,
     by: Literal["size", "shape"] = "size",
+    budget: float | None = 1.05,
 ) -> ParamLayout:
     """Slots for ``groups[d]``, the values device d holds (see the module docstring). With
     ``by="size"`` values of equal size but different shapes share a slot, shaped like its values
     when they agree and flat otherwise; ``by="shape"`` keeps every value in a slot of its own
-    shape (what per-leaf optimizers need)."""
+    shape (what per-leaf optimizers need). ``budget``: see the module docstring (None: slots
+    only)."""
     dims = dims or {}
     classes: dict[tuple, list[list[int]]] = {}
     for d, values in enumerate(groups):
@@ -110,7 +135,46 @@ def param_layout(
             slots.append(
                 ParamSlot(dtype=key[0], shape=shape, dim=key[1], values=values, exact=exact)
             )
-    return ParamLayout(slots=tuple(slots), num_devices=len(groups))
+    layout = ParamLayout(slots=tuple(slots), num_devices=len(groups))
+    return layout if budget is None else _within(program, layout, groups, budget)
+
+
+def layout_extra_bytes(
+    program: Program, stages: Sequence[Any], *, dims=None, tp: int = 1
+) -> list[int]:
+    """Per stage, bytes its device holds beyond the stage's own parameters in the forward
+    layout: the slots' padding, plus a copy of each value in the rest buffers (a GEMM or
+    convolution reading a slice of a buffer gets a copy on XLA:CPU; counted for every rest value,
+    an upper bound)."""
+    layout = param_layout(program, [st.params for st in stages], dims=dims if tp > 1 else None)
+    held = layout.device_bytes(tp)
+    out = []
+    for s, st in enumerate(stages):
+        copies = sum(program.nbytes(v) for v in layout.rest[s].values()) if layout.rest else 0
+        out.append(held - st.device_param_bytes + copies)
+    return out
+
+
+def _within(program: Program, layout: ParamLayout, groups, budget: float) -> ParamLayout:
+    """`layout` with its worst-padded slots moved to the rest buffers until a device holds at
+    most ``budget`` × the largest group's bytes."""
+    largest = max((sum(program.nbytes(v) for v in set(g)) for g in groups), default=0)
+    partial = [
+        k for k, s in enumerate(layout.slots) if s.dim is None and None in s.values
+    ]  # fmt: skip
+    waste = lambda k: layout.slots[k].nbytes * layout.slots[k].values.count(None)  # noqa: E731
+    partial.sort(key=lambda k: (-waste(k), k))
+    moved: list[int] = []
+    current = layout
+    while current.device_bytes() > budget * largest and len(moved) < len(partial):
+        moved.append(partial[len(moved)])
+        kept = tuple(s for k, s in enumerate(layout.slots) if k not in moved)
+        rest = tuple(
+            _flat(program, [layout.slots[k].values[d] for k in moved if layout.slots[k].values[d]])
+            for d in range(layout.num_devices)
+        )
+        current = ParamLayout(slots=kept, num_devices=layout.num_devices, rest=rest)
+    return current
 
 
 def _class(program: Program, v: int, dims: Mapping[int, int | None], by: str) -> tuple:
@@ -129,16 +193,53 @@ def read_value(program: Program, local_slot: Any, v: int) -> Any:
     return local_slot[0].reshape(program.avals[v].shape)
 
 
+def read_params(
+    program: Program, layout: ParamLayout, device: int, local: Sequence[Any], wanted=None
+) -> dict[int, Any]:
+    """The values device ``device`` holds (those in ``wanted``, if given) from its local blocks
+    of the buffers (`ParamLayout.avals` order)."""
+    n = len(layout.slots)
+    env = {v: read_value(program, local[k], v) for k, v in layout.on(device)}
+    if layout.rest:
+        rest = {dt: b[0] for dt, b in zip(layout.rest_sizes, local[n:], strict=True)}
+        unpack_flat(env, layout.rest[device], rest)
+    return env if wanted is None else {v: x for v, x in env.items() if v in wanted}
+
+
+def unpack_flat(env: dict, layout: FlatLayout, bufs: Mapping[str, Any]) -> None:
+    """Values packed by `pack_flat`, sliced out of flat per-dtype buffers."""
+    for dt, slots in layout.slots:
+        for s in slots:
+            part = jax.lax.slice(bufs[dt], (s.offset,), (s.offset + s.size,))
+            env[s.value] = part.reshape(s.shape)
+
+
+def pack_flat(env: Mapping[int, Any], layout: FlatLayout, sizes: Mapping[str, int]) -> tuple:
+    """One flat buffer per dtype of ``sizes``: the values of `layout`, then zeros."""
+    slots = dict(layout.slots)
+    out = []
+    for dt, n in sizes.items():
+        parts = [jnp.asarray(env[s.value]).reshape(-1) for s in slots.get(dt, ())]
+        used = sum(s.size for s in slots.get(dt, ()))
+        if used < n:
+            parts.append(jnp.zeros((n - used,), dt))
+        out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
 def blocks(
     layout: ParamLayout, device: int, env: Mapping[int, Any], *, lead: bool = True
 ) -> tuple[Any, ...]:
-    """Device ``device``'s block of every slot from the values in ``env`` (zeros where it holds
-    nothing); ``lead``: with the leading axis of length 1."""
+    """Device ``device``'s block of every buffer from the values in ``env`` (zeros where it
+    holds nothing); ``lead``: with the leading axis of length 1."""
     out = []
     for s in layout.slots:
         v = s.values[device]
         x = jnp.zeros(s.shape, s.dtype) if v is None else jnp.asarray(env[v]).reshape(s.shape)
         out.append(x[None] if lead else x)
+    if layout.rest:
+        rest = pack_flat(env, layout.rest[device], layout.rest_sizes)
+        out.extend(x[None] if lead else x for x in rest)
     return tuple(out)
 
 
@@ -169,7 +270,7 @@ def make_packers(
     sources = placed_sources(program, split, training=training)
     packers = []
     for d in range(layout.num_devices):
-        values = [v for _, v in layout.on(d)]
+        values = layout.held(d)
         assert set(values) <= sources, "placed values must be computable before the pipeline"
         ops, raw = hoist_closure(program, values)
 
@@ -191,7 +292,7 @@ def pack_traced(
     raw = dict(zip(param_ids, params, strict=True)) | dict(program.consts)
     rows = []
     for d in range(layout.num_devices):
-        ops, needed = hoist_closure(program, [v for _, v in layout.on(d)])
+        ops, needed = hoist_closure(program, layout.held(d))
         env = {v: raw[v] for v in needed}
         eval_ops(program, ops, env)
         rows.append(blocks(layout, d, env, lead=False))
@@ -202,12 +303,18 @@ def pack_traced(
 def gather_values(
     program: Program, layout: ParamLayout, rows: Callable[[int], dict[int, np.ndarray]]
 ) -> dict[int, np.ndarray]:
-    """Every placed value, read from ``rows(k)`` (device -> its block of slot k, as numpy) at its
-    first holder."""
+    """Every placed value, read from ``rows(k)`` (device -> its block of buffer k, as numpy) at
+    its first holder."""
     out: dict[int, np.ndarray] = {}
     for k, s in enumerate(layout.slots):
         held = rows(k)
         for d, v in enumerate(s.values):
             if v is not None and v not in out:
                 out[v] = np.asarray(held[d]).reshape(program.avals[v].shape)
+    for i, dt in enumerate(layout.rest_sizes):
+        held = rows(len(layout.slots) + i)
+        for d, lay in enumerate(layout.rest):
+            for sl in dict(lay.slots).get(dt, ()):
+                flat = np.asarray(held[d])[sl.offset : sl.offset + sl.size]
+                out.setdefault(sl.value, flat.reshape(sl.shape))
     return out

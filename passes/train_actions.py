@@ -13,10 +13,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from autopipe.passes.emit import _pack, _unpack
 from autopipe.passes.ir import Program, eval_ops
 from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
-from autopipe.passes.param_layout import ParamLayout, param_layout, read_value
+from autopipe.passes.param_layout import (
+    ParamLayout,
+    pack_flat,
+    param_layout,
+    read_value,
+    unpack_flat,
+)
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 
 
@@ -156,7 +161,7 @@ class Actions:
             fns=fns,
             specs=specs,
             chunks=plan_chunks([r.stored for r in specs]),
-            params=param_layout(program, device_groups(stages, p), by="shape"),
+            params=param_layout(program, device_groups(stages, p), by="shape", budget=None),
             boundary_sizes=buffer_sizes([s.send for s in stages]),
             remat=tuple(remat),
             seed=seed,
@@ -170,7 +175,7 @@ class Actions:
 
     def _unpack(self, layout: FlatLayout, bufs: tuple) -> dict:
         env: dict = {}
-        _unpack(env, layout, dict(zip(self.boundary_sizes, bufs, strict=True)))
+        unpack_flat(env, layout, dict(zip(self.boundary_sizes, bufs, strict=True)))
         return env
 
     def forward(self, s: int) -> Callable:
@@ -194,7 +199,7 @@ class Actions:
             ress = self._store(s, state.ress, x.slots["res_store"], stored)
             if s == len(self.stages) - 1:
                 return state._replace(ress=ress, loss=state.loss + outs[0].astype(jnp.float32))
-            send = _pack(dict(zip(io.outputs, outs, strict=True)), st.send, self.boundary_sizes)
+            send = pack_flat(dict(zip(io.outputs, outs, strict=True)), st.send, self.boundary_sizes)
             return state._replace(ress=ress, send_f=send)
 
         return action
@@ -260,11 +265,11 @@ class Actions:
             if weights:
                 grads = self._pack_grads(s, d_params)
             if inputs and s > 0:
-                send_b = _pack(
+                send_b = pack_flat(
                     dict(zip(io.recv, d_recv, strict=True)), st.recv, self.boundary_sizes
                 )
             if inputs and not weights and s < S - 1:
-                cot = _pack(dict(zip(io.outputs, g, strict=True)), st.send, self.boundary_sizes)
+                cot = pack_flat(dict(zip(io.outputs, g, strict=True)), st.send, self.boundary_sizes)
             return send_b, cot, grads
 
         return branch
