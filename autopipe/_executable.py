@@ -253,7 +253,8 @@ class Executable:
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Placed parameters and optimizer state: flat per-dtype buffers sharded over stages."""
+    """Placed parameters and optimizer state: the parameter slots sharded over stages
+    (`autopipe.passes.param_layout`) and the optimizer state laid out like them."""
 
     params: tuple[jax.Array, ...]
     opt_state: Any
