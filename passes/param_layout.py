@@ -159,18 +159,16 @@ def _within(program: Program, layout: ParamLayout, groups, budget: float) -> Par
     """`layout` with its worst-padded slots moved to the rest buffers until a device holds at
     most ``budget`` × the largest group's bytes."""
     largest = max((sum(program.nbytes(v) for v in set(g)) for g in groups), default=0)
-    partial = [
-        k for k, s in enumerate(layout.slots) if s.dim is None and None in s.values
-    ]  # fmt: skip
-    waste = lambda k: layout.slots[k].nbytes * layout.slots[k].values.count(None)  # noqa: E731
-    partial.sort(key=lambda k: (-waste(k), k))
+    slots = layout.slots
+    partial = [k for k, s in enumerate(slots) if s.dim is None and None in s.values]
+    partial.sort(key=lambda k: (-slots[k].nbytes * slots[k].values.count(None), k))
     moved: list[int] = []
     current = layout
     while current.device_bytes() > budget * largest and len(moved) < len(partial):
         moved.append(partial[len(moved)])
-        kept = tuple(s for k, s in enumerate(layout.slots) if k not in moved)
+        kept = tuple(s for k, s in enumerate(slots) if k not in moved)
         rest = tuple(
-            _flat(program, [layout.slots[k].values[d] for k in moved if layout.slots[k].values[d]])
+            _flat(program, [v for k in moved if (v := slots[k].values[d]) is not None])
             for d in range(layout.num_devices)
         )
         current = ParamLayout(slots=kept, num_devices=layout.num_devices, rest=rest)
