@@ -110,8 +110,9 @@ def train(
     optimizer trains. Use the returned plan as ``state = plan.init(*params)``,
     ``state, loss = plan.step(state, *batch)`` (state is donated), and
     ``params = plan.unplace(state)``. ``remat=None`` recomputes a stage's forward in its
-    backward only where keeping residuals would not fit ``memory_limit``. The optimizer must
-    be elementwise (SGD, momentum, Adam, AdamW, …): it runs on each stage's flat buffers.
+    backward only where keeping residuals would not fit ``memory_limit``. The optimizer sees
+    every leaf with its own shape (`autopipe.passes.optimizer`); one it cannot run exactly on
+    the per-stage slots is refused with an error.
     A mesh axis named ``data_axis`` splits every microbatch's rows over data-parallel
     replicas, whose gradients are summed before the update (the batch must divide by
     replicas × microbatches); other non-pipeline axes replicate the step.

@@ -14,8 +14,10 @@ import numpy as np
 
 from autopipe._compat import gather_global
 from autopipe._executable import _Runtime
-from autopipe.passes.emit import emit, make_packers
+from autopipe.passes.emit import emit
 from autopipe.passes.emit_train import emit_train
+from autopipe.passes.optimizer_exact import check_optimizer
+from autopipe.passes.param_layout import gather_values, make_packers
 
 if TYPE_CHECKING:
     from autopipe._front import Front as _Front
@@ -45,13 +47,7 @@ def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
     return _Runtime(
         emitted=emitted,
         compiled=compiled,
-        packers=make_packers(
-            program,
-            front.split,
-            [lay.params for lay in layouts],
-            split_layouts=[lay.sharded for lay in layouts],
-            tp=front.axis_size(front.tensor_axis),
-        ),
+        packers=make_packers(program, front.split, emitted.params),
     )
 
 
@@ -72,7 +68,6 @@ def _check_branch_collectives(hlo: str, fn_name: str) -> None:
 
 def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
     traced, program = front.traced, front.program
-    p = sched.num_devices
     emitted = emit_train(
         program,
         layouts,
@@ -85,24 +80,15 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
         loss_scale=loss_scale,
         data_axis=front.data_axis,
     )
-    param_avals = emitted.buffers
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    opt_avals = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(
-            x.shape,
-            x.dtype,
-            sharding=emitted.param_sharding if x.ndim == 2 and x.shape[0] == p else replicated,
-        ),
-        jax.eval_shape(optimizer.init, param_avals),
-    )
+    check_optimizer(optimizer, program, traced.spec, emitted.params, emitted.optimizer_mode)
     batch_avals = tuple(
         jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=emitted.batch_sharding)
         for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
         if b
     )
-    compiled = emitted.step.lower(param_avals, opt_avals, batch_avals).compile()
-    packers = make_packers(program, front.split, emitted.device_layouts, training=True)
-    init_opt = jax.jit(optimizer.init, out_shardings=jax.tree.map(lambda a: a.sharding, opt_avals))
+    compiled = emitted.step.lower(emitted.buffers, emitted.opt_avals, batch_avals).compile()
+    packers = make_packers(program, front.split, emitted.params, training=True)
+    init_opt = emitted.init_opt
     return _Runtime(
         emitted=emitted,
         compiled=compiled,
@@ -113,37 +99,29 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
 
 
 def _unplace_fn(program, emitted) -> Callable:
-    """Gather: flat per-dtype buffers → the parameter leaves in input order (on the host
-    device), reading each device's own shard."""
+    """Gather: parameter slots → the parameter leaves in input order (on the host device),
+    reading each device's own rows."""
     producer = program.producers()
-    where = {
-        sl.value: (d, dt, sl)
-        for d, lay in enumerate(emitted.device_layouts)
-        for dt, slots in lay.slots
-        for sl in slots
-    }
+    placed = {v for s in emitted.params.slots for v in s.values if v is not None}
     rows: dict[int, dict[int, int]] = {}
-    for v in where:
+    for v in placed:
         if (i := producer.get(v)) is not None:
             rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
     params = [v for v in program.invars if v not in program.batch_dependent]
 
     def gather(bufs):
-        shards = {}
-        for dt, buf in zip(emitted.param_dtypes, bufs, strict=True):
+        def held(k):
+            buf = bufs[k]
             if not buf.is_fully_addressable:  # stages in other processes: fetch every row
-                for d, row in enumerate(np.asarray(gather_global(buf))):
-                    shards[dt, d] = row
-                continue
-            for shard in buf.addressable_shards:
-                shards.setdefault((dt, shard.index[0].start or 0), np.asarray(shard.data)[0])
+                return dict(enumerate(np.asarray(gather_global(buf))))
+            return {
+                shard.index[0].start or 0: np.asarray(shard.data)[0]
+                for shard in buf.addressable_shards
+            }
 
-        def get(v):
-            d, dt, sl = where[v]
-            return shards[dt, d][sl.offset : sl.offset + sl.size].reshape(sl.shape)
-
+        got = gather_values(program, emitted.params, held)
         leaves = [
-            get(r) if r in where else np.stack([get(rows[r][i]) for i in sorted(rows[r])])
+            got[r] if r in got else np.stack([got[rows[r][i]] for i in sorted(rows[r])])
             for r in params
         ]
         return [jnp.asarray(x) for x in leaves]

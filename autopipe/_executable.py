@@ -71,7 +71,8 @@ class Executable:
         """``fn(*args)`` as a traceable, differentiable function of the arguments: use it under
         ``jax.grad``/``jax.jit`` (the gradient of the forward pipeline is GPipe by autodiff).
         Unlike calling the plan it packs parameters on every call and replicates outputs."""
-        from autopipe.passes.emit import emit, pack_traced
+        from autopipe.passes.emit import emit
+        from autopipe.passes.param_layout import pack_traced
 
         self._require_compiled()
         rt = self._runtime
@@ -89,7 +90,7 @@ class Executable:
                 replicate_outputs=True,
             ).step
         params, batch = self._split_leaves(self._check_args(args))
-        bufs = pack_traced(self.program, self.layouts, params, rt.emitted.buffers)
+        bufs = pack_traced(self.program, rt.emitted.params, params, rt.emitted.buffers)
         outs = rt.differentiable(bufs, tuple(batch))
         return jax.tree.unflatten(self.traced.out_tree, list(outs))
 
@@ -252,7 +253,8 @@ class Executable:
 
 @dataclasses.dataclass(frozen=True)
 class TrainState:
-    """Placed parameters and optimizer state: flat per-dtype buffers sharded over stages."""
+    """Placed parameters and optimizer state: the parameter slots sharded over stages
+    (`autopipe.passes.param_layout`) and the optimizer state laid out like them."""
 
     params: tuple[jax.Array, ...]
     opt_state: Any

@@ -52,7 +52,7 @@ def stage_function(plan: Any, s: int) -> tuple[Callable, tuple[int, ...]]:
     """(fn, input value ids) for stage `s`: fn(*inputs) runs the stage's operators alone."""
     program, layout = plan.program, plan.layouts[s]
     batch_in = [v for v in program.invars if v in program.batch_dependent]
-    inputs = tuple(dict.fromkeys([*layout.params.values(), *layout.recv.values(), *batch_in]))
+    inputs = tuple(dict.fromkeys([*layout.params, *layout.recv.values(), *batch_in]))
     sends = list(layout.send.values())
     last = s == plan.num_stages - 1
 

@@ -21,6 +21,7 @@ from autopipe.cost_models.stage_memory import ForwardProgram, forward_segment_me
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
 from autopipe.passes.layout import StageLayout, stage_layouts
+from autopipe.passes.param_layout import layout_extra_bytes
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages, step_time
 from autopipe.passes.schedule import Schedule
 from autopipe.passes.tensor_parallel import LayerShardings, ShardingCache, shard_layers
@@ -61,7 +62,8 @@ def forward_program(front: Front) -> ForwardProgram:
         nbytes=prog.nbytes,
         batch_input_bytes=sum(prog.nbytes(v) for v in prog.invars if v in prog.batch_dependent),
         output_bytes=sum(prog.nbytes(a) for a in prog.outvars if isinstance(a, int)),
-        copies_library_operands=front.hardware.copies_library_operands,
+        # no weight copies: the emitted program reads its parameter slots in place
+        copies_library_operands=False,
     )
 
 
@@ -201,6 +203,9 @@ def make_stage(
 
 def _stages(front: Front, search: Search, op_bounds, layouts) -> tuple[Stage, ...]:
     problem, sh, bounds = search.problem, search.shardings, search.boundaries
+    # the forward layout's slot padding and rest-buffer copies; not yet for tensor-split plans,
+    # whose memory limits the stage DP prices without them
+    extra = layout_extra_bytes(front.program, layouts) if sh.tp == 1 else [0] * len(layouts)
     out = []
     for s, lay in enumerate(layouts):
         lo, hi = bounds[s], bounds[s + 1]
@@ -217,7 +222,7 @@ def _stages(front: Front, search: Search, op_bounds, layouts) -> tuple[Stage, ..
                 op_bounds,
                 lay,
                 time=t,
-                memory=problem.segment_memory[lo, hi],
+                memory=problem.segment_memory[lo, hi] + extra[s],  # + the layout's padding
                 device_param_bytes=lay.device_param_bytes,
                 collectives=_sum_collectives([*sh.collectives[lo:hi], gathers]),
                 strategies=_count(sh.strategies[lo:hi]),

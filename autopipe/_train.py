@@ -29,7 +29,7 @@ from autopipe.cost_models.rules import transfer_time
 from autopipe.cost_models.stage_memory import training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.layout import StageLayout, _flat, stage_layouts
+from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
@@ -82,7 +82,7 @@ def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int
     producer = prog.producers()
     owner: dict[int, dict] = {}
     for s, lay in enumerate(layouts):
-        for v in lay.params.values():
+        for v in lay.params:
             i = producer.get(v)
             raw, row = (
                 (prog.ops[i].invars[0], prog.ops[i].iteration) if i is not None else (v, None)
@@ -114,7 +114,7 @@ def _with_orphans(front: Front, layouts: list[StageLayout], owner) -> list[Stage
     if not orphans:
         return layouts
     last = layouts[-1]
-    params = _flat(prog, [*last.params.values(), *orphans])
+    params = tuple(sorted({*last.params, *orphans}))
     extra = sum(prog.nbytes(v) for v in orphans)
     layouts[-1] = dataclasses.replace(last, params=params, param_bytes=last.param_bytes + extra)
     return layouts

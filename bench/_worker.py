@@ -102,12 +102,20 @@ class Worker:
         batch = [x for x, b in zip(leaves, batch_flags, strict=True) if b]
         bufs = plan.place_params(params)
         mb = plan.traced.microbatch_size
-        dtypes = plan.emitted.param_dtypes
+        slots = plan.emitted.params
         out = []
         for s, lay in enumerate(layouts):
             dev = jax.devices()[s]
-            run = emit_pass._stage_fn(program, lay, last=s == len(layouts) - 1, sizes=sizes)
-            own = {dt: _row(b, s, dev) for dt, b in zip(dtypes, bufs, strict=True)}
+            run = emit_pass._stage_fn(
+                program,
+                lay,
+                slots,
+                s,
+                last=s == len(layouts) - 1,
+                sizes=sizes,
+                constrain=lambda v, x: x,
+            )
+            own = tuple(_row(b, s, dev) for b in bufs)
             recv = {dt: jax.device_put(jnp.zeros((n,), dt), dev) for dt, n in sizes.items()}
             xs = [jax.device_put(x[:mb], dev) for x in batch]
             out.append((jax.jit(run), (own, recv, xs)))
@@ -194,12 +202,13 @@ class Worker:
 
 
 def _row(buf, stage: int, device):
-    """Row `stage` of a (stages, n) buffer sharded over the pipeline axis, on `device`."""
+    """Row `stage` (kept as a leading axis of 1) of a (stages, ...) slot sharded over the
+    pipeline axis, on `device`."""
     import jax
 
     for shard in buf.addressable_shards:
         if (shard.index[0].start or 0) == stage:
-            return jax.device_put(shard.data[0], device)
+            return jax.device_put(shard.data, device)
     raise RuntimeError(f"stage {stage}'s parameter row is not addressable")
 
 

@@ -40,6 +40,7 @@ from autopipe import models  # noqa: E402
 from autopipe.cost_models import memory  # noqa: E402
 from autopipe.cost_models.rules import eqn_cost  # noqa: E402
 from autopipe.passes.costs import working_set  # noqa: E402
+from autopipe.passes.param_layout import param_layout  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -160,10 +161,21 @@ def program_working_set(plan) -> memory.WorkingSet:
 
 def predicted_memory(plan) -> dict:
     """Per-stage terms, per-stage totals (`memory.forward_program_bytes`) and the SPMD program's
-    bytes (`memory.spmd_program_bytes`) of a forward-only plan."""
+    bytes (`memory.spmd_program_bytes`) of a forward-only plan. Parameters as the emitted layout
+    holds them (`passes.param_layout`): slots read in place, plus copies of the values packed
+    into its rest buffers (XLA:CPU copies a slice a GEMM reads)."""
     program, m = plan.program, plan.num_microbatches
-    peak, unpacked = memory.segment_working_bytes(
-        program_working_set(plan), program.nbytes, plan.layer_boundaries, num_microbatches=m
+    layout = param_layout(program, [st.params for st in plan.layouts])
+    rest = {v for lay in layout.rest for v in lay.values()}
+    ws = program_working_set(plan)
+    peak, _ = memory.segment_working_bytes(
+        ws, program.nbytes, plan.layer_boundaries, num_microbatches=m
+    )
+    _, unpacked = memory.segment_working_bytes(
+        ws,
+        lambda v: program.nbytes(v) if v in rest else 0,
+        plan.layer_boundaries,
+        num_microbatches=m,
     )
     batch = m * sum(program.nbytes(v) for v in program.invars if v in program.batch_dependent)
     out = sum(program.nbytes(a) for a in program.outvars if isinstance(a, int))
@@ -195,7 +207,7 @@ def predicted_memory(plan) -> dict:
         for t in terms
     ]
     program_bytes = memory.spmd_program_bytes(
-        param_bytes=[t["params"] for t in terms],
+        param_bytes=[layout.device_bytes()] * len(terms),
         boundary_bytes=[t["boundary"] for t in terms],
         working_bytes=[t["peak"] + t["unpacked"] for t in terms],
         **common,

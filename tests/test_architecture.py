@@ -17,7 +17,6 @@ PACKAGES = {
     "autopipe.cost_models": "cost_models",
 }
 # Owned by the parameter-layout rewrite (issue 11) for now; listed so the exemption is visible.
-SIZE_EXEMPT = {"passes/layout.py", "passes/emit.py", "passes/emit_train.py"}
 MAX_MODULE_LINES, MAX_FUNCTION_LINES = 500, 80
 
 
@@ -98,13 +97,11 @@ def test_bench_and_cli_use_only_public_or_staged_api():
 def _sizes():
     for path in sorted({*MODULES.values(), *(ROOT / "bench").glob("*.py")}):
         rel = path.relative_to(ROOT).as_posix()
-        yield pytest.param(path, rel in SIZE_EXEMPT, id=rel)
+        yield pytest.param(path, id=rel)
 
 
-@pytest.mark.parametrize(("path", "exempt"), list(_sizes()))
-def test_module_and_function_sizes(path, exempt):
-    if exempt:
-        pytest.skip("owned by the parameter-layout rewrite (issue 11)")
+@pytest.mark.parametrize("path", list(_sizes()))
+def test_module_and_function_sizes(path):
     text = path.read_text()
     assert len(text.splitlines()) <= MAX_MODULE_LINES
     long = [

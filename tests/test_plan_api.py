@@ -34,9 +34,9 @@ def _leaf_ids(plan, needle: str) -> set[int]:
 
 def _placed_raw(plan, stage: int) -> set[int]:
     """Raw parameter leaves a stage's placed values are computed from."""
-    from autopipe.passes.emit import _hoist_closure
+    from autopipe.passes.param_layout import hoist_closure
 
-    _, raw = _hoist_closure(plan.program, plan.layouts[stage].params.values())
+    _, raw = hoist_closure(plan.program, plan.layouts[stage].params)
     return set(raw)
 
 

@@ -1,0 +1,318 @@
+"""Parameter layout: every placed parameter value its own array, aligned across devices.
+
+A pipeline program is one SPMD program, so every device receives arrays of the same shapes;
+device d must hold only the values of its stage(s). `param_layout` groups each device's values
+into classes — equal dtype and size (``by="size"``: a bitcast reshape turns one into the other,
+e.g. a ``(V, D)`` embedding and a ``(D, V)`` head) or equal shape (``by="shape"``) — and aligns
+the k-th value of a class on every device into slot k: one ``(p, *shape)`` array sharded over
+the pipeline axis, row d holding device d's value (zeros where d has fewer of that class).
+Tensor-split values align by shape and split dimension, the slot also sharded over the tensor
+axis there. Inside the program a device reads ``slot[0]`` whole; XLA feeds that to a GEMM in
+place, where a slice of a larger buffer (a flat buffer per stage, a stacked ``(layers, ...)``
+array indexed per layer) is copied on every read.
+
+Per-device bytes are ``sum over classes of (largest count on a device) × value bytes``: exactly
+the largest stage's for identical blocks, plus whatever values one device has and another lacks.
+Where that padding would exceed ``budget`` × the largest device's own bytes (stages that share
+few shapes, e.g. a CNN's convolutions of growing width), the slots held by the fewest devices
+move, most wasteful first, into a *rest* buffer per dtype packed end to end per device (the old
+flat layout): no padding, but a value sliced out of it is copied when a GEMM reads it, so only
+values that align badly pay for it. Training asks for no rest (`budget=None`): optimizers must
+see every leaf as its own array.
+
+Placement (`make_packers`, `pack_traced`) evaluates the hoisted ops (slices of stacked layer
+weights, casts) per device and writes each value into its slot; `gather_values` reads them back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from autopipe.passes.ir import Program, eval_ops
+from autopipe.passes.layout import FlatLayout, Split, _flat, buffer_sizes, placed_sources
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParamSlot:
+    dtype: str
+    shape: tuple[int, ...]  # of one device's block (whole, before any tensor split)
+    dim: int | None  # the dimension split over the tensor axis, or None
+    values: tuple[int | None, ...]  # per device: the value held in this slot (None: zeros)
+    exact: bool = True  # every value held has the slot's shape (else the slot is flat)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+
+    def spec(self, axis: str, tensor_axis: str | None) -> P:
+        split = tensor_axis if self.dim is not None else None
+        return P(axis, *[split if d == self.dim else None for d in range(len(self.shape))])
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ParamLayout:
+    slots: tuple[ParamSlot, ...]
+    num_devices: int
+    rest: tuple[FlatLayout, ...] = ()  # per device: values packed into the rest buffers
+
+    @property
+    def rest_sizes(self) -> dict[str, int]:
+        """Elements per device of the rest buffer of each dtype (buffers after the slots)."""
+        used = {dt for lay in self.rest for dt, slots in lay.slots if slots}
+        return {dt: n for dt, n in buffer_sizes(self.rest).items() if dt in used}
+
+    def on(self, device: int) -> tuple[tuple[int, int], ...]:
+        """(slot index, value) of every value device ``device`` holds."""
+        return tuple(
+            (k, s.values[device]) for k, s in enumerate(self.slots) if s.values[device] is not None
+        )
+
+    def device_bytes(self, tp: int = 1) -> int:
+        """Parameter bytes one device holds (a 1/tp shard of the tensor-split slots)."""
+        rest = sum(n * np.dtype(dt).itemsize for dt, n in self.rest_sizes.items())
+        return rest + sum(s.nbytes // (tp if s.dim is not None else 1) for s in self.slots)
+
+    def avals(self, mesh: Any, axis: str, tensor_axis: str | None) -> tuple:
+        """The slots as global ``(p, *shape)`` arrays with their shardings, then the rest
+        buffers as ``(p, n)``."""
+        p = self.num_devices
+        slots = tuple(
+            jax.ShapeDtypeStruct(
+                (p, *s.shape), s.dtype, sharding=NamedSharding(mesh, s.spec(axis, tensor_axis))
+            )
+            for s in self.slots
+        )
+        rest = NamedSharding(mesh, P(axis))
+        return slots + tuple(
+            jax.ShapeDtypeStruct((p, n), dt, sharding=rest) for dt, n in self.rest_sizes.items()
+        )
+
+    def held(self, device: int) -> list[int]:
+        """Every value device ``device`` holds."""
+        rest = self.rest[device].values() if self.rest else ()
+        return [*(v for _, v in self.on(device)), *rest]
+
+    @property
+    def exact_shapes(self) -> bool:
+        """Every value has its slot's shape (so ``slot[0]`` is the value itself)."""
+        return all(s.exact for s in self.slots)
+
+
+def param_layout(
+    program: Program,
+    groups: Sequence[Sequence[int]],
+    *,
+    dims: Mapping[int, int | None] | None = None,
+    by: Literal["size", "shape"] = "size",
+    budget: float | None = 1.05,
+) -> ParamLayout:
+    """Slots for ``groups[d]``, the values device d holds (see the module docstring). With
+    ``by="size"`` values of equal size but different shapes share a slot, shaped like its values
+    when they agree and flat otherwise; ``by="shape"`` keeps every value in a slot of its own
+    shape (what per-leaf optimizers need). ``budget``: see the module docstring (None: slots
+    only)."""
+    dims = dims or {}
+    classes: dict[tuple, list[list[int]]] = {}
+    for d, values in enumerate(groups):
+        for v in sorted(set(values), key=lambda v: (tuple(program.avals[v].shape), v)):
+            classes.setdefault(_class(program, v, dims, by), [[] for _ in groups])[d].append(v)
+    slots = []
+    for key in sorted(classes, key=str):
+        per_device = classes[key]
+        for k in range(max(len(vs) for vs in per_device)):
+            values = tuple(vs[k] if k < len(vs) else None for vs in per_device)
+            shapes = {tuple(program.avals[v].shape) for v in values if v is not None}
+            exact = len(shapes) == 1
+            shape = shapes.pop() if exact else (key[2],)
+            slots.append(
+                ParamSlot(dtype=key[0], shape=shape, dim=key[1], values=values, exact=exact)
+            )
+    layout = ParamLayout(slots=tuple(slots), num_devices=len(groups))
+    return layout if budget is None else _within(program, layout, groups, budget)
+
+
+def layout_extra_bytes(
+    program: Program, stages: Sequence[Any], *, dims=None, tp: int = 1
+) -> list[int]:
+    """Per stage, bytes its device holds beyond the stage's own parameters in the forward
+    layout: the slots' padding, plus a copy of each value in the rest buffers (a GEMM or
+    convolution reading a slice of a buffer gets a copy on XLA:CPU; counted for every rest value,
+    an upper bound)."""
+    layout = param_layout(program, [st.params for st in stages], dims=dims if tp > 1 else None)
+    held = layout.device_bytes(tp)
+    out = []
+    for s, st in enumerate(stages):
+        copies = sum(program.nbytes(v) for v in layout.rest[s].values()) if layout.rest else 0
+        out.append(held - st.device_param_bytes + copies)
+    return out
+
+
+def _within(program: Program, layout: ParamLayout, groups, budget: float) -> ParamLayout:
+    """`layout` with its worst-padded slots moved to the rest buffers until a device holds at
+    most ``budget`` × the largest group's bytes."""
+    largest = max((sum(program.nbytes(v) for v in set(g)) for g in groups), default=0)
+    slots = layout.slots
+    partial = [k for k, s in enumerate(slots) if s.dim is None and None in s.values]
+    partial.sort(key=lambda k: (-slots[k].nbytes * slots[k].values.count(None), k))
+    moved: list[int] = []
+    current = layout
+    while current.device_bytes() > budget * largest and len(moved) < len(partial):
+        moved.append(partial[len(moved)])
+        kept = tuple(s for k, s in enumerate(slots) if k not in moved)
+        rest = tuple(
+            _flat(program, [v for k in moved if (v := slots[k].values[d]) is not None])
+            for d in range(layout.num_devices)
+        )
+        current = ParamLayout(slots=kept, num_devices=layout.num_devices, rest=rest)
+    return current
+
+
+def _class(program: Program, v: int, dims: Mapping[int, int | None], by: str) -> tuple:
+    aval = program.avals[v]
+    dt, dim = str(np.dtype(aval.dtype)), dims.get(v)
+    if dim is not None or by == "shape":
+        return (dt, dim, int(np.prod(aval.shape, dtype=np.int64)), tuple(aval.shape))
+    return (dt, None, int(np.prod(aval.shape, dtype=np.int64)))
+
+
+# --- reading and writing slots ----------------------------------------------------------------
+
+
+def read_value(program: Program, local_slot: Any, v: int) -> Any:
+    """Value ``v`` from its slot's local ``(1, *shape)`` block: a bitcast, no copy."""
+    return local_slot[0].reshape(program.avals[v].shape)
+
+
+def read_params(
+    program: Program, layout: ParamLayout, device: int, local: Sequence[Any], wanted=None
+) -> dict[int, Any]:
+    """The values device ``device`` holds (those in ``wanted``, if given) from its local blocks
+    of the buffers (`ParamLayout.avals` order)."""
+    n = len(layout.slots)
+    env = {v: read_value(program, local[k], v) for k, v in layout.on(device)}
+    if layout.rest:
+        rest = {dt: b[0] for dt, b in zip(layout.rest_sizes, local[n:], strict=True)}
+        unpack_flat(env, layout.rest[device], rest)
+    return env if wanted is None else {v: x for v, x in env.items() if v in wanted}
+
+
+def unpack_flat(env: dict, layout: FlatLayout, bufs: Mapping[str, Any]) -> None:
+    """Values packed by `pack_flat`, sliced out of flat per-dtype buffers."""
+    for dt, slots in layout.slots:
+        for s in slots:
+            part = jax.lax.slice(bufs[dt], (s.offset,), (s.offset + s.size,))
+            env[s.value] = part.reshape(s.shape)
+
+
+def pack_flat(env: Mapping[int, Any], layout: FlatLayout, sizes: Mapping[str, int]) -> tuple:
+    """One flat buffer per dtype of ``sizes``: the values of `layout`, then zeros."""
+    slots = dict(layout.slots)
+    out = []
+    for dt, n in sizes.items():
+        parts = [jnp.asarray(env[s.value]).reshape(-1) for s in slots.get(dt, ())]
+        used = sum(s.size for s in slots.get(dt, ()))
+        if used < n:
+            parts.append(jnp.zeros((n - used,), dt))
+        out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
+    return tuple(out)
+
+
+def blocks(
+    layout: ParamLayout, device: int, env: Mapping[int, Any], *, lead: bool = True
+) -> tuple[Any, ...]:
+    """Device ``device``'s block of every buffer from the values in ``env`` (zeros where it
+    holds nothing); ``lead``: with the leading axis of length 1."""
+    out = []
+    for s in layout.slots:
+        v = s.values[device]
+        x = jnp.zeros(s.shape, s.dtype) if v is None else jnp.asarray(env[v]).reshape(s.shape)
+        out.append(x[None] if lead else x)
+    if layout.rest:
+        rest = pack_flat(env, layout.rest[device], layout.rest_sizes)
+        out.extend(x[None] if lead else x for x in rest)
+    return tuple(out)
+
+
+def hoist_closure(program: Program, values: Sequence[int]) -> tuple[list, list]:
+    """Hoisted ops (program order) and raw inputs needed to compute `values`."""
+    producer = program.producers()
+    ops, raw, stack, seen = set(), set(), list(values), set()
+    while stack:
+        v = stack.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        i = producer.get(v)
+        if i is None:
+            raw.add(v)
+            continue
+        ops.add(i)
+        stack.extend(a for a in program.ops[i].invars if isinstance(a, int))
+    return sorted(ops), sorted(raw)
+
+
+def make_packers(
+    program: Program, split: Split, layout: ParamLayout, *, training: bool = False
+) -> list[tuple[Callable, list[int]]]:
+    """Per device: (jitted pack(raw values) -> its ``(1, *shape)`` block of every slot, the raw
+    parameter ids it reads). Run on the device's own stage, so no device ever computes or holds
+    another stage's parameters."""
+    sources = placed_sources(program, split, training=training)
+    packers = []
+    for d in range(layout.num_devices):
+        values = layout.held(d)
+        assert set(values) <= sources, "placed values must be computable before the pipeline"
+        ops, raw = hoist_closure(program, values)
+
+        def pack(*raw_vals, ops=ops, raw=raw, d=d):
+            env = dict(zip(raw, raw_vals, strict=True))
+            eval_ops(program, ops, env)
+            return blocks(layout, d, env)
+
+        packers.append((jax.jit(pack), raw))
+    return packers
+
+
+def pack_traced(
+    program: Program, layout: ParamLayout, params: Sequence[Any], buffers: Sequence[Any]
+) -> tuple[Any, ...]:
+    """Traceable (differentiable) placement of the parameter leaves into the slots, laid out as
+    ``buffers`` (their avals)."""
+    param_ids = [v for v in program.invars if v not in program.batch_dependent]
+    raw = dict(zip(param_ids, params, strict=True)) | dict(program.consts)
+    rows = []
+    for d in range(layout.num_devices):
+        ops, needed = hoist_closure(program, layout.held(d))
+        env = {v: raw[v] for v in needed}
+        eval_ops(program, ops, env)
+        rows.append(blocks(layout, d, env, lead=False))
+    stacked = [jnp.stack(col) for col in zip(*rows, strict=True)]
+    return tuple(jax.device_put(b, a.sharding) for b, a in zip(stacked, buffers, strict=True))
+
+
+def gather_values(
+    program: Program, layout: ParamLayout, rows: Callable[[int], dict[int, np.ndarray]]
+) -> dict[int, np.ndarray]:
+    """Every placed value, read from ``rows(k)`` (device -> its block of buffer k, as numpy) at
+    its first holder."""
+    out: dict[int, np.ndarray] = {}
+    for k, s in enumerate(layout.slots):
+        held = rows(k)
+        for d, v in enumerate(s.values):
+            if v is not None and v not in out:
+                out[v] = np.asarray(held[d]).reshape(program.avals[v].shape)
+    for i, dt in enumerate(layout.rest_sizes):
+        held = rows(len(layout.slots) + i)
+        for d, lay in enumerate(layout.rest):
+            for sl in dict(lay.slots).get(dt, ()):
+                flat = np.asarray(held[d])[sl.offset : sl.offset + sl.size]
+                out.setdefault(sl.value, flat.reshape(sl.shape))
+    return out

@@ -1,0 +1,301 @@
+"""The actions of a training table, per stage: F (forward under ``jax.vjp``, residuals written
+into their slots in place), B (input gradient, and the weight gradient unless W is split off)
+and W (weight gradient from the stored cotangent). See `passes.emit_train` for how a tick runs
+them; parameters are read whole from the device's rows of the slots of a `ParamLayout`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from autopipe.passes.ir import Program, eval_ops
+from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
+from autopipe.passes.param_layout import (
+    ParamLayout,
+    pack_flat,
+    param_layout,
+    read_value,
+    unpack_flat,
+)
+from autopipe.passes.residuals import ResidualChunks, plan_chunks
+
+
+def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
+    """Device d holds the parameters of stages d, d + p, …"""
+    return [[v for s in range(d, len(stages), p) for v in stages[s].params] for d in range(p)]
+
+
+# --- stage functions under vjp -------------------------------------------------------------
+
+
+def _is_float(aval: Any) -> bool:
+    return jnp.issubdtype(aval.dtype, jnp.inexact)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _StageIO:
+    """The differentiable interface of one stage."""
+
+    params: tuple[int, ...]  # float parameter values (differentiated)
+    recv: tuple[int, ...]  # float values received (differentiated)
+    fixed: tuple[int, ...]  # int/bool parameter or received values (not differentiated)
+    outputs: tuple[int, ...]  # values sent on, or the loss
+
+
+def _stage_io(program: Program, layout: StageLayout, last: bool) -> _StageIO:
+    params = layout.params
+    recv = layout.recv.values()
+    floats = lambda vs: tuple(v for v in vs if _is_float(program.avals[v]))  # noqa: E731
+    fixed = tuple(v for v in (*params, *recv) if not _is_float(program.avals[v]))
+    outputs = tuple(program.outvars) if last else layout.send.values()
+    return _StageIO(params=floats(params), recv=floats(recv), fixed=fixed, outputs=outputs)
+
+
+def _apply_fn(program: Program, layout: StageLayout, io: _StageIO, consts: dict) -> Callable:
+    batch_in = [v for v in program.invars if v in program.batch_dependent]
+
+    def apply(param_vals, recv_vals, fixed_vals, xs):
+        env = dict(consts)
+        env.update(zip(io.params, param_vals, strict=True))
+        env.update(zip(io.recv, recv_vals, strict=True))
+        env.update(zip(io.fixed, fixed_vals, strict=True))
+        env.update(zip(batch_in, xs, strict=True))
+        eval_ops(program, layout.ops, env)
+        return tuple(env[v] for v in io.outputs)
+
+    return apply
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Residuals:
+    """How a stage's VJP residuals are stored: which leaves are its own parameters (not
+    stored), and the avals of the rest."""
+
+    treedef: Any
+    param_index: tuple[int, ...]  # per leaf: index into param_vals, or -1 when stored
+    stored: tuple[jax.ShapeDtypeStruct, ...]  # the stored leaves, in order
+
+
+def _residual_spec(fn: Callable, args: tuple, remat: bool) -> _Residuals:
+    """Traces ``jax.vjp`` of a stage abstractly to learn its residual structure."""
+    found = {}
+
+    def probe(param_vals, recv_vals, fixed_vals, xs):
+        if remat:
+            leaves, treedef = jax.tree.flatten(recv_vals)
+            found["spec"] = (treedef, [-1] * len(leaves))
+            return leaves
+        _, vjp_fn = jax.vjp(lambda pv, rv: fn(pv, rv, fixed_vals, xs), param_vals, recv_vals)
+        leaves, treedef = jax.tree.flatten(vjp_fn)
+        index = [next((i for i, q in enumerate(param_vals) if q is x), -1) for x in leaves]
+        found["spec"] = (treedef, index)
+        return [x for x, i in zip(leaves, index, strict=True) if i < 0]
+
+    stored = jax.eval_shape(probe, *args)
+    treedef, index = found["spec"]
+    return _Residuals(treedef=treedef, param_index=tuple(index), stored=tuple(stored))
+
+
+class ForwardState(NamedTuple):
+    """What forward actions update (in place: see `_when`)."""
+
+    ress: tuple  # residual slots: one (slots, size) buffer per chunk
+    loss: Any  # summed over the microbatches
+    send_f: tuple  # activation for the next device this tick, one flat buffer per dtype
+
+
+class TickInputs(NamedTuple):
+    """What an action reads in its tick."""
+
+    params: tuple  # this device's ``(1, *shape)`` block of every parameter slot
+    xs: list  # this microbatch's batch leaves
+    act: tuple  # the received activation
+    grad: tuple  # the received gradient
+    slots: dict  # slot index per SlotPlan table, this tick and device
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Actions:
+    """The F / B / W actions of every stage."""
+
+    program: Program
+    stages: tuple[StageLayout, ...]
+    ios: tuple[_StageIO, ...]
+    fns: tuple[Callable, ...]
+    specs: tuple[_Residuals, ...]
+    chunks: ResidualChunks
+    params: ParamLayout  # the slots of every device's stages, by shape
+    boundary_sizes: dict[str, int]
+    remat: tuple[bool, ...]
+    seed: float
+
+    @classmethod
+    def build(cls, program, stages, p, mb, remat, seed) -> Actions:
+        S = len(stages)
+        ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
+        consts = dict(program.consts)
+        fns = tuple(_apply_fn(program, st, io, consts) for st, io in zip(stages, ios, strict=True))
+        batch = tuple(
+            jax.ShapeDtypeStruct((mb, *program.avals[v].shape[1:]), program.avals[v].dtype)
+            for v in program.invars
+            if v in program.batch_dependent
+        )
+        aval = lambda v: jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)  # noqa: E731
+        specs = tuple(
+            _residual_spec(
+                fns[s],
+                (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch),
+                remat[s],
+            )
+            for s, io in enumerate(ios)
+        )
+        return cls(
+            program=program,
+            stages=tuple(stages),
+            ios=ios,
+            fns=fns,
+            specs=specs,
+            chunks=plan_chunks([r.stored for r in specs]),
+            params=param_layout(program, device_groups(stages, p), by="shape", budget=None),
+            boundary_sizes=buffer_sizes([s.send for s in stages]),
+            remat=tuple(remat),
+            seed=seed,
+        )
+
+    def _params(self, s: int, slots: Sequence[Any]) -> dict:
+        """Stage s's parameter values, read whole from this device's rows of the slots."""
+        wanted = set(self.stages[s].params)
+        on = self.params.on(s % self.params.num_devices)
+        return {v: read_value(self.program, slots[k], v) for k, v in on if v in wanted}
+
+    def _unpack(self, layout: FlatLayout, bufs: tuple) -> dict:
+        env: dict = {}
+        unpack_flat(env, layout, dict(zip(self.boundary_sizes, bufs, strict=True)))
+        return env
+
+    def forward(self, s: int) -> Callable:
+        """F: the stage under ``jax.vjp``; its residuals (not the parameters themselves, or
+        only the stage input under remat) are written into their slots in place."""
+        io, st = self.ios[s], self.stages[s]
+
+        def action(state: ForwardState, x: TickInputs) -> ForwardState:
+            env = self._params(s, x.params)
+            recv_env = self._unpack(st.recv, x.act)
+            pv = tuple(env[v] for v in io.params)
+            rv = tuple(recv_env[v] for v in io.recv)
+            fv = tuple(env[v] if v in env else recv_env[v] for v in io.fixed)
+            outs, f_vjp = jax.vjp(lambda a, b: self.fns[s](a, b, fv, x.xs), pv, rv)
+            if self.remat[s]:
+                stored = list(rv)
+            else:
+                leaves = jax.tree.leaves(f_vjp)
+                index = self.specs[s].param_index
+                stored = [y for y, i in zip(leaves, index, strict=True) if i < 0]
+            ress = self._store(s, state.ress, x.slots["res_store"], stored)
+            if s == len(self.stages) - 1:
+                return state._replace(ress=ress, loss=state.loss + outs[0].astype(jnp.float32))
+            send = pack_flat(dict(zip(io.outputs, outs, strict=True)), st.send, self.boundary_sizes)
+            return state._replace(ress=ress, send_f=send)
+
+        return action
+
+    def _store(self, s: int, ress: tuple, slot: Any, stored: Sequence[Any]) -> tuple:
+        """Writes stage s's residuals into row ``slot`` of the chunks it uses: a chunk is
+        either one leaf of its size (no copy) or pieces packed end to end."""
+        parts: dict[int, list] = {}
+        for q in self.chunks.pieces[s]:
+            flat = stored[q.leaf].reshape(-1)
+            if q.size < flat.size:
+                flat = jax.lax.slice(flat, (q.start,), (q.start + q.size,))
+            parts.setdefault(q.chunk, []).append((q.offset, flat))
+        ress = list(ress)
+        for c, ps in parts.items():
+            dt, n = self.chunks.chunks[c]
+            xs = [x for _, x in sorted(ps, key=lambda ox: ox[0])]
+            used = sum(x.size for x in xs)
+            xs += [jnp.zeros((n - used,), dt)] if used < n else []
+            ress[c] = set_row(ress[c], slot, xs[0] if len(xs) == 1 else jnp.concatenate(xs))
+        return tuple(ress)
+
+    def _vjp(self, s: int, env: dict, x: TickInputs, ress: tuple) -> Callable:
+        """The stage's VJP rebuilt from its residual slot (or recomputed from the saved input)."""
+        io, spec = self.ios[s], self.specs[s]
+        pv = tuple(env[v] for v in io.params)
+        pieces = self.chunks.pieces[s]
+        rows = {q.chunk: row(ress[q.chunk], x.slots["res_read"]) for q in pieces}
+        parts: list[list] = [[] for _ in spec.stored]
+        for q in pieces:  # in leaf order, each leaf's pieces in order
+            parts[q.leaf].append(jax.lax.slice(rows[q.chunk], (q.offset,), (q.offset + q.size,)))
+        stored = [
+            (ps[0] if len(ps) == 1 else jnp.concatenate(ps)).reshape(leaf.shape)
+            for ps, leaf in zip(parts, spec.stored, strict=True)
+        ]
+        if self.remat[s]:
+            fv = tuple(env[v] for v in io.fixed)
+            _, f_vjp = jax.vjp(lambda a, b: self.fns[s](a, b, fv, x.xs), pv, tuple(stored))
+            return f_vjp
+        it = iter(stored)
+        leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
+        return jax.tree.unflatten(spec.treedef, leaves)
+
+    def backward(self, s: int, *, weights: bool, inputs: bool) -> Callable:
+        """B (``inputs``: the input gradient, sent back; with ``weights`` too unless W is split
+        off, in which case the cotangent is returned to be stored for W) or W (``weights``
+        only: from the stored cotangent), as a switch branch: ``(inputs, ress, cots) ->
+        (send_b, cot, grads)``."""
+        io, st = self.ios[s], self.stages[s]
+        S = len(self.stages)
+
+        def branch(x: TickInputs, ress: tuple, cots: tuple) -> tuple:
+            env = self._params(s, x.params)
+            if s == S - 1:
+                out = self.program.avals[io.outputs[0]]
+                g = (jnp.full(out.shape, self.seed, out.dtype),)
+            else:  # from the next stage, or for W the cotangent B stored
+                got = x.grad if inputs else tuple(row(b, x.slots["cot_read"]) for b in cots)
+                g_env = self._unpack(st.send, got)
+                g = tuple(g_env[v] for v in io.outputs)
+            d_params, d_recv = self._vjp(s, env, x, ress)(g)
+            send_b, cot, grads = self.no_backward(x, ress, cots)
+            if weights:
+                grads = self._pack_grads(s, d_params)
+            if inputs and s > 0:
+                send_b = pack_flat(
+                    dict(zip(io.recv, d_recv, strict=True)), st.recv, self.boundary_sizes
+                )
+            if inputs and not weights and s < S - 1:
+                cot = pack_flat(dict(zip(io.outputs, g, strict=True)), st.send, self.boundary_sizes)
+            return send_b, cot, grads
+
+        return branch
+
+    def no_backward(self, x: TickInputs, ress: tuple, cots: tuple) -> tuple:
+        """Nothing sent, no gradient, and the cotangent slot stored back as it is (so that
+        slot may be live: no spare)."""
+        send = tuple(jnp.zeros((k,), dt) for dt, k in self.boundary_sizes.items())
+        cot = tuple(row(b, x.slots["cot_store"]) for b in cots)
+        return send, cot, tuple(jnp.zeros(sl.shape, sl.dtype) for sl in self.params.slots)
+
+    def _pack_grads(self, s: int, d_params: Sequence[Any]) -> tuple:
+        """Stage s's parameter gradients in this device's slot shapes (zeros elsewhere)."""
+        env = dict(zip(self.ios[s].params, d_params, strict=True))
+        d = s % self.params.num_devices
+        return tuple(
+            env[sl.values[d]].reshape(sl.shape)
+            if sl.values[d] in env
+            else jnp.zeros(sl.shape, sl.dtype)
+            for sl in self.params.slots
+        )
+
+
+def row(buf, slot):
+    return jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
+
+
+def set_row(buf, slot, value):
+    return jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)
