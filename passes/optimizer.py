@@ -135,7 +135,7 @@ def choose_mode(
 ) -> Mode:
     """``"local"`` or ``"global"`` (see the module docstring); raises when neither is exact."""
     rows = tuple(jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in param_avals)
-    local = _update_jaxpr(optimizer, rows)
+    local = update_jaxpr(optimizer, rows)
     n = len(rows)
     ins = [
         _Flow(deps=frozenset({k % n}), owner=k % n) if k < 2 * n else _Flow()
@@ -153,7 +153,7 @@ def choose_mode(
             "with elementwise ones only (e.g. chain(clip_by_global_norm(...), adamw(...))), "
             "or the per-leaf optimizer without the global transform."
         )
-    glob = _update_jaxpr(optimizer, tuple(param_avals))
+    glob = update_jaxpr(optimizer, tuple(param_avals))
     if _primitive_counts(glob) != _primitive_counts(local):
         raise ValueError(
             "optimizer: this optax transformation combines parameter leaves (a global norm, as "
@@ -178,12 +178,12 @@ class _Flow:
     combined: bool = False  # carries statistics of several leaves combined (a global norm)
 
 
-def _update_jaxpr(optimizer, avals: tuple) -> Any:
+def update_jaxpr(optimizer, avals: tuple) -> Any:
     state = jax.eval_shape(optimizer.init, avals)
     return jax.make_jaxpr(lambda g, p, s: optimizer.update(g, s, p))(avals, avals, state).jaxpr
 
 
-def _sub_jaxpr(eqn) -> Any | None:
+def call_body(eqn) -> Any | None:
     """The jaxpr a call-like eqn runs on exactly its operands (pjit, custom_jvp/vjp calls)."""
     for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
         j = eqn.params.get(name)
@@ -202,7 +202,7 @@ def _flow(jaxpr, ins: Sequence[_Flow]) -> list[_Flow]:
 
     for eqn in jaxpr.eqns:
         flows = [read(a) for a in eqn.invars]
-        sub = _sub_jaxpr(eqn)
+        sub = call_body(eqn)
         if sub is not None:
             outs = _flow(sub, flows)
         elif "branches" in eqn.params:  # cond: any branch, chosen by the predicate

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from autopipe._compat import Literal as JaxLiteral
+from autopipe.passes.optimizer import call_body, update_jaxpr
 
 # parameters that carry shapes (left out where a row is part of its leaf)
 _SHAPE_PARAMS = frozenset(
@@ -67,18 +68,13 @@ _REDUCTIONS = frozenset(
 )
 
 
-def _update_jaxpr(optimizer: optax.GradientTransformation, tree: Any) -> Any:
-    state = jax.eval_shape(optimizer.init, tree)
-    return jax.make_jaxpr(lambda g, p, s: optimizer.update(g, s, p))(tree, tree, state).jaxpr
-
-
 def _flatten_eqns(jaxpr, env: dict) -> list[tuple]:
     """(primitive name, params, invars, outvars) of every equation, call-like ones inlined;
     ``env`` renames inner variables to the outer ones they stand for."""
     out = []
     for eqn in jaxpr.eqns:
         ins = [a if isinstance(a, JaxLiteral) else env.get(a, a) for a in eqn.invars]
-        sub = _call_body(eqn)
+        sub = call_body(eqn)
         if sub is not None:
             inner = dict(zip(sub.invars, ins, strict=True))
             out += _flatten_eqns(sub, inner)
@@ -87,15 +83,6 @@ def _flatten_eqns(jaxpr, env: dict) -> list[tuple]:
             continue
         out.append((eqn.primitive.name, eqn.params, ins, list(eqn.outvars)))
     return out
-
-
-def _call_body(eqn) -> Any | None:
-    for name in ("jaxpr", "call_jaxpr", "fun_jaxpr"):
-        j = eqn.params.get(name)
-        j = getattr(j, "jaxpr", j)
-        if j is not None and hasattr(j, "eqns") and len(j.invars) == len(eqn.invars):
-            return j
-    return None
 
 
 def _text(value: Any, erase: bool) -> str:
@@ -188,9 +175,9 @@ def check_exact(
     for _, leaf, w in held:
         whole[leaf] &= w
     parts = {row for row, leaf, w in held if not w}
-    mine = leaf_signatures(_update_jaxpr(optimizer, tree), len(leaves), [not w for w in whole])
+    mine = leaf_signatures(update_jaxpr(optimizer, tree), len(leaves), [not w for w in whole])
     theirs = leaf_signatures(
-        _update_jaxpr(optimizer, tuple(rows)), len(rows), [r in parts for r in range(len(rows))]
+        update_jaxpr(optimizer, tuple(rows)), len(rows), [r in parts for r in range(len(rows))]
     )
     for row, leaf, w in held:
         (want, reduces), (got, _) = mine[leaf], theirs[row]
