@@ -16,7 +16,8 @@ import time
 import pytest
 
 TIMEOUT = 20  # seconds a process waits for its peers (arrival, heartbeats)
-JOB_TIMEOUT = 120  # seconds after which the launcher kills every process still running
+JOB_TIMEOUT = 300  # seconds after which the launcher kills every process (a hang; loaded CI
+# machines took 120 s for the 4-process training case)
 
 
 # --- the worker: runs in each launched process ------------------------------------------------
@@ -261,7 +262,9 @@ def _check_forward(results, reports, processes: int, devices: int) -> None:
     assert reports[-1]["max_err"] < 1e-5 and reports[-1]["sparse_err"] < 1e-5
 
 
-@pytest.mark.parametrize(("processes", "devices"), [(2, 4), (4, 2)])
+@pytest.mark.parametrize(
+    ("processes", "devices"), [(2, 4), pytest.param(4, 2, marks=pytest.mark.slow)]
+)
 def test_mlp_forward_matches_single_process(processes, devices):
     results, reports, _ = _run("mlp", processes, devices)
     _check_forward(results, reports, processes, devices)
@@ -280,7 +283,9 @@ def test_each_process_passes_only_its_data_replicas_rows():
         assert "error" not in rep and rep["max_err"] < 1e-5, rep
 
 
-@pytest.mark.parametrize(("processes", "devices"), [(2, 4), (4, 2)])
+@pytest.mark.parametrize(
+    ("processes", "devices"), [(2, 4), pytest.param(4, 2, marks=pytest.mark.slow)]
+)
 def test_training_across_processes_matches_single_device(processes, devices):
     # pp = 4 × dp = 2 over every device, 1F1B, AdamW: losses and unplaced parameters
     results, reports, _ = _run("train", processes, devices, timeout=60)
@@ -305,6 +310,7 @@ def test_gpt_forward_matches_single_process(processes, devices):
     _check_forward(results, reports, processes, devices)
 
 
+@pytest.mark.slow
 def test_processes_that_plan_differently_are_refused():
     results, reports, _ = _run("differ", 2, 2)
     for rep in reports:
@@ -331,6 +337,7 @@ def test_dead_peer_ends_with_an_error_not_a_hang():
     assert elapsed < 60
 
 
+@pytest.mark.slow
 def test_missing_peer_ends_with_an_error_not_a_hang():
     results, reports, elapsed = _run("missing", 1, 1)
     assert elapsed < 60

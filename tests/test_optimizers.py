@@ -56,7 +56,7 @@ EXACT = {
     "warmup_cosine": lambda: optax.adamw(optax.warmup_cosine_decay_schedule(0.0, 1e-2, 2, 10)),
     "inject_hyperparams": lambda: optax.inject_hyperparams(optax.adamw)(learning_rate=1e-2),
 }
-QUICK = {"sgd", "adamw_ndim_mask", "lamb", "clip_adamw", "multi_steps", "muon"}
+QUICK = {"sgd", "adamw_ndim_mask", "clip_adamw"}  # lamb and adamw masks: also tests/test_layout.py
 
 
 @functools.cache

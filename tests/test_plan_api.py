@@ -171,6 +171,7 @@ def test_decorator_caches_per_shape(cases):
     assert len(calls) > traced_once
 
 
+@pytest.mark.slow  # test_models and test_cli plan the same shapes by default
 def test_gpt3_175b_plans_abstractly_without_allocating():
     cfg = dataclasses.replace(models.gpt3_175b(), dtype=jnp.bfloat16)
     model = models.LinenGPT(cfg)
@@ -249,7 +250,7 @@ def test_error_num_stages_disagrees_with_mesh(cases):
         autopipe.plan(fn, *args, mesh=mesh(2), num_stages=3)
 
 
-@pytest.mark.parametrize("name", ["linen_gpt", "scanned_gpt"])
+@pytest.mark.parametrize("name", ["linen_gpt", pytest.param("scanned_gpt", marks=pytest.mark.slow)])
 def test_grad_of_pipelined_forward_is_gpipe_by_autodiff(cases, name):
     fn, (variables, x) = cases[name]
     plan = autopipe.plan(fn, variables, x, mesh=mesh(4), num_microbatches=4)
