@@ -51,6 +51,7 @@ import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autopipe.passes.emit import auto_mesh
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.optimizer import optimizer_step
@@ -102,6 +103,7 @@ def emit_train(
     """``data_axis``: each replica runs the pipeline on its rows of every microbatch (`program`
     is traced at that local microbatch); gradients and the loss are summed over the replicas
     before the optimizer update, so parameters and optimizer state stay identical on them."""
+    mesh = auto_mesh(mesh)  # the axes outside the shard_map are left to the compiler
     p, m = schedule.num_devices, schedule.num_microbatches
     dp = mesh.shape[data_axis] if data_axis else 1
     mb = batch_size // (m * dp)
@@ -116,7 +118,11 @@ def emit_train(
         mesh=mesh,
         in_specs=(tuple(P(axis) for _ in buffers), rows),
         out_specs=(tuple(P(axis) for _ in buffers), P()),
-        axis_names={axis, data_axis} if data_axis else {axis},
+        # Training does not split over the other axes (a tensor axis): manual over all of them,
+        # each device computes its replica, nothing is left to XLA's partitioner (which
+        # aborted on a bf16 pipeline with an unused tensor axis: "Invalid binary instruction
+        # opcode copy", tests.random_models seed 0 case 145).
+        axis_names=set(mesh.axis_names),
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
