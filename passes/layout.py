@@ -72,13 +72,14 @@ class StageLayout:
     send: FlatLayout  # batch values leaving for the next stage
     param_bytes: int  # bytes of the stage's own parameter values (whole)
     device_param_bytes: int = -1  # bytes one device holds (its shard of the split values)
+    inputs: tuple[int, ...] = ()  # non-batch inputs the stage reads (`passes.inputs`)
 
 
 def split_ops(program: Program, *, training: bool = False) -> Split:
     """Classifies operators. For training only ``index`` ops (rows of stacked layer weights)
     are hoisted, so every placed value is a parameter or a slice of one and gradients with
     respect to placed values are gradients of the parameters; consts are not placed."""
-    pre = set(program.invars) - program.batch_dependent
+    pre = set(program.param_invars)  # inputs change per microbatch (keys): never hoisted
     if not training:
         pre |= {v for v, _ in program.consts}
     pipeline, hoisted, local = [], set(), set()
@@ -100,7 +101,7 @@ def split_ops(program: Program, *, training: bool = False) -> Split:
 
 def placed_sources(program: Program, split: Split, *, training: bool = False) -> frozenset[int]:
     """Values available before the pipeline runs: raw parameters, constants, hoisted values."""
-    raw = set(program.invars) - program.batch_dependent
+    raw = set(program.param_invars)
     if not training:
         raw |= {v for v, _ in program.consts}
     return frozenset(raw | {v for i in split.hoisted for v in program.ops[i].outvars})
@@ -190,6 +191,7 @@ def stage_layouts(
                 send=_flat(program, live[hi] if hi < len(split.pipeline) else []),
                 param_bytes=sum(program.nbytes(v) for v in params),
                 device_param_bytes=sum(shard),
+                inputs=tuple(sorted(reads & program.inputs)),
             )
         )
     return tuple(stages)

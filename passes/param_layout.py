@@ -286,8 +286,7 @@ def pack_traced(
 ) -> tuple[Any, ...]:
     """Traceable (differentiable) placement of the parameter leaves into the slots, laid out as
     ``buffers`` (their avals)."""
-    param_ids = [v for v in program.invars if v not in program.batch_dependent]
-    raw = dict(zip(param_ids, params, strict=True)) | dict(program.consts)
+    raw = dict(zip(program.param_invars, params, strict=True)) | dict(program.consts)
     rows = []
     for d in range(layout.num_devices):
         ops, needed = hoist_closure(program, layout.held(d))
