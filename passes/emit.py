@@ -42,6 +42,7 @@ from autopipe.passes.param_layout import (
     unpack_flat,
 )
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.trace import is_key_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,9 +76,11 @@ def _stage_fn(
     batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
     batch_in += program.input_invars
 
+    key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
+
     def run(bufs: Sequence[Any], recv: dict, xs: Sequence[Any]):
         """``xs``: this microbatch's batch leaves, then the inputs as it sees them."""
-        env: dict = {}
+        env: dict = dict(key_consts)
         unpack_flat(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
         for v in env:  # whole on every device of the tensor axis, as planned

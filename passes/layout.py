@@ -32,6 +32,7 @@ import numpy as np
 
 from autopipe.cost_models.rules import nbytes
 from autopipe.passes.ir import Program
+from autopipe.passes.trace import is_key_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -81,7 +82,7 @@ def split_ops(program: Program, *, training: bool = False) -> Split:
     respect to placed values are gradients of the parameters; consts are not placed."""
     pre = set(program.param_invars)  # inputs change per microbatch (keys): never hoisted
     if not training:
-        pre |= {v for v, _ in program.consts}
+        pre |= set(placed_consts(program))
     pipeline, hoisted, local = [], set(), set()
     for i, op in enumerate(program.ops):
         if program.is_batch_op(op):
@@ -99,11 +100,17 @@ def split_ops(program: Program, *, training: bool = False) -> Split:
     return Split(pipeline=tuple(pipeline), hoisted=frozenset(hoisted), local=frozenset(local))
 
 
+def placed_consts(program: Program) -> list[int]:
+    """Constants placed like parameters in forward plans: all but PRNG keys (slots cannot
+    hold them; every stage reads a key constant from the program, `passes.emit`)."""
+    return [v for v, _ in program.consts if not is_key_dtype(program.avals[v].dtype)]
+
+
 def placed_sources(program: Program, split: Split, *, training: bool = False) -> frozenset[int]:
     """Values available before the pipeline runs: raw parameters, constants, hoisted values."""
     raw = set(program.param_invars)
     if not training:
-        raw |= {v for v, _ in program.consts}
+        raw |= set(placed_consts(program))
     return frozenset(raw | {v for i in split.hoisted for v in program.ops[i].outvars})
 
 
