@@ -58,16 +58,19 @@ def check_inputs(spec: ArgSpec, program: Program, *, training: bool) -> None:
     read = {a for op in program.ops for a in op.invars if isinstance(a, int)}
     read |= {a for a in program.outvars if isinstance(a, int)}
     in_arg = {i for a in spec.input_args for i in spec.arg_leaves()[a]}
-    for i, v in enumerate(program.invars):
-        if v in program.inputs and i not in in_arg and v in read:
-            aval = spec.in_avals[i]
-            key = is_key_dtype(aval.dtype)
-            raise ValueError(
-                _TRAINED_NON_FLOAT.format(
-                    fn=spec.fn_name, path=spec.in_paths[i], aval=f"{aval.dtype}{list(aval.shape)}"
-                )
-                + (_KEY_HINT if key else "")
-            )
+    bad = [
+        i
+        for i, v in enumerate(program.invars)
+        if v in program.inputs and i not in in_arg and v in read
+    ]
+    if bad:  # name a key first: the likely case is a model's own dropout key
+        keyed = [i for i in bad if is_key_dtype(spec.in_avals[i].dtype)]
+        i, aval = (keyed or bad)[0], spec.in_avals[(keyed or bad)[0]]
+        more = f" ({len(bad) - 1} more such leaves)" if len(bad) > 1 else ""
+        text = _TRAINED_NON_FLOAT.format(
+            fn=spec.fn_name, path=spec.in_paths[i] + more, aval=f"{aval.dtype}{list(aval.shape)}"
+        )
+        raise ValueError(text + (_KEY_HINT if keyed else ""))
 
 
 _CONSTANT_KEY = (

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
 from autopipe.cost_models.rules import nbytes
@@ -41,6 +43,7 @@ class Slot:
     offset: int
     size: int  # elements in the buffer
     shape: tuple[int, ...]
+    key: Any = None  # a typed PRNG key dtype: the value travels as its key data (uint32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -132,10 +135,13 @@ def _flat(program: Program, values: Sequence[int]) -> FlatLayout:
     by_dtype: dict[str, list[Slot]] = {}
     for v in sorted(set(values)):
         aval = program.avals[v]
-        slots = by_dtype.setdefault(str(np.dtype(aval.dtype)), [])
+        key = aval.dtype if is_key_dtype(aval.dtype) else None
+        data = jax.eval_shape(jax.random.key_data, aval) if key is not None else aval
+        slots = by_dtype.setdefault(str(np.dtype(data.dtype)), [])
         offset = slots[-1].offset + slots[-1].size if slots else 0
-        size = int(np.prod(aval.shape, dtype=np.int64))
-        slots.append(Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape)))
+        size = int(np.prod(data.shape, dtype=np.int64))
+        slot = Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape), key=key)
+        slots.append(slot)
     return FlatLayout(slots=tuple((dt, tuple(s)) for dt, s in sorted(by_dtype.items())))
 
 

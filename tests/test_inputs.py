@@ -297,3 +297,58 @@ def test_errors_for_inputs():
 
     with pytest.raises(ValueError, match=r"looks like a PRNG key: per-example keys need the batch"):
         autopipe.train(per_example, optax.sgd(0.1), params, (batch, keys), mesh=mesh(2))
+
+
+def _per_example_loss(p, batch):
+    """Per-example keys (a batch argument) split in the first stage, read in every layer: typed
+    keys cross stage boundaries (as their key data) and are not folded."""
+    x, y, keys = batch
+    ks = jax.vmap(lambda k: jax.random.split(k, 4))(keys)
+    h = x.astype(jnp.float32)
+    for i in range(4):
+        h = jnp.tanh(h @ p[f"w{i}"])
+        keep = jax.vmap(lambda k, n=h.shape[1:]: jax.random.bernoulli(k, 0.75, n))(ks[:, i])
+        h = jnp.where(keep, h / 0.75, 0.0)
+    return jnp.mean((h - y) ** 2)
+
+
+def test_per_example_keys_cross_stages():
+    params, (x, y) = _mlp_data()
+    batch = (x, y, jax.random.split(jax.random.key(1), BATCH))
+    plan = autopipe.train(
+        _per_example_loss, optax.sgd(0.1), params, batch, mesh=mesh(2), num_microbatches=4
+    )
+    assert any(s.key is not None for st in plan.layouts for _, ss in st.recv.slots for s in ss)
+    state, loss = plan.step(plan.init(params), batch)
+    rows = lambda j: jax.tree.map(lambda a: a[2 * j : 2 * j + 2], batch)  # noqa: E731
+    want_loss, grads = jax.value_and_grad(
+        lambda p: sum(_per_example_loss(p, rows(j)) for j in range(4)) / 4
+    )(params)
+    np.testing.assert_allclose(float(loss), float(want_loss), rtol=RTOL)
+    got = plan.unplace(state)
+    for k in params:
+        np.testing.assert_allclose(got[k], params[k] - 0.1 * grads[k], rtol=RTOL, atol=ATOL)
+
+
+def test_nnx_dropout_key_inside_the_module_is_refused_for_training():
+    """An NNX module in training mode reads its own dropout key: constant across steps, and a
+    non-float leaf of the trained argument. Refused, with the fix."""
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a, self.b = nnx.Linear(16, 16, rngs=rngs), nnx.Linear(16, 16, rngs=rngs)
+            self.drop = nnx.Dropout(0.1, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(self.drop(jnp.tanh(self.a(x))))
+
+    net = Net(nnx.Rngs(0))
+    _, (x, y) = _mlp_data()
+
+    def loss_fn(model, batch):
+        return jnp.mean((model(batch[0].astype(jnp.float32)) - batch[1]) ** 2)
+
+    refused = r"\['key'\]\.value \(1 more such leaves\) is a key<fry>\[\] leaf .* nnx\.reseed"
+    with pytest.raises(ValueError, match=refused):
+        autopipe.train(loss_fn, optax.sgd(0.1), net, (x, y), mesh=mesh(2), compile=False)
