@@ -7,7 +7,8 @@ arrays or ``jax.ShapeDtypeStruct``: tracing is abstract, so nothing is allocated
 
 Arguments named in ``batch_argnums`` carry the batch on their leading axis; every leaf in them
 is split into ``num_microbatches`` equal microbatches and the jaxpr is traced at microbatch
-size, which is the shape each pipeline tick computes on. All other arguments are parameters.
+size, which is the shape each pipeline tick computes on. All other arguments are parameters,
+except the *inputs* of `passes.inputs` (arguments without float leaves, PRNG keys).
 """
 
 from __future__ import annotations
