@@ -23,6 +23,7 @@ from autopipe._plan import Predicted as Predicted
 from autopipe._plan import Stage as Stage
 from autopipe._planned import Plan as Plan
 from autopipe._planned import Planned as Planned
+from autopipe._reference import microbatch_reference as microbatch_reference
 from autopipe._staged import Lowered as Lowered
 from autopipe._staged import Traced as Traced
 from autopipe._staged import trace as trace
@@ -33,10 +34,12 @@ from autopipe._viz import timeline as timeline
 from autopipe.cost_models.hardware import PRESETS as PRESETS
 from autopipe.cost_models.hardware import Hardware as Hardware
 from autopipe.cost_models.hardware import load_hardware as load_hardware
+from autopipe.passes.inputs import ConstantKeyWarning as ConstantKeyWarning
 from autopipe.passes.partition import PlanInfeasible as PlanInfeasible
 
 __all__ = [
     "Calibration",
+    "ConstantKeyWarning",
     "Factorization",
     "Hardware",
     "Lowered",
@@ -55,6 +58,7 @@ __all__ = [
     "factorizations",
     "initialize",
     "load_hardware",
+    "microbatch_reference",
     "parallelize",
     "plan",
     "plot_schedule",

@@ -46,7 +46,10 @@ def plan(
         axis (compiled plan), or an ``AbstractMesh`` / ``{"pp": 8, "dp": 16, "tp": 8}`` dict
         (planning only: nothing is compiled). Other axes replicate the whole pipeline.
       num_microbatches: microbatches per batch; None = largest divisor of the batch ≤ 2·stages.
-      batch_argnums: arguments whose leading axis is the batch; the rest are parameters.
+      batch_argnums: arguments whose leading axis is the batch; the rest are parameters,
+        except inputs (`autopipe.passes.inputs`): arguments without float leaves and typed PRNG
+        keys, sent to every stage unplaced; microbatch j sees a key as
+        ``jax.random.fold_in(key, j)`` (`autopipe.microbatch_reference` is that loop).
       num_stages: None = one stage per device of the pipeline axis.
       data_axis: the mesh axis over which every microbatch's rows are split (if the mesh has
         it): each replica runs the pipeline on its rows, parameters are replicated over it.
@@ -107,10 +110,16 @@ def train(
 
     ``loss_fn(*args)`` returns a float scalar: the mean (``reduction="mean"``) or sum over the
     examples of the batch arguments (``batch_argnums``); the others are the parameters the
-    optimizer trains. Use the returned plan as ``state = plan.init(*params)``,
-    ``state, loss = plan.step(state, *batch)`` (state is donated), and
-    ``params = plan.unplace(state)``. ``remat=None`` recomputes a stage's forward in its
-    backward only where keeping residuals would not fit ``memory_limit``. The optimizer sees
+    optimizer trains, except *inputs*: arguments without float leaves (a PRNG key, a step
+    counter), not trained, given anew to every step. Use the returned plan as
+    ``state = plan.init(*params)``, ``state, loss = plan.step(state, *batch_and_inputs)`` (the
+    arguments that are not parameters, in order; state is donated), and
+    ``params = plan.unplace(state)``. Dropout: pass a fresh key per step; microbatch j (global
+    index r·m + j over data replicas) draws from ``jax.random.fold_in(key, j)``, as
+    `autopipe.microbatch_reference` does on one device. A non-float leaf of a parameter
+    argument that the loss reads is refused (the optimizer would be given it).
+    ``remat=None`` recomputes a stage's forward in its backward only where keeping residuals
+    would not fit ``memory_limit``. The optimizer sees
     every leaf with its own shape (`autopipe.passes.optimizer`); one it cannot run exactly on
     the per-stage slots is refused with an error.
     A mesh axis named ``data_axis`` splits every microbatch's rows over data-parallel

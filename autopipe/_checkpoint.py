@@ -55,4 +55,7 @@ def restore_checkpoint(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _tree(like)
         )
         tree = manager.restore(step, args=ocp.args.StandardRestore(target))
-    return TrainState(params=tuple(tree["params"]), opt_state=tree["opt_state"]), step
+    state = TrainState(
+        params=tuple(tree["params"]), opt_state=tree["opt_state"], frozen=like.frozen
+    )
+    return state, step

@@ -86,6 +86,14 @@ def roofline_flops_bytes(
     )
 
 
+# --- PRNG key dtypes: the implementation behind a key<impl> dtype (passes.layout) -----------
+
+
+def key_impl_of(dtype: Any) -> Any:
+    """The PRNG implementation of a typed key dtype, as ``jax.random.wrap_key_data`` takes it."""
+    return dtype._impl
+
+
 # --- jax.experimental.multihost_utils: collectives between processes (autopipe._distributed) --
 
 

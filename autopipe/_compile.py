@@ -42,12 +42,24 @@ def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
         for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
         if b
     )
-    compiled = emitted.step.lower(param_avals, batch_avals).compile()
+    compiled = emitted.step.lower(
+        param_avals, batch_avals, input_avals(front, emitted.input_sharding)
+    ).compile()
     _check_branch_collectives(compiled.as_text(), front.traced.spec.fn_name)
     return _Runtime(
         emitted=emitted,
         compiled=compiled,
         packers=make_packers(program, front.split, emitted.params),
+    )
+
+
+def input_avals(front: _Front, sharding) -> tuple:
+    """The inputs (`passes.inputs`) as the step takes them: replicated on every device."""
+    prog = front.program
+    return tuple(
+        jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding)
+        for v, a in zip(prog.invars, front.traced.spec.in_avals, strict=True)
+        if v in prog.inputs
     )
 
 
@@ -86,7 +98,9 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
         for a, b in zip(traced.spec.in_avals, traced.spec.batch_leaves, strict=True)
         if b
     )
-    compiled = emitted.step.lower(emitted.buffers, emitted.opt_avals, batch_avals).compile()
+    ins = input_avals(front, emitted.input_sharding)
+    args = (emitted.buffers, emitted.opt_avals, batch_avals, ins)
+    compiled = emitted.step.lower(*args).compile()
     packers = make_packers(program, front.split, emitted.params, training=True)
     init_opt = emitted.init_opt
     return _Runtime(
@@ -107,7 +121,7 @@ def _unplace_fn(program, emitted) -> Callable:
     for v in placed:
         if (i := producer.get(v)) is not None:
             rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
-    params = [v for v in program.invars if v not in program.batch_dependent]
+    params = program.param_invars
 
     def gather(bufs):
         def held(k):

@@ -55,7 +55,9 @@ class Executable:
         params, batch = self._split_leaves(leaves)
         bufs = self._place_params(params)
         sharding = self._runtime.emitted.batch_sharding
-        outs = compiled(bufs, tuple(jax.device_put(x, sharding) for x in batch))
+        outs = compiled(
+            bufs, tuple(jax.device_put(x, sharding) for x in batch), self._inputs(leaves)
+        )
         last = _stage_devices(self.mesh, self.pipeline_axis, self.num_stages - 1)
         if not _distributed.owns_any(last):
             return None  # multi-process: outputs live in the processes holding the last stage
@@ -89,9 +91,13 @@ class Executable:
                 dims=self.dims,
                 replicate_outputs=True,
             ).step
-        params, batch = self._split_leaves(self._check_args(args))
+        leaves = self._check_args(args)
+        params, batch = self._split_leaves(leaves)
         bufs = pack_traced(self.program, rt.emitted.params, params, rt.emitted.buffers)
-        outs = rt.differentiable(bufs, tuple(batch))
+        ins = [
+            x for x, v in zip(leaves, self.program.invars, strict=True) if v in self.program.inputs
+        ]
+        outs = rt.differentiable(bufs, tuple(batch), tuple(ins))
         return jax.tree.unflatten(self.traced.out_tree, list(outs))
 
     def _check_args(self, args: Sequence[Any]) -> list[Any]:
@@ -113,10 +119,21 @@ class Executable:
 
     def _split_leaves(self, leaves: Sequence[Any]) -> tuple[list[Any], list[Any]]:
         """(parameter leaves, batch leaves) of a call's flat arguments."""
-        batch = self.traced.spec.batch_leaves
+        prog = self.program
+        params = set(prog.param_invars)
         return (
-            [x for x, b in zip(leaves, batch, strict=True) if not b],
-            [x for x, b in zip(leaves, batch, strict=True) if b],
+            [x for x, v in zip(leaves, prog.invars, strict=True) if v in params],
+            [x for x, v in zip(leaves, prog.invars, strict=True) if v in prog.batch_dependent],
+        )
+
+    def _inputs(self, leaves: Sequence[Any]) -> tuple[Any, ...]:
+        """The inputs (`passes.inputs`) among a call's flat leaves, replicated on every device."""
+        sharding = self._runtime.emitted.input_sharding
+        prog = self.program
+        return tuple(
+            jax.device_put(x, sharding)
+            for x, v in zip(leaves, prog.invars, strict=True)
+            if v in prog.inputs
         )
 
     def _place_params(self, params: list[Any]) -> tuple[Any, ...]:
@@ -134,8 +151,7 @@ class Executable:
         (and each tensor-parallel device holding only its shard)."""
         rt = self._runtime
         prog = self.program
-        param_ids = [v for v in prog.invars if v not in prog.batch_dependent]
-        raw = dict(zip(param_ids, params, strict=True)) | dict(prog.consts)
+        raw = dict(zip(prog.param_invars, params, strict=True)) | dict(prog.consts)
         per_stage = {}
         for s, (pack, ids) in enumerate(rt.packers):
             # only stages with a device in this process (all of them in a single process)
@@ -154,33 +170,52 @@ class Executable:
     # --- training ---------------------------------------------------------------------------
 
     def init(self, *params: Any) -> Any:
-        """Places the parameter arguments on their stages and initialises the optimizer."""
+        """Places the parameter arguments on their stages and initialises the optimizer.
+        Their non-float leaves are not trained: the state keeps them as given (``frozen``)."""
         rt = self._require_training()
         self._check_processes()
-        bufs = self.place_params(self._part(params, batch=False))
-        return TrainState(params=bufs, opt_state=rt.init_opt(bufs))
+        ids, leaves = self._part(params, step=False)
+        trained = set(self.program.param_invars)
+        bufs = self.place_params([x for v, x in zip(ids, leaves, strict=True) if v in trained])
+        frozen = tuple(x for v, x in zip(ids, leaves, strict=True) if v not in trained)
+        return TrainState(params=bufs, opt_state=rt.init_opt(bufs), frozen=frozen)
 
-    def step(self, state: Any, *batch: Any) -> tuple[Any, jax.Array]:
-        """One optimizer step on the batch arguments; returns (new state, loss). Donates
-        `state`: use only the returned one afterwards."""
+    def step(self, state: Any, *args: Any) -> tuple[Any, jax.Array]:
+        """One optimizer step; ``args`` are the arguments that are not parameters, in order:
+        the batch arguments and the inputs (arguments without float leaves: a PRNG key, a step
+        counter). Returns (new state, loss). Donates `state`: use only the returned one."""
         rt = self._require_training()
+        ids, leaves = self._part(args, step=True)
+        got = dict(zip(ids, leaves, strict=True))
+        prog = self.program
+        frozen = iter(state.frozen)
+        given = [got[v] if v in got else next(frozen) for v in prog.input_invars]
+        ins = tuple(jax.device_put(x, rt.emitted.input_sharding) for x in given)
         sharding = rt.emitted.batch_sharding
-        leaves = tuple(jax.device_put(x, sharding) for x in self._part(batch, batch=True))
-        params, opt_state, loss = rt.compiled(state.params, state.opt_state, leaves)
-        return TrainState(params=params, opt_state=opt_state), loss
+        batch = tuple(
+            jax.device_put(got[v], sharding) for v in prog.invars if v in prog.batch_dependent
+        )
+        params, opt_state, loss = rt.compiled(state.params, state.opt_state, batch, ins)
+        return TrainState(params=params, opt_state=opt_state, frozen=state.frozen), loss
 
     def unplace(self, state: Any) -> Any:
         """The parameter arguments (same pytrees as given to `init`) from a training state."""
         rt = self._require_training()
-        spec = self.traced.spec
-        it = iter(rt.unplace(state.params))
-        leaves = [None if b else next(it) for b in spec.batch_leaves]
+        spec, prog = self.traced.spec, self.program
+        it, frozen = iter(rt.unplace(state.params)), iter(state.frozen)
+        input_args = {i for a in spec.input_args for i in spec.arg_leaves()[a]}
+        leaves = [
+            None
+            if v in prog.batch_dependent or i in input_args
+            else (next(frozen) if v in prog.inputs else next(it))
+            for i, v in enumerate(prog.invars)
+        ]
         args = jax.tree.unflatten(spec.in_tree, leaves)
         out = [
             a if g is None else nnx_merge(g, a)
             for a, g in zip(args, spec.nnx_graphdefs, strict=True)
         ]
-        params = [a for i, a in enumerate(out) if i not in spec.batch_args]
+        params = [a for i, a in enumerate(out) if i not in {*spec.batch_args, *spec.input_args}]
         return params[0] if len(params) == 1 else tuple(params)
 
     def _require_training(self) -> _Runtime:
@@ -189,21 +224,21 @@ class Executable:
             raise RuntimeError("init/step/unplace belong to training plans (autopipe.train).")
         return self._runtime
 
-    def _part(self, args: Sequence[Any], *, batch: bool) -> list[Any]:
-        """Flat leaves of the parameter (or batch) arguments, checked against the plan."""
+    def _part(self, args: Sequence[Any], *, step: bool) -> tuple[list[int], list[Any]]:
+        """(value ids, flat leaves) of the parameter arguments (``step=False``) or of the others
+        (batch and input arguments), checked against the plan."""
         spec = self.traced.spec
-        n = sum((i in spec.batch_args) == batch for i in range(spec.num_args))
-        kind = "batch" if batch else "parameter"
-        if len(args) != n:
+        per_step = {*spec.batch_args, *spec.input_args}
+        positions = [i for i in range(spec.num_args) if (i in per_step) == step]
+        kind = "batch or input" if step else "parameter"
+        if len(args) != len(positions):
             raise TypeError(
-                f"plan for {spec.fn_name} takes {n} {kind} argument(s), got {len(args)}."
+                f"plan for {spec.fn_name} takes {len(positions)} {kind} argument(s) (arguments "
+                f"{positions}), got {len(args)}."
             )
         leaves = [x for a in args for x in jax.tree.leaves(_split_nnx(a)[1])]
-        want = [
-            (p, a)
-            for p, a, b in zip(spec.in_paths, spec.in_avals, spec.batch_leaves, strict=True)
-            if b == batch
-        ]
+        index = [i for a in positions for i in spec.arg_leaves()[a]]
+        want = [(spec.in_paths[i], spec.in_avals[i]) for i in index]
         if len(leaves) != len(want):
             raise ValueError(
                 f"plan for {spec.fn_name}: the {kind} arguments have {len(leaves)} "
@@ -211,7 +246,7 @@ class Executable:
             )
         for (path, aval), x in zip(want, leaves, strict=True):
             _check_leaf(spec.fn_name, path, aval, x)
-        return leaves
+        return [self.program.invars[i] for i in index], leaves
 
     @property
     def batch_sharding(self) -> Any:
@@ -258,6 +293,7 @@ class TrainState:
 
     params: tuple[jax.Array, ...]
     opt_state: Any
+    frozen: tuple = ()  # the non-float leaves of the parameter arguments, as given (not trained)
 
 
 def _check_leaf(fn_name: str, path: str, want: Any, x: Any) -> None:

@@ -18,6 +18,7 @@ import numpy as np
 from autopipe.cost_models.hardware import Hardware, get_hardware
 from autopipe.passes.costs import OperatorCosts, operator_costs
 from autopipe.passes.graph import build_program
+from autopipe.passes.inputs import check_inputs, input_leaves
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, split_ops
 from autopipe.passes.trace import Traced, batch_size_of, make_arg_spec, trace
@@ -153,8 +154,10 @@ def make_front(fn: Callable, args: Sequence[Any], opts: FrontOptions) -> Front:
     spec = make_arg_spec(fn, args, opts.batch_argnums)
     m = _microbatches(spec, opts.num_microbatches, dp, p, data_axis)
     traced = trace(fn, args, batch_argnums=opts.batch_argnums, num_microbatches=m * dp)
-    program = build_program(traced.jaxpr, traced.spec.batch_leaves)
+    flags = input_leaves(traced.spec, training=opts.training)
+    program = build_program(traced.jaxpr, traced.spec.batch_leaves, flags)
     (check_loss if opts.training else check_outputs)(traced, program)
+    check_inputs(traced.spec, program, training=opts.training)
     split = split_ops(program, training=opts.training)
     n_ops = len(split.pipeline)
     if n_ops < p:

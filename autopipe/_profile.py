@@ -52,7 +52,10 @@ def stage_function(plan: Any, s: int) -> tuple[Callable, tuple[int, ...]]:
     """(fn, input value ids) for stage `s`: fn(*inputs) runs the stage's operators alone."""
     program, layout = plan.program, plan.layouts[s]
     batch_in = [v for v in program.invars if v in program.batch_dependent]
-    inputs = tuple(dict.fromkeys([*layout.params, *layout.recv.values(), *batch_in]))
+    consts = {v for v, _ in program.consts}  # key constants are read, not placed
+    reads = {a for i in layout.ops for a in program.ops[i].invars if isinstance(a, int)} & consts
+    given = [*layout.params, *layout.inputs, *layout.recv.values(), *batch_in, *sorted(reads)]
+    inputs = tuple(dict.fromkeys(given))
     sends = list(layout.send.values())
     last = s == plan.num_stages - 1
 

@@ -39,9 +39,7 @@ def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:
     """Optimizer-state bytes per parameter byte (Adam: 2), from optimizer.init's shapes."""
     prog = front.program
     params = [
-        jax.ShapeDtypeStruct(prog.avals[v].shape, prog.avals[v].dtype)
-        for v in prog.invars
-        if v not in prog.batch_dependent
+        jax.ShapeDtypeStruct(prog.avals[v].shape, prog.avals[v].dtype) for v in prog.param_invars
     ]
     state = jax.eval_shape(optimizer.init, params)
     p_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in params) or 1
@@ -110,7 +108,7 @@ def _check_untied(front: Front, owner: dict[int, dict]) -> None:
 def _with_orphans(front: Front, layouts: list[StageLayout], owner) -> list[StageLayout]:
     """Parameters no stage reads still get the optimizer's update: keep them on the last."""
     prog = front.program
-    orphans = [v for v in prog.invars if v not in prog.batch_dependent and v not in owner]
+    orphans = [v for v in prog.param_invars if v not in owner]
     if not orphans:
         return layouts
     last = layouts[-1]

@@ -127,11 +127,12 @@ class _Gpt2Block(nn.Module):
 
 class LinenGPT2(nn.Module):
     """``apply(variables, tokens, mask=None)`` → logits ``[B, S, vocab]``; the head is the token
-    embedding (``wte.attend``). Dropout runs when ``deterministic=False`` (pass
-    ``rngs={"dropout": key}`` to ``apply``)."""
+    embedding (``wte.attend``), or with ``tied=False`` a separate ``lm_head`` Dense. Dropout runs
+    when ``deterministic=False`` (pass ``rngs={"dropout": key}`` to ``apply``)."""
 
     config: DecoderConfig
     deterministic: bool = True
+    tied: bool = True
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -142,7 +143,10 @@ class LinenGPT2(nn.Module):
         x = nn.Dropout(cfg.dropout)(x, deterministic=self.deterministic)
         for i in range(cfg.layers):
             x = _Gpt2Block(cfg, self.deterministic, name=f"h_{i}")(x, mask)
-        return wte.attend(nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x))
+        x = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x)
+        if self.tied:
+            return wte.attend(x)
+        return nn.Dense(cfg.vocab, use_bias=False, dtype=cfg.dtype, name="lm_head")(x)
 
 
 # --------------------------------------------------------------------------------------------

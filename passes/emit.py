@@ -31,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
 from autopipe.passes.ir import Program, apply_op, read_atom
 from autopipe.passes.layout import StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
@@ -41,6 +42,7 @@ from autopipe.passes.param_layout import (
     unpack_flat,
 )
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.trace import is_key_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +52,7 @@ class Emitted:
     params: ParamLayout
     batch_sharding: NamedSharding
     mesh: Any  # the mesh the program runs on (the user's devices, every axis Auto)
+    input_sharding: NamedSharding | None = None  # inputs (`passes.inputs`): replicated
 
 
 def auto_mesh(mesh: Any) -> jax.sharding.Mesh:
@@ -70,10 +73,14 @@ def _stage_fn(
 ):
     """Stage ``layout`` on ``device`` as ``run(bufs, recv, xs) -> (send, outputs or None)``,
     reading its parameters from its blocks of the buffers of ``params``."""
-    batch_in = [v for v in program.invars if v in program.batch_dependent]
+    batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
+    batch_in += program.input_invars
+
+    key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
 
     def run(bufs: Sequence[Any], recv: dict, xs: Sequence[Any]):
-        env: dict = {}
+        """``xs``: this microbatch's batch leaves, then the inputs as it sees them."""
+        env: dict = dict(key_consts)
         unpack_flat(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
         for v in env:  # whole on every device of the tensor axis, as planned
@@ -138,7 +145,7 @@ def emit(
     tp = mesh.shape[tensor_axis] if tensor_axis else 1
     tensor_axis = tensor_axis if tp > 1 else None
     layout = param_layout(program, [st.params for st in stages], dims=dims if tensor_axis else None)
-    body = _body(program, stages, schedule, layout, axis, dims or {}, tensor_axis)
+    body = _body(program, stages, schedule, layout, axis, dims or {}, tensor_axis, data_axis)
     if replicate_outputs:
         body = _replicated(body, axis, p)
     rows = P(data_axis) if data_axis else P()
@@ -146,15 +153,15 @@ def emit(
     smap = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tuple(P(axis) for _ in layout.avals(mesh, axis, tensor_axis)), rows),
+        in_specs=(tuple(P(axis) for _ in layout.avals(mesh, axis, tensor_axis)), rows, P()),
         out_specs=tuple(out_rows for _ in program.outvars),
         axis_names={axis, data_axis} if data_axis else {axis},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
-    def step(slots, batch_leaves):
+    def step(slots, batch_leaves, input_leaves=()):
         batch = tuple(x.reshape(dp, m, batch_size // (dp * m), *x.shape[1:]) for x in batch_leaves)
-        return smap(tuple(slots), batch)
+        return smap(tuple(slots), batch, tuple(input_leaves))
 
     return Emitted(
         step=jax.jit(step),
@@ -162,22 +169,24 @@ def emit(
         params=layout,
         batch_sharding=NamedSharding(mesh, rows),
         mesh=mesh,
+        input_sharding=NamedSharding(mesh, P()),
     )
 
 
 def _replicated(body: Callable, axis: str, p: int) -> Callable:
     """``body`` whose outputs every device returns (summed from the last stage's devices)."""
 
-    def run(slots, batch):
+    def run(slots, batch, inputs):
         last = jax.lax.axis_index(axis) == p - 1
-        return tuple(
-            jax.lax.psum(jnp.where(last, y, jnp.zeros_like(y)), axis) for y in body(slots, batch)
-        )
+        outs = body(slots, batch, inputs)
+        return tuple(jax.lax.psum(jnp.where(last, y, jnp.zeros_like(y)), axis) for y in outs)
 
     return run
 
 
-def _body(program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axis) -> Callable:
+def _body(
+    program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axis, data_axis
+) -> Callable:
     """The shard_map body: a scan over the table's ticks, one ``switch`` over the stages per tick
     (an extra branch idles), one ppermute per boundary dtype after it."""
     p, m = len(stages), schedule.num_microbatches
@@ -207,9 +216,13 @@ def _body(program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axi
     mb_table = np.array([[0 if c is None else c.microbatch for c in row] for row in schedule.table])
     perm = [(d, d + 1) for d in range(p - 1)]
 
-    def body(slot_bufs, batch):
+    keys = key_inputs(program)
+    input_ids = program.input_invars
+
+    def body(slot_bufs, batch, inputs):
         batch = tuple(x[0] for x in batch)  # this data replica's (m, microbatch, ...) rows
         dev = jax.lax.axis_index(axis)
+        first = first_microbatch(data_axis, m)
         stages_t = jnp.asarray(stage_table, jnp.int32)[:, dev]
         mbs_t = jnp.asarray(mb_table, jnp.int32)[:, dev]
 
@@ -218,6 +231,7 @@ def _body(program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axi
             recv = dict(zip(boundary_sizes, recv_bufs, strict=True))
             j = mbs_t[t]
             xs = [jax.lax.dynamic_index_in_dim(x, j, 0, keepdims=False) for x in batch]
+            xs += per_microbatch(keys, input_ids, inputs, first + j)
             send, outs = jax.lax.switch(stages_t[t], branches, slot_bufs, recv, xs)
             row = jnp.where(stages_t[t] == p - 1, j, m)  # other actions: the spare row
             out_bufs = tuple(

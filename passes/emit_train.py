@@ -52,6 +52,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.emit import auto_mesh
+from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.optimizer import optimizer_step
@@ -75,7 +76,7 @@ __all__ = ["EmittedTrain", "device_groups", "emit_train", "plan_chunks", "plan_s
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EmittedTrain:
-    step: Callable  # jitted (slots, opt_state, batch_leaves) -> (slots, opt_state, loss)
+    step: Callable  # jitted (slots, opt_state, batch_leaves, inputs) -> (slots, opt_state, loss)
     init_opt: Callable  # jitted slots -> opt_state (laid out as `opt_avals`)
     params: ParamLayout  # by shape: every leaf in a slot of its own shape
     buffers: tuple[jax.ShapeDtypeStruct, ...]  # the slots, global ``(p, *shape)``, sharded
@@ -85,6 +86,7 @@ class EmittedTrain:
     slots: SlotPlan
     residual_sizes: dict[str, int]  # elements per residual slot, per dtype
     residual_chunks: ResidualChunks
+    input_sharding: NamedSharding  # inputs (`passes.inputs`): replicated on every device
 
 
 def emit_train(
@@ -116,7 +118,7 @@ def emit_train(
     smap = jax.shard_map(
         pipeline,
         mesh=mesh,
-        in_specs=(tuple(P(axis) for _ in buffers), rows),
+        in_specs=(tuple(P(axis) for _ in buffers), rows, P()),
         out_specs=(tuple(P(axis) for _ in buffers), P()),
         # Training does not split over the other axes (a tensor axis): manual over all of them,
         # each device computes its replica, nothing is left to XLA's partitioner (which
@@ -126,9 +128,9 @@ def emit_train(
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
-    def train_step(param_slots, opt_state, batch_leaves):
+    def train_step(param_slots, opt_state, batch_leaves, input_leaves):
         batch = tuple(x.reshape(dp, m, mb, *x.shape[1:]) for x in batch_leaves)
-        grads, loss = smap(tuple(param_slots), batch)
+        grads, loss = smap(tuple(param_slots), batch, tuple(input_leaves))
         param_slots, opt_state = opt.update(grads, opt_state, tuple(param_slots))
         return param_slots, opt_state, loss
 
@@ -143,6 +145,7 @@ def emit_train(
         slots=slots,
         residual_sizes=acts.chunks.sizes(),
         residual_chunks=acts.chunks,
+        input_sharding=NamedSharding(mesh, P()),
     )
 
 
@@ -201,14 +204,14 @@ def _zeros(sizes: dict[str, int], *lead: int) -> tuple:
 
 def _initial_carry(acts: Actions, n: dict[str, int]) -> tuple:
     """(sent forward, sent backward, inboxes, cotangents, gradient sums, forward state)."""
-    b = acts.boundary_sizes
+    b, g = acts.boundary_sizes, acts.grad_sizes
     state = ForwardState(
         ress=tuple(jnp.zeros((n["res"], k), dt) for dt, k in acts.chunks.chunks),
         loss=jnp.zeros((), jnp.float32),
         send_f=_zeros(b),
     )
     grads = tuple(jnp.zeros(sl.shape, sl.dtype) for sl in acts.params.slots)
-    return (_zeros(b), _zeros(b), _zeros(b, n["act"]), _zeros(b, n["grad"]), _zeros(b, n["cot"]),
+    return (_zeros(b), _zeros(g), _zeros(b, n["act"]), _zeros(g, n["grad"]), _zeros(g, n["cot"]),
             grads, state)  # fmt: skip
 
 
@@ -222,10 +225,13 @@ def _pipeline(
     forwards = [acts.forward(s) for s in range(S)]
     backwards = _backwards(acts, schedule)
     all_tables = _tables(schedule, slots)
+    keys, input_ids = key_inputs(acts.program), acts.program.input_invars
+    m = schedule.num_microbatches
 
-    def body(params, batch):
+    def body(params, batch, inputs):
         batch = tuple(x[0] for x in batch)  # this data replica's (m, microbatch, ...) rows
         dev = jax.lax.axis_index(axis)
+        first = first_microbatch(data_axis, m)
         tables = {k: jnp.asarray(v)[:, dev] for k, v in all_tables.items()}
 
         def tick(carry, t):
@@ -235,7 +241,8 @@ def _pipeline(
             inbox_b = tuple(map(set_row, inbox_b, [cell["grad_store"]] * len(bwd_in), bwd_in))
             x = TickInputs(
                 params=params,
-                xs=[jax.lax.dynamic_index_in_dim(b, cell["mb"], 0, keepdims=False) for b in batch],
+                xs=[jax.lax.dynamic_index_in_dim(b, cell["mb"], 0, keepdims=False) for b in batch]
+                + per_microbatch(keys, input_ids, inputs, first + cell["mb"]),
                 act=tuple(row(b, cell["act_read"]) for b in inbox_f),
                 grad=tuple(row(b, cell["grad_read"]) for b in inbox_b),
                 slots=cell,

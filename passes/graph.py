@@ -165,8 +165,11 @@ def _dce(ops: list[Op], outvars: Sequence[Atom]) -> list[Op]:
     return kept[::-1]
 
 
-def build_program(closed: ClosedJaxpr, batch_inputs: Sequence[bool]) -> Program:
-    """Lowers a traced jaxpr to the flat operator IR (see the module docstring)."""
+def build_program(
+    closed: ClosedJaxpr, batch_inputs: Sequence[bool], inputs: Sequence[bool] = ()
+) -> Program:
+    """Lowers a traced jaxpr to the flat operator IR (see the module docstring). ``inputs``:
+    per input, whether it is a non-batch input that is not a parameter (`passes.inputs`)."""
     b = _Builder()
     env: dict = {}
     invars = tuple(
@@ -185,6 +188,7 @@ def build_program(closed: ClosedJaxpr, batch_inputs: Sequence[bool]) -> Program:
         outvars=outvars,
         consts=tuple(b.consts),
         batch_dependent=frozenset(b.batch),
+        inputs=frozenset(v for v, x in zip(invars, inputs, strict=False) if x),
     )
 
 

@@ -56,6 +56,18 @@ class Program:
     outvars: tuple[Atom, ...]  # the function's flat outputs
     consts: tuple[tuple[int, Any], ...]  # (value id, concrete array) closed over by the jaxpr
     batch_dependent: frozenset[int]  # value ids that depend on a batch input
+    # non-batch inputs that are not parameters: keys, counters (`passes.inputs`)
+    inputs: frozenset[int] = frozenset()
+
+    @property
+    def param_invars(self) -> tuple[int, ...]:
+        """The inputs placed on the stages as parameters (trained, in training)."""
+        return tuple(v for v in self.invars if v not in self.batch_dependent | self.inputs)
+
+    @property
+    def input_invars(self) -> tuple[int, ...]:
+        """The non-batch inputs sent to every device, in input order (`passes.inputs`)."""
+        return tuple(v for v in self.invars if v in self.inputs)
 
     @functools.cached_property
     def value_bytes(self) -> tuple[int, ...]:

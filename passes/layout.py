@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import jax
 import numpy as np
 
 from autopipe.cost_models.rules import nbytes
 from autopipe.passes.ir import Program
+from autopipe.passes.trace import is_key_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -40,6 +43,7 @@ class Slot:
     offset: int
     size: int  # elements in the buffer
     shape: tuple[int, ...]
+    key: Any = None  # a typed PRNG key dtype: the value travels as its key data (uint32)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -72,15 +76,16 @@ class StageLayout:
     send: FlatLayout  # batch values leaving for the next stage
     param_bytes: int  # bytes of the stage's own parameter values (whole)
     device_param_bytes: int = -1  # bytes one device holds (its shard of the split values)
+    inputs: tuple[int, ...] = ()  # non-batch inputs the stage reads (`passes.inputs`)
 
 
 def split_ops(program: Program, *, training: bool = False) -> Split:
     """Classifies operators. For training only ``index`` ops (rows of stacked layer weights)
     are hoisted, so every placed value is a parameter or a slice of one and gradients with
     respect to placed values are gradients of the parameters; consts are not placed."""
-    pre = set(program.invars) - program.batch_dependent
+    pre = set(program.param_invars)  # inputs change per microbatch (keys): never hoisted
     if not training:
-        pre |= {v for v, _ in program.consts}
+        pre |= set(placed_consts(program))
     pipeline, hoisted, local = [], set(), set()
     for i, op in enumerate(program.ops):
         if program.is_batch_op(op):
@@ -98,11 +103,17 @@ def split_ops(program: Program, *, training: bool = False) -> Split:
     return Split(pipeline=tuple(pipeline), hoisted=frozenset(hoisted), local=frozenset(local))
 
 
+def placed_consts(program: Program) -> list[int]:
+    """Constants placed like parameters in forward plans: all but PRNG keys (slots cannot
+    hold them; every stage reads a key constant from the program, `passes.emit`)."""
+    return [v for v, _ in program.consts if not is_key_dtype(program.avals[v].dtype)]
+
+
 def placed_sources(program: Program, split: Split, *, training: bool = False) -> frozenset[int]:
     """Values available before the pipeline runs: raw parameters, constants, hoisted values."""
-    raw = set(program.invars) - program.batch_dependent
+    raw = set(program.param_invars)
     if not training:
-        raw |= {v for v, _ in program.consts}
+        raw |= set(placed_consts(program))
     return frozenset(raw | {v for i in split.hoisted for v in program.ops[i].outvars})
 
 
@@ -124,10 +135,13 @@ def _flat(program: Program, values: Sequence[int]) -> FlatLayout:
     by_dtype: dict[str, list[Slot]] = {}
     for v in sorted(set(values)):
         aval = program.avals[v]
-        slots = by_dtype.setdefault(str(np.dtype(aval.dtype)), [])
+        key = aval.dtype if is_key_dtype(aval.dtype) else None
+        data = jax.eval_shape(jax.random.key_data, aval) if key is not None else aval
+        slots = by_dtype.setdefault(str(np.dtype(data.dtype)), [])
         offset = slots[-1].offset + slots[-1].size if slots else 0
-        size = int(np.prod(aval.shape, dtype=np.int64))
-        slots.append(Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape)))
+        size = int(np.prod(data.shape, dtype=np.int64))
+        slot = Slot(value=v, offset=offset, size=size, shape=tuple(aval.shape), key=key)
+        slots.append(slot)
     return FlatLayout(slots=tuple((dt, tuple(s)) for dt, s in sorted(by_dtype.items())))
 
 
@@ -190,6 +204,7 @@ def stage_layouts(
                 send=_flat(program, live[hi] if hi < len(split.pipeline) else []),
                 param_bytes=sum(program.nbytes(v) for v in params),
                 device_param_bytes=sum(shard),
+                inputs=tuple(sorted(reads & program.inputs)),
             )
         )
     return tuple(stages)

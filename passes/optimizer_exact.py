@@ -219,7 +219,7 @@ def check_optimizer(
     """`check_exact` for a training step: the user's parameter tree (the non-batch arguments of
     `spec`, one or a tuple) against the slots of ``layout`` (a `ParamLayout`) as the step runs
     them in ``mode`` ("local": each device's rows; "global": the whole ``(p, *shape)`` slots)."""
-    params = [v for v in program.invars if v not in program.batch_dependent]
+    params = list(program.param_invars)  # inputs (keys, counters) are not trained
     index = {v: i for i, v in enumerate(params)}
     producer = program.producers()
     held = []
@@ -227,11 +227,13 @@ def check_optimizer(
         for v in {v for v in slot.values if v is not None}:
             raw = v if v in index else program.ops[producer[v]].invars[0]
             held.append((k, index[raw], v in index and mode == "local"))
-    leaves = [None if b else a for a, b in zip(spec.in_avals, spec.batch_leaves, strict=True)]
+    trained = [v in index for v in program.invars]
+    leaves = [a if t else None for a, t in zip(spec.in_avals, trained, strict=True)]
     args = jax.tree.unflatten(spec.in_tree, leaves)
-    trees = [a for i, a in enumerate(args) if i not in spec.batch_args]
+    skip = {*spec.batch_args, *spec.input_args}
+    trees = [a for i, a in enumerate(args) if i not in skip]
     tree = trees[0] if len(trees) == 1 else tuple(trees)
-    paths = [p for p, b in zip(spec.in_paths, spec.batch_leaves, strict=True) if not b]
+    paths = [p for p, t in zip(spec.in_paths, trained, strict=True) if t]
     if mode == "local":
         rows = [jax.ShapeDtypeStruct(s.shape, s.dtype) for s in layout.slots]
     else:

@@ -36,6 +36,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autopipe._compat import key_impl_of
 from autopipe.passes.ir import Program, eval_ops
 from autopipe.passes.layout import FlatLayout, Split, _flat, buffer_sizes, placed_sources
 
@@ -209,6 +210,10 @@ def unpack_flat(env: dict, layout: FlatLayout, bufs: Mapping[str, Any]) -> None:
     for dt, slots in layout.slots:
         for s in slots:
             part = jax.lax.slice(bufs[dt], (s.offset,), (s.offset + s.size,))
+            if s.key is not None:  # a typed PRNG key travels as its key data
+                data = part.reshape(*s.shape, s.size // max(1, int(np.prod(s.shape))))
+                env[s.value] = jax.random.wrap_key_data(data, impl=key_impl_of(s.key))
+                continue
             env[s.value] = part.reshape(s.shape)
 
 
@@ -217,12 +222,16 @@ def pack_flat(env: Mapping[int, Any], layout: FlatLayout, sizes: Mapping[str, in
     slots = dict(layout.slots)
     out = []
     for dt, n in sizes.items():
-        parts = [jnp.asarray(env[s.value]).reshape(-1) for s in slots.get(dt, ())]
+        parts = [_data(env[s.value], s.key).reshape(-1) for s in slots.get(dt, ())]
         used = sum(s.size for s in slots.get(dt, ()))
         if used < n:
             parts.append(jnp.zeros((n - used,), dt))
         out.append(jnp.concatenate(parts) if len(parts) > 1 else parts[0])
     return tuple(out)
+
+
+def _data(x: Any, key: Any) -> Any:
+    return jax.random.key_data(x) if key is not None else jnp.asarray(x)
 
 
 def blocks(
@@ -286,8 +295,7 @@ def pack_traced(
 ) -> tuple[Any, ...]:
     """Traceable (differentiable) placement of the parameter leaves into the slots, laid out as
     ``buffers`` (their avals)."""
-    param_ids = [v for v in program.invars if v not in program.batch_dependent]
-    raw = dict(zip(param_ids, params, strict=True)) | dict(program.consts)
+    raw = dict(zip(program.param_invars, params, strict=True)) | dict(program.consts)
     rows = []
     for d in range(layout.num_devices):
         ops, needed = hoist_closure(program, layout.held(d))

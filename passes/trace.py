@@ -7,7 +7,8 @@ arrays or ``jax.ShapeDtypeStruct``: tracing is abstract, so nothing is allocated
 
 Arguments named in ``batch_argnums`` carry the batch on their leading axis; every leaf in them
 is split into ``num_microbatches`` equal microbatches and the jaxpr is traced at microbatch
-size, which is the shape each pipeline tick computes on. All other arguments are parameters.
+size, which is the shape each pipeline tick computes on. All other arguments are parameters,
+except the *inputs* of `passes.inputs` (arguments without float leaves, PRNG keys).
 """
 
 from __future__ import annotations
@@ -37,6 +38,23 @@ class ArgSpec:
     batch_leaves: tuple[bool, ...]  # per flat leaf: does it carry the batch axis?
     batch_args: tuple[int, ...]  # positions of the batch arguments
 
+    def arg_leaves(self) -> tuple[tuple[int, ...], ...]:
+        """Per argument, the indices of its flat leaves."""
+        tree = jax.tree.unflatten(self.in_tree, range(len(self.in_avals)))
+        return tuple(tuple(jax.tree.leaves(a)) for a in tree)
+
+    @property
+    def input_args(self) -> tuple[int, ...]:
+        """Non-batch arguments with leaves but no float leaf (keys, counters): inputs, not
+        parameters (`passes.inputs`)."""
+        return tuple(
+            a
+            for a, leaves in enumerate(self.arg_leaves())
+            if a not in self.batch_args
+            and leaves
+            and not any(is_float(self.in_avals[i]) for i in leaves)
+        )
+
     def flatten(self, args: Sequence[Any]) -> tuple[Any, list[Any]]:
         """Splits NNX modules and flattens; returns (treedef, leaves)."""
         leaves, treedef = jax.tree.flatten(tuple(_split_nnx(a)[1] for a in args))
@@ -61,6 +79,15 @@ class Traced:
         """A hash of the traced program, used to check a saved plan still fits the function."""
         text = f"{self.spec.in_tree}|{self.out_tree}|{self.jaxpr}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def is_key_dtype(dtype: Any) -> bool:
+    return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def is_float(aval: Any) -> bool:
+    """A float leaf: one with a gradient (PRNG keys are not)."""
+    return not is_key_dtype(aval.dtype) and jax.numpy.issubdtype(aval.dtype, np.inexact)
 
 
 def function_name(fn: Callable) -> str:
@@ -140,9 +167,26 @@ def batch_size_of(spec: ArgSpec) -> int:
         listing = ", ".join(f"{p}: {n}" for p, n in sizes.items())
         raise ValueError(
             f"{spec.fn_name}: batch leaves disagree on the batch size ({listing}); every leaf "
-            "of a batch argument must have the same leading axis."
+            "of a batch argument must have the same leading axis." + _key_hint(spec, sizes)
         )
     return next(iter(sizes.values()))
+
+
+def _key_hint(spec: ArgSpec, sizes: dict[str, int]) -> str:
+    """For a PRNG key among disagreeing batch leaves: where a key goes."""
+    common = max(set(sizes.values()), key=list(sizes.values()).count)
+    keys = [
+        p
+        for p, a in zip(spec.in_paths, spec.in_avals, strict=True)
+        if p in sizes and sizes[p] != common and (is_key_dtype(a.dtype) or a.dtype == np.uint32)
+    ]
+    if not keys:
+        return ""
+    return (
+        f" {keys[0]} looks like a PRNG key: per-example keys need the batch axis "
+        f"(jax.random.split(key, {common})); a key for the whole batch goes in an argument "
+        "outside batch_argnums, and microbatch j then draws from jax.random.fold_in(key, j)."
+    )
 
 
 def _flat_fn(fn: Callable, spec: ArgSpec) -> Callable:

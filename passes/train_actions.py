@@ -12,6 +12,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autopipe.passes.ir import Program, eval_ops
 from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
@@ -37,27 +38,47 @@ def _is_float(aval: Any) -> bool:
     return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
+def float_part(layout: FlatLayout) -> FlatLayout:
+    """The float buffers of a boundary: only float values carry a cotangent back."""
+    floats = [(dt, s) for dt, s in layout.slots if jnp.issubdtype(np.dtype(dt), jnp.inexact)]
+    return FlatLayout(slots=tuple(floats))
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _StageIO:
-    """The differentiable interface of one stage."""
+    """The differentiable interface of one stage. Integer and boolean values (masks, indices,
+    counts) cross stages forward like any other, but carry no cotangent: they enter as
+    ``fixed`` and leave as ``aux``, outside the differentiated function."""
 
     params: tuple[int, ...]  # float parameter values (differentiated)
     recv: tuple[int, ...]  # float values received (differentiated)
     fixed: tuple[int, ...]  # int/bool parameter or received values (not differentiated)
-    outputs: tuple[int, ...]  # values sent on, or the loss
+    fixed_recv: tuple[int, ...]  # the received ones among ``fixed``
+    outputs: tuple[int, ...]  # float values sent on, or the loss (differentiated)
+    aux: tuple[int, ...]  # int/bool values sent on (no cotangent)
 
 
 def _stage_io(program: Program, layout: StageLayout, last: bool) -> _StageIO:
     params = layout.params
     recv = layout.recv.values()
     floats = lambda vs: tuple(v for v in vs if _is_float(program.avals[v]))  # noqa: E731
-    fixed = tuple(v for v in (*params, *recv) if not _is_float(program.avals[v]))
-    outputs = tuple(program.outvars) if last else layout.send.values()
-    return _StageIO(params=floats(params), recv=floats(recv), fixed=fixed, outputs=outputs)
+    others = lambda vs: tuple(v for v in vs if not _is_float(program.avals[v]))  # noqa: E731
+    sent = tuple(program.outvars) if last else layout.send.values()
+    return _StageIO(
+        params=floats(params),
+        recv=floats(recv),
+        fixed=others((*params, *recv)),
+        fixed_recv=others(recv),
+        outputs=floats(sent) if not last else sent,
+        aux=others(sent) if not last else (),
+    )
 
 
 def _apply_fn(program: Program, layout: StageLayout, io: _StageIO, consts: dict) -> Callable:
-    batch_in = [v for v in program.invars if v in program.batch_dependent]
+    """``apply(params, recv, fixed, xs) -> (outputs, aux)``: the stage, differentiable in its
+    first two arguments (`jax.vjp` with ``has_aux``)."""
+    batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
+    batch_in += program.input_invars  # as this microbatch sees them (`passes.inputs`)
 
     def apply(param_vals, recv_vals, fixed_vals, xs):
         env = dict(consts)
@@ -66,7 +87,7 @@ def _apply_fn(program: Program, layout: StageLayout, io: _StageIO, consts: dict)
         env.update(zip(io.fixed, fixed_vals, strict=True))
         env.update(zip(batch_in, xs, strict=True))
         eval_ops(program, layout.ops, env)
-        return tuple(env[v] for v in io.outputs)
+        return tuple(env[v] for v in io.outputs), tuple(env[v] for v in io.aux)
 
     return apply
 
@@ -81,16 +102,20 @@ class _Residuals:
     stored: tuple[jax.ShapeDtypeStruct, ...]  # the stored leaves, in order
 
 
-def _residual_spec(fn: Callable, args: tuple, remat: bool) -> _Residuals:
-    """Traces ``jax.vjp`` of a stage abstractly to learn its residual structure."""
+def _residual_spec(fn: Callable, args: tuple, remat: bool, n_fixed_recv: int) -> _Residuals:
+    """Traces ``jax.vjp`` of a stage abstractly to learn its residual structure (under remat:
+    the stage input, i.e. the received values, the last ``n_fixed_recv`` of ``fixed``
+    included)."""
     found = {}
 
     def probe(param_vals, recv_vals, fixed_vals, xs):
-        if remat:
-            leaves, treedef = jax.tree.flatten(recv_vals)
+        if remat:  # the stage input: its float values and the received int/bool ones
+            got = (*recv_vals, *fixed_vals[len(fixed_vals) - n_fixed_recv :])
+            leaves, treedef = jax.tree.flatten(got)
             found["spec"] = (treedef, [-1] * len(leaves))
             return leaves
-        _, vjp_fn = jax.vjp(lambda pv, rv: fn(pv, rv, fixed_vals, xs), param_vals, recv_vals)
+        f = lambda pv, rv: fn(pv, rv, fixed_vals, xs)  # noqa: E731
+        _, vjp_fn, _ = jax.vjp(f, param_vals, recv_vals, has_aux=True)
         leaves, treedef = jax.tree.flatten(vjp_fn)
         index = [next((i for i, q in enumerate(param_vals) if q is x), -1) for x in leaves]
         found["spec"] = (treedef, index)
@@ -113,7 +138,7 @@ class TickInputs(NamedTuple):
     """What an action reads in its tick."""
 
     params: tuple  # this device's ``(1, *shape)`` block of every parameter slot
-    xs: list  # this microbatch's batch leaves
+    xs: list  # this microbatch's batch leaves, then the inputs as it sees them
     act: tuple  # the received activation
     grad: tuple  # the received gradient
     slots: dict  # slot index per SlotPlan table, this tick and device
@@ -130,7 +155,8 @@ class Actions:
     specs: tuple[_Residuals, ...]
     chunks: ResidualChunks
     params: ParamLayout  # the slots of every device's stages, by shape
-    boundary_sizes: dict[str, int]
+    boundary_sizes: dict[str, int]  # forward: one flat buffer per dtype of any boundary
+    grad_sizes: dict[str, int]  # backward: the float dtypes only (ints carry no cotangent)
     remat: tuple[bool, ...]
     seed: float
 
@@ -140,17 +166,18 @@ class Actions:
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
         consts = dict(program.consts)
         fns = tuple(_apply_fn(program, st, io, consts) for st, io in zip(stages, ios, strict=True))
+        aval = lambda v: jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)  # noqa: E731
         batch = tuple(
             jax.ShapeDtypeStruct((mb, *program.avals[v].shape[1:]), program.avals[v].dtype)
             for v in program.invars
             if v in program.batch_dependent
-        )
-        aval = lambda v: jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)  # noqa: E731
+        ) + tuple(map(aval, program.input_invars))
         specs = tuple(
             _residual_spec(
                 fns[s],
                 (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch),
                 remat[s],
+                len(io.fixed_recv),
             )
             for s, io in enumerate(ios)
         )
@@ -163,6 +190,7 @@ class Actions:
             chunks=plan_chunks([r.stored for r in specs]),
             params=param_layout(program, device_groups(stages, p), by="shape", budget=None),
             boundary_sizes=buffer_sizes([s.send for s in stages]),
+            grad_sizes=buffer_sizes([float_part(s.send) for s in stages]),
             remat=tuple(remat),
             seed=seed,
         )
@@ -173,9 +201,10 @@ class Actions:
         on = self.params.on(s % self.params.num_devices)
         return {v: read_value(self.program, slots[k], v) for k, v in on if v in wanted}
 
-    def _unpack(self, layout: FlatLayout, bufs: tuple) -> dict:
+    def _unpack(self, layout: FlatLayout, bufs: tuple, sizes: dict | None = None) -> dict:
         env: dict = {}
-        unpack_flat(env, layout, dict(zip(self.boundary_sizes, bufs, strict=True)))
+        sizes = self.boundary_sizes if sizes is None else sizes
+        unpack_flat(env, layout, dict(zip(sizes, bufs, strict=True)))
         return env
 
     def forward(self, s: int) -> Callable:
@@ -189,9 +218,10 @@ class Actions:
             pv = tuple(env[v] for v in io.params)
             rv = tuple(recv_env[v] for v in io.recv)
             fv = tuple(env[v] if v in env else recv_env[v] for v in io.fixed)
-            outs, f_vjp = jax.vjp(lambda a, b: self.fns[s](a, b, fv, x.xs), pv, rv)
+            f = lambda a, b: self.fns[s](a, b, fv, x.xs)  # noqa: E731
+            outs, f_vjp, aux = jax.vjp(f, pv, rv, has_aux=True)
             if self.remat[s]:
-                stored = list(rv)
+                stored = [*rv, *(recv_env[v] for v in io.fixed_recv)]
             else:
                 leaves = jax.tree.leaves(f_vjp)
                 index = self.specs[s].param_index
@@ -199,7 +229,8 @@ class Actions:
             ress = self._store(s, state.ress, x.slots["res_store"], stored)
             if s == len(self.stages) - 1:
                 return state._replace(ress=ress, loss=state.loss + outs[0].astype(jnp.float32))
-            send = pack_flat(dict(zip(io.outputs, outs, strict=True)), st.send, self.boundary_sizes)
+            sent = dict(zip(io.outputs, outs, strict=True)) | dict(zip(io.aux, aux, strict=True))
+            send = pack_flat(sent, st.send, self.boundary_sizes)
             return state._replace(ress=ress, send_f=send)
 
         return action
@@ -235,10 +266,12 @@ class Actions:
             (ps[0] if len(ps) == 1 else jnp.concatenate(ps)).reshape(leaf.shape)
             for ps, leaf in zip(parts, spec.stored, strict=True)
         ]
-        if self.remat[s]:
-            fv = tuple(env[v] for v in io.fixed)
-            _, f_vjp = jax.vjp(lambda a, b: self.fns[s](a, b, fv, x.xs), pv, tuple(stored))
-            return f_vjp
+        if self.remat[s]:  # the saved input: float values, then the received int/bool ones
+            n = len(io.recv)
+            rv, got = stored[:n], dict(zip(io.fixed_recv, stored[n:], strict=True))
+            fv = tuple(env[v] if v in env else got[v] for v in io.fixed)
+            f = lambda a, b: self.fns[s](a, b, fv, x.xs)  # noqa: E731
+            return jax.vjp(f, pv, tuple(rv), has_aux=True)[1]
         it = iter(stored)
         leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
         return jax.tree.unflatten(spec.treedef, leaves)
@@ -258,18 +291,18 @@ class Actions:
                 g = (jnp.full(out.shape, self.seed, out.dtype),)
             else:  # from the next stage, or for W the cotangent B stored
                 got = x.grad if inputs else tuple(row(b, x.slots["cot_read"]) for b in cots)
-                g_env = self._unpack(st.send, got)
+                g_env = self._unpack(float_part(st.send), got, self.grad_sizes)
                 g = tuple(g_env[v] for v in io.outputs)
             d_params, d_recv = self._vjp(s, env, x, ress)(g)
             send_b, cot, grads = self.no_backward(x, ress, cots)
             if weights:
                 grads = self._pack_grads(s, d_params)
             if inputs and s > 0:
-                send_b = pack_flat(
-                    dict(zip(io.recv, d_recv, strict=True)), st.recv, self.boundary_sizes
-                )
+                d_env = dict(zip(io.recv, d_recv, strict=True))
+                send_b = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
             if inputs and not weights and s < S - 1:
-                cot = pack_flat(dict(zip(io.outputs, g, strict=True)), st.send, self.boundary_sizes)
+                g_env = dict(zip(io.outputs, g, strict=True))
+                cot = pack_flat(g_env, float_part(st.send), self.grad_sizes)
             return send_b, cot, grads
 
         return branch
@@ -277,7 +310,7 @@ class Actions:
     def no_backward(self, x: TickInputs, ress: tuple, cots: tuple) -> tuple:
         """Nothing sent, no gradient, and the cotangent slot stored back as it is (so that
         slot may be live: no spare)."""
-        send = tuple(jnp.zeros((k,), dt) for dt, k in self.boundary_sizes.items())
+        send = tuple(jnp.zeros((k,), dt) for dt, k in self.grad_sizes.items())
         cot = tuple(row(b, x.slots["cot_store"]) for b in cots)
         return send, cot, tuple(jnp.zeros(sl.shape, sl.dtype) for sl in self.params.slots)
 
