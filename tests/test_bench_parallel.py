@@ -60,6 +60,9 @@ VOCAB = {
 }
 
 
+pytestmark = pytest.mark.slow  # the quick run plans every table's models: ~1 min
+
+
 @pytest.fixture(scope="module")
 def tables() -> list[list[dict]]:
     """The quick run's rows, one list per table (consecutive rows with the same columns)."""

@@ -18,7 +18,15 @@ def test_there_are_notebooks():
     assert {"plan_175b_on_a_laptop.ipynb", "schedules_compared.ipynb"} <= names
 
 
-@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+@pytest.mark.parametrize(
+    "path",
+    [
+        # the 175B planning is also run by tests/test_cli.py::test_gpt3_175b_on_1024_h100
+        pytest.param(p, marks=pytest.mark.slow) if p.stem == "plan_175b_on_a_laptop" else p
+        for p in NOTEBOOKS
+    ],
+    ids=lambda p: p.stem,
+)
 def test_notebook_runs_top_to_bottom(path, tmp_path, monkeypatch):
     # Jupyter's own settings: its platformdirs paths (no deprecation warning), a private
     # runtime dir for connection files, and no IPython history database.
