@@ -1,0 +1,166 @@
+"""Training with parameters read by stages on several devices: GPT-2's tied embedding.
+
+`LinenGPT2` / `NnxGPT2` (autopipe.library_models) read the token embedding in the first stage
+(lookup) and the last (output head, ``wte.attend``). Each holder keeps a copy; the step sums
+the copies' gradients and gives every copy the same update (`autopipe.passes.shared_params`).
+Checked against the microbatch-ordered single-device reference of tests/test_training.py (same
+microbatches in the same order, then the same optax update; rtol 1e-5, atol 1e-6 as there,
+AdamW eps 1e-3 for the reason given there), and the copies' raw slot rows compared bit for bit
+after every step. Dropout is off (``deterministic=True``, NNX ``eval()``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import autopipe
+from autopipe import library_models as lm
+from autopipe import models
+from conftest import fill, mesh
+
+CFG = lm.DecoderConfig(layers=2)  # two blocks: enough for 4 stages, quicker to compile
+BATCH = 16
+STEPS = 3
+RTOL, ATOL = 1e-5, 1e-6
+ADAMW = optax.adamw(1e-2, eps=1e-3)
+# max_norm below the gradient's global norm (asserted in the reference), so the clip scales
+# every step and a tied leaf counted once per copy would change the scale
+CLIP_NORM = 0.1
+OPTIMIZERS = {
+    "adamw": ADAMW,
+    "clip_adamw": optax.chain(optax.clip_by_global_norm(CLIP_NORM), ADAMW),
+}
+
+
+@functools.cache
+def _task(style: str):
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.vocab, (BATCH, CFG.seq)))
+    tokens = tokens.astype(jnp.int32)
+    batch = (tokens, jnp.roll(tokens, -1, axis=1))
+    linen = lm.LinenGPT2(CFG)  # deterministic=True: no dropout
+    variables = fill(models.abstract_linen(linen, tokens))
+
+    def xent(logits, labels):
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    if style == "linen":
+        return (lambda p, b: xent(linen.apply(p, b[0]), b[1])), variables, batch
+    module = lm.nnx_gpt2_from_linen(CFG, variables)  # eval mode: no dropout
+    graphdef, params, rest = nnx.split(module, nnx.Param, ...)
+
+    def loss_fn(p, b):  # the parameters trained; the dropout modules' key state closed over
+        return xent(nnx.merge(graphdef, p, rest)(b[0]), b[1])
+
+    return loss_fn, params, batch
+
+
+@functools.cache
+def _reference(style: str, opt: str, m: int, dp: int = 1):
+    """Per-step losses and final parameters of single-device training with the pipeline's
+    arithmetic: microbatch j of replica r is rows ``(r·m + j)·mb …``, gradients of
+    ``loss / (m·dp)`` added in that order, then the optax update."""
+    loss_fn, params, batch = _task(style)
+    optimizer = OPTIMIZERS[opt]
+    mb = BATCH // (m * dp)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / (m * dp)))
+    update = jax.jit(optimizer.update)
+    state = optimizer.init(params)
+    losses = []
+    for _ in range(STEPS):
+        loss, total = 0.0, None
+        for r in range(dp):
+            acc = None
+            for j in range(m):
+                lo = (r * m + j) * mb
+                part, g = grad_fn(params, jax.tree.map(lambda x, lo=lo: x[lo : lo + mb], batch))
+                loss += float(part)
+                acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+            total = acc if total is None else jax.tree.map(jnp.add, total, acc)
+        if opt == "clip_adamw":
+            assert float(optax.tree.norm(total)) > CLIP_NORM  # the clip is active
+        updates, state = update(total, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+    return np.array(losses), params
+
+
+def _copies_equal(plan, state) -> int:
+    """Asserts every shared value's rows are bit-identical on its holders; returns how many
+    shared values there are."""
+    shared = plan.emitted.params.shared
+    for k, _, holders in shared:
+        rows = np.asarray(state.params[k])
+        for h in holders[1:]:
+            assert rows[h].tobytes() == rows[holders[0]].tobytes(), (k, holders)
+    return len(shared)
+
+
+def _check(style, schedule, pp, m, dp=1, opt="adamw"):
+    loss_fn, params, batch = _task(style)
+    plan = autopipe.train(
+        loss_fn,
+        OPTIMIZERS[opt],
+        params,
+        batch,
+        mesh=mesh(pp, dp=dp) if dp > 1 else mesh(pp),
+        schedule=schedule,
+        num_microbatches=m,
+    )
+    wte = "['params']['wte']['embedding']" if style == "linen" else "['wte']['embedding'].value"
+    assert plan.shared_params == ((f"args[0]{wte}", (0, plan.num_stages - 1)),)
+    assert "shared parameters" in plan.summary()
+    state = plan.init(params)
+    assert _copies_equal(plan, state) == 1
+    losses = []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+        _copies_equal(plan, state)
+    want_losses, want_params = _reference(style, opt, m, dp)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
+    got = plan.unplace(state)
+    assert jax.tree.structure(got) == jax.tree.structure(want_params)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want_params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    return plan
+
+
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+DEFAULT = {
+    ("linen", "1f1b", 2, 4, 1, "adamw"),
+    ("linen", "interleaved_1f1b", 2, 4, 1, "clip_adamw"),
+    ("nnx", "zb_h1", 4, 8, 1, "adamw"),
+    ("linen", "gpipe", 2, 4, 2, "clip_adamw"),
+}
+
+
+def _grid():
+    cases = [
+        (style, schedule, pp, m, 1, opt)
+        for style in ("linen", "nnx")
+        for schedule in SCHEDULES
+        for pp in (2, 4)
+        for m in (4, 8)
+        for opt in OPTIMIZERS
+    ]
+    cases += [
+        (style, schedule, 2, 4, 2, opt)
+        for style in ("linen", "nnx")
+        for schedule in SCHEDULES
+        for opt in OPTIMIZERS
+    ]
+    for case in cases:
+        marks = () if case in DEFAULT else (pytest.mark.slow,)
+        yield pytest.param(*case, marks=marks, id="-".join(map(str, case)))
+
+
+@pytest.mark.parametrize(("style", "schedule", "pp", "m", "dp", "opt"), list(_grid()))
+def test_tied_gpt2_trains_like_single_device(style, schedule, pp, m, dp, opt):
+    _check(style, schedule, pp, m, dp, opt)
