@@ -12,8 +12,12 @@ dropout off) trained with AdamW at pp = 2 and 4 (1F1B, m = 4). Per device:
   it with the residuals, so it is not separable in `memory_analysis`);
 - ``step_ms``: median of interleaved steps of the tied model and the same model untied
   (``tie_word_embeddings=False``: a separate ``lm_head`` of the same size), one process; their
-  ratio is the cost of summing the copies' gradients (one ``ppermute`` of the embedding's
-  gradient between its two holders per step).
+  ratio is not only the cost of summing the copies' gradients: the untied model's head
+  ``(d_model, vocab)`` and embedding ``(vocab, d_model)`` differ in shape, so the training
+  layout (slots by shape) pads each on the other stage's device, and its optimizer runs on
+  those zeros too. ``tied_vs_no_sum_step`` isolates the sum (one ``ppermute`` of the
+  embedding's gradient between its two holders per step): the same tied plan compiled with
+  the sum left out (wrong training, timed only).
 
 ``python bench/tied.py`` prints the table and writes bench/results/tied.json; ``bench/run.py
 tied`` runs it too.
@@ -57,7 +61,7 @@ def _nbytes(tree) -> int:
     return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree)))
 
 
-def _memory_row(plan, pp, tied, params, batch, opt) -> dict:
+def _memory_row(plan, pp, model, params, batch, opt) -> dict:
     import jax
 
     factor = _nbytes(jax.eval_shape(opt.init, params)) / _nbytes(params)
@@ -67,7 +71,7 @@ def _memory_row(plan, pp, tied, params, batch, opt) -> dict:
     predicted = max(per_device) * (1 + factor)
     return {
         "pp": pp,
-        "tied": tied,
+        "model": model,
         "shared": ", ".join(p for p, _ in plan.shared_params) or "-",
         "measured_params_opt_MiB": round(measured / 2**20, 3),
         "predicted_params_opt_MiB": round(predicted / 2**20, 3),
@@ -90,25 +94,49 @@ def run(args) -> list[dict]:
     for pp in (2,) if quick else (2, 4):
         mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
         runs = {}
-        for tied in (True, False):
-            loss_fn, params, batch = _task(tied, quick)
-            plan = autopipe.train(
-                loss_fn, opt, params, batch, mesh=mesh, schedule="1f1b", num_microbatches=4
-            )
-            rows.append(_memory_row(plan, pp, tied, params, batch, opt))
-            runs[tied] = [plan, plan.init(params), batch]
-        times = {True: [], False: []}
-        for _ in range(reps + 1):  # the first round warms up
-            for tied, r in runs.items():
-                t = time.perf_counter()
-                r[1], loss = r[0].step(r[1], r[2])
-                jax.block_until_ready((r[1].params, loss))
-                times[tied].append(time.perf_counter() - t)
-        med = {k: statistics.median(v[1:]) for k, v in times.items()}
+        for variant in VARIANTS:
+            loss_fn, params, batch = _task(variant != "untied", quick)
+            with _summing(variant != "tied, gradient sum skipped"):
+                plan = autopipe.train(
+                    loss_fn, opt, params, batch, mesh=mesh, schedule="1f1b", num_microbatches=4
+                )
+            if variant != "tied, gradient sum skipped":
+                rows.append(_memory_row(plan, pp, variant, params, batch, opt))
+            runs[variant] = [plan, plan.init(params), batch]
+        med = _median_steps(runs, reps)
         for row in rows[-2:]:
-            row["step_ms"] = round(1e3 * med[row["tied"]], 2)
-            row["tied_vs_untied_step"] = round(med[True] / med[False], 3)
+            row["step_ms"] = round(1e3 * med[row["model"]], 2)
+            row["tied_vs_untied_step"] = round(med["tied"] / med["untied"], 3)
+            row["tied_vs_no_sum_step"] = round(med["tied"] / med[VARIANTS[2]], 3)
     return rows
+
+
+# the third: the tied model with the copies' gradient sum left out (wrong training, timing
+# only): the ratio to it is the cost of the sum itself
+VARIANTS = ("tied", "untied", "tied, gradient sum skipped")
+
+
+def _summing(enabled: bool):
+    import contextlib
+    from unittest import mock
+
+    if enabled:
+        return contextlib.nullcontext()
+    return mock.patch("autopipe.passes.emit_train.sum_copies", lambda g, *a: tuple(g))
+
+
+def _median_steps(runs: dict, reps: int) -> dict[str, float]:
+    """Median step seconds per variant, steps interleaved round by round."""
+    import jax
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(reps + 1):  # the first round warms up
+        for name, r in runs.items():
+            t = time.perf_counter()
+            r[1], loss = r[0].step(r[1], r[2])
+            jax.block_until_ready((r[1].params, loss))
+            times[name].append(time.perf_counter() - t)
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
 def main() -> None:
