@@ -59,7 +59,7 @@ from autopipe.passes.optimizer import optimizer_step
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
-from autopipe.passes.shared_params import sum_copies
+from autopipe.passes.shared_params import check_aligned, sum_copies
 from autopipe.passes.train_actions import (
     Actions,
     ForwardState,
@@ -110,7 +110,8 @@ def emit_train(
     mb = batch_size // (m * dp)
     acts = Actions.build(program, stages, p, mb, remat, loss_scale)
     buffers = acts.params.avals(mesh, axis, None)
-    opt = optimizer_step(optimizer, buffers, mesh=mesh, axis=axis, shared=acts.params.shared)
+    shared = check_aligned(acts.params)
+    opt = optimizer_step(optimizer, buffers, mesh=mesh, axis=axis, shared=shared)
     slots = plan_slots(schedule)
     pipeline = _pipeline(acts, schedule, slots, axis, data_axis)
     rows = P(data_axis) if data_axis else P()

@@ -36,6 +36,19 @@ from jax.sharding import PartitionSpec as P
 Shared = Sequence[tuple[int, int, tuple[int, ...]]]  # (slot, value, holders): ParamLayout.shared
 
 
+def check_aligned(layout: Any) -> Shared:
+    """`layout.shared` (a `ParamLayout`), checked to hold every value held by several devices
+    with all its holders: a copy outside it would train on its own stages' gradient alone."""
+    holders: dict[int, set[int]] = {}
+    for d in range(layout.num_devices):
+        for v in layout.held(d):
+            holders.setdefault(v, set()).add(d)
+    listed = {v: set(ds) for _, v, ds in layout.shared}
+    assert len(listed) == len(layout.shared), "a shared value in two slots: align_shared"
+    assert listed == {v: ds for v, ds in holders.items() if len(ds) > 1}, (listed, holders)
+    return layout.shared
+
+
 def sum_copies(grads: Sequence[Any], shared: Shared, axis: str, num_devices: int) -> tuple:
     """Inside a shard_map manual over ``axis``: this device's gradient rows (one per slot, no
     leading axis) with every shared slot's row replaced, on its holders, by the sum of all

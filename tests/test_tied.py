@@ -317,3 +317,17 @@ def test_a_stacked_leaf_read_whole_and_by_rows_is_refused():
 
     with pytest.raises(ValueError, match=r"args\[0\] is read whole by stages on devices \[1\] "):
         autopipe.train(loss_fn, ADAMW, w, x, mesh=mesh(2), num_microbatches=2, compile=False)
+
+
+def test_shared_values_take_one_slot_on_all_their_holders():
+    from autopipe.passes.param_layout import _align
+
+    # a on devices 0, 1; b on 1, 2; c on 0, 2; the rest held once
+    rows = _align([[1, 3, 10], [1, 2], [2, 3, 11, 12]], shared_first=True)
+    for v, holders in {1: {0, 1}, 2: {1, 2}, 3: {0, 2}}.items():
+        (slot,) = [r for r in rows if v in r]
+        assert {d for d, u in enumerate(slot) if u == v} == holders
+    assert sorted(u for r in rows for u in r if u is not None) == [1, 1, 2, 2, 3, 3, 10, 11, 12]
+    assert len(rows) == 4  # 3 shared slots would clash pairwise; the singles fill the gaps
+    # without sharing: device d's k-th value in slot k (the forward layout)
+    assert _align([[1, 3], [1]], shared_first=False) == [(1, 1), (3, None)]
