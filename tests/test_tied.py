@@ -29,7 +29,6 @@ from conftest import GPT, fill, mesh
 
 CFG = lm.DecoderConfig(layers=2)  # two blocks: enough for 4 stages, quicker to compile
 BATCH = 16
-SCANNED_LAYERS = 2
 STEPS = 3
 RTOL, ATOL = 1e-5, 1e-6
 ADAMW = optax.adamw(1e-2, eps=1e-3)
@@ -95,8 +94,8 @@ class _ScannedTied(nn.Module):
         return wte.attend(nn.LayerNorm(name="ln_f")(x))
 
 
-def _scanned_task():
-    cfg = dataclasses.replace(GPT, layers=SCANNED_LAYERS)
+def _scanned_task(layers: int):
+    cfg = dataclasses.replace(GPT, layers=layers)
     model = _ScannedTied(cfg)
     tokens = models.make_tokens(cfg, BATCH)
     batch = (tokens, jnp.roll(tokens, -1, axis=1))
@@ -126,7 +125,10 @@ def _bias_task():
 TASKS = {
     "linen": _linen_task,
     "nnx": _nnx_task,
-    "scanned": _scanned_task,
+    # two blocks: quick; four where the plan has four stages (with two, a stage boundary falls
+    # where an integer value crosses it, which training does not support yet: issue 13)
+    "scanned": functools.partial(_scanned_task, 2),
+    "scanned4": functools.partial(_scanned_task, 4),
     "bias": _bias_task,
 }
 
@@ -263,15 +265,15 @@ def test_a_bias_read_by_every_stage_trains_like_single_device(schedule, pp, dp, 
 
 
 @pytest.mark.parametrize(
-    ("schedule", "pp"),
+    ("task", "schedule", "pp"),
     [
-        ("1f1b", 2),
-        pytest.param("1f1b", 4, marks=pytest.mark.slow),
-        pytest.param("interleaved_1f1b", 2, marks=pytest.mark.slow),
+        ("scanned", "1f1b", 2),
+        pytest.param("scanned4", "1f1b", 4, marks=pytest.mark.slow),
+        pytest.param("scanned4", "interleaved_1f1b", 2, marks=pytest.mark.slow),
     ],
 )
-def test_tied_embedding_around_scanned_blocks(schedule, pp):
-    plan = _check("scanned", schedule, pp, 4)
+def test_tied_embedding_around_scanned_blocks(task, schedule, pp):
+    plan = _check(task, schedule, pp, 4)
     assert [p for p, _ in plan.shared_params] == ["args[0]['params']['wte']['embedding']"]
 
 
