@@ -244,6 +244,7 @@ def test_tied_gpt2_trains_like_single_device(style, schedule, pp, m, dp, opt):
     wte = "['params']['wte']['embedding']" if style == "linen" else "['wte']['embedding'].value"
     assert plan.shared_params == ((f"args[0]{wte}", (0, plan.num_stages - 1)),)
     assert "shared parameters" in plan.summary()
+    assert autopipe.PlanRecord.from_json(plan.to_json()).shared_params == plan.shared_params
 
 
 @pytest.mark.parametrize(
