@@ -69,6 +69,9 @@ class PlanRecord:
     tensor_axis: str | None = None  # mesh axis splitting operators (None: no tensor split)
     lean_sharding: bool = False  # tensor shardings chosen with parameter memory priced
     factorizations: tuple = ()  # mesh=None / N devices: every (pp, dp, tp) priced, best first
+    # training: (leaf path, stages reading it) of each parameter read by stages on several
+    # devices (a tied embedding): each holds a copy, their gradients are summed every step
+    shared_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     # --- inspection ------------------------------------------------------------------------
 
@@ -138,6 +141,13 @@ class PlanRecord:
         )
         if p.unruled_primitives:
             foot += f"\nno cost rule (priced by bytes only): {', '.join(p.unruled_primitives)}"
+        if self.shared_params:
+            foot += "\nshared parameters (a copy per device, gradients summed every step): "
+            foot += "; ".join(
+                f"{path} (stages {', '.join(map(str, st))} on devices "
+                f"{', '.join(str(d) for d in sorted({s % self.num_devices for s in st}))})"
+                for path, st in self.shared_params
+            )
         return "\n".join([head, *lines, foot])
 
     def __repr__(self) -> str:
@@ -162,7 +172,8 @@ class PlanRecord:
             "stages": [dataclasses.asdict(s) for s in self.stages],
             "predicted": dataclasses.asdict(self.predicted),
             "hardware": self.hardware.to_dict(),
-        }
+        } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
+             if self.shared_params else {})  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -206,6 +217,7 @@ class PlanRecord:
             data_axis=saved.get("data_axis"),
             tensor_axis=saved.get("tensor_axis"),
             lean_sharding=saved.get("lean_sharding", False),
+            shared_params=tuple((a, tuple(b)) for a, b in saved.get("shared_params", ())),
         )
 
 

@@ -207,6 +207,7 @@ def training_planned(
         schedule=done.schedule,
         predicted=done.predicted,
         remat=done.remat,
+        shared_params=done.shared,
         front=front,
         layouts=done.layouts,
         mesh=mesh,

@@ -89,20 +89,45 @@ def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int
     return owner
 
 
-def _check_untied(front: Front, owner: dict[int, dict]) -> None:
+def _check_stacked(front: Front, owner: dict[int, dict]) -> None:
+    """A stacked (``nn.scan``) leaf read both whole and row by row would need a whole copy and
+    per-row copies kept in step; refuse it (shared whole values and shared rows are fine)."""
     spec, prog = front.traced.spec, front.program
     path = dict(zip(prog.invars, spec.in_paths, strict=True))
     for raw, rows in sorted(owner.items()):
-        whole = rows.get(None, set())
-        shared = [d for d in rows.values() if len(d) > 1] + (
-            [whole | set().union(*rows.values())] if whole and len(rows) > 1 else []
-        )
-        if shared:
+        if None in rows and len(rows) > 1:
+            by_row = sorted(set().union(*(d for r, d in rows.items() if r is not None)))
             raise ValueError(
-                f"{spec.fn_name}: parameter {path.get(raw, raw)} is used by stages on devices "
-                f"{sorted(shared[0])}. Training with a parameter shared across pipeline stages "
-                "(e.g. tied embeddings) is not supported yet: untie it, or use fewer stages."
+                f"{spec.fn_name}: parameter {path.get(raw, raw)} is read whole by stages on "
+                f"devices {sorted(rows[None])} and row by row (a stacked nn.scan/nnx.scan leaf) "
+                f"by stages on devices {by_row}. Training cannot keep a whole copy and per-row "
+                "copies of one leaf equal: read it only inside the scan or only outside it, or "
+                "use fewer stages."
             )
+
+
+def shared_params(front: Front, layouts: Sequence[StageLayout], p: int) -> tuple:
+    """(leaf path, the stages reading it) of every placed value read by stages on several
+    devices: each holds a copy, whose gradients the step sums (`passes.shared_params`)."""
+    prog = front.program
+    path = dict(zip(prog.invars, front.traced.spec.in_paths, strict=True))
+    producer = prog.producers()
+    readers: dict[int, list[int]] = {}
+    for s, lay in enumerate(layouts):
+        for v in lay.params:
+            readers.setdefault(v, []).append(s)
+
+    def name(v: int) -> str:  # a raw leaf, or a row of a stacked one
+        i = producer.get(v)
+        if i is None:
+            return path.get(v, str(v))
+        return f"{name(prog.ops[i].invars[0])}[{prog.ops[i].iteration}]"
+
+    return tuple(
+        (name(v), tuple(stages))
+        for v, stages in sorted(readers.items())
+        if len({s % p for s in stages}) > 1
+    )
 
 
 def _with_orphans(front: Front, layouts: list[StageLayout], owner) -> list[StageLayout]:
@@ -129,6 +154,7 @@ class TrainingSearch:
     stages: tuple[Stage, ...]
     predicted: Predicted
     remat: tuple[bool, ...]
+    shared: tuple[tuple[str, tuple[int, ...]], ...]  # leaves read by stages on several devices
 
 
 def check_schedule(schedule: str, virtual_stages: int | None) -> int:
@@ -173,7 +199,7 @@ def search_training(
     op_bounds = tuple(layers[b] for b in bounds)
     layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
     owner = _raw_owner(front, layouts, p)
-    _check_untied(front, owner)
+    _check_stacked(front, owner)
     layouts = tuple(_with_orphans(front, layouts, owner))
     stages = tuple(
         make_stage(
@@ -195,6 +221,7 @@ def search_training(
         stages=stages,
         predicted=_predict(front, sched, stages, p, remat=remat_stages),
         remat=remat_stages,
+        shared=shared_params(front, layouts, p),
     )
 
 

@@ -132,7 +132,7 @@ class LinenGPT2(nn.Module):
 
     config: DecoderConfig
     deterministic: bool = True
-    tied: bool = True
+    tie_word_embeddings: bool = True  # False: a separate ``lm_head`` (for comparisons)
 
     @nn.compact
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -144,7 +144,7 @@ class LinenGPT2(nn.Module):
         for i in range(cfg.layers):
             x = _Gpt2Block(cfg, self.deterministic, name=f"h_{i}")(x, mask)
         x = nn.LayerNorm(dtype=cfg.dtype, name="ln_f")(x)
-        if self.tied:
+        if self.tie_word_embeddings:
             return wte.attend(x)
         return nn.Dense(cfg.vocab, use_bias=False, dtype=cfg.dtype, name="lm_head")(x)
 

@@ -26,6 +26,8 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
      residuals and the stored cotangent), or nothing — returning the gradient to send, the
      cotangent to store and the parameter gradients, which are accumulated;
   4. one ``ppermute`` per direction and dtype runs unconditionally.
+After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
+copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
 
 Why the forward is a loop and not a switch branch: a branch returns new buffers, so the
 residuals it made were copied into their slot after the switch, and XLA held them in the
@@ -59,6 +61,7 @@ from autopipe.passes.optimizer import optimizer_step
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.shared_params import check_aligned, sum_copies
 from autopipe.passes.train_actions import (
     Actions,
     ForwardState,
@@ -111,7 +114,8 @@ def emit_train(
     mb = batch_size // (m * dp)
     acts = Actions.build(program, stages, p, mb, remat, loss_scale)
     buffers = acts.params.avals(mesh, axis, None)
-    opt = optimizer_step(optimizer, buffers, mesh=mesh, axis=axis)
+    shared = check_aligned(acts.params)
+    opt = optimizer_step(optimizer, buffers, mesh=mesh, axis=axis, shared=shared)
     slots = plan_slots(schedule)
     pipeline = _pipeline(acts, schedule, slots, axis, data_axis)
     rows = P(data_axis) if data_axis else P()
@@ -264,6 +268,7 @@ def _pipeline(
         if data_axis:  # the replicas' gradients and losses add up
             gacc = tuple(jax.lax.psum(g, data_axis) for g in gacc)
             loss = jax.lax.psum(loss, data_axis)
+        gacc = sum_copies(gacc, acts.params.shared, axis, p)  # tied copies: one gradient
         return tuple(g[None] for g in gacc), loss
 
     return body

@@ -10,8 +10,9 @@ shape (or zeros where d holds nothing in that slot). Two ways to run ``optimizer
   factored moments, ``mask=`` by ndim) are exact. Wrong for transforms that combine leaves
   (``clip_by_global_norm``): each device would see only its own.
 - ``"global"``: on the whole ``(p, *shape)`` slots, as one array each: sums over all leaves are
-  exact (the zeros add nothing), but a per-leaf statistic would mix the leaves of p stages and a
-  shape-dependent choice would see the extra leading axis.
+  exact (the zeros add nothing; a tied parameter's copies beyond the first are such zeros to
+  the update, see `passes.shared_params`), but a per-leaf statistic would mix the leaves of p
+  stages and a shape-dependent choice would see the extra leading axis.
 
 `choose_mode` reads the update's jaxpr: with no output depending on two leaves, ``"local"``;
 otherwise ``"global"`` if no per-leaf statistic reaches an output and the update does the same
@@ -34,6 +35,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe._compat import Literal as JaxLiteral
+from autopipe.passes.shared_params import Shared, copy_first, only_first_copy
 
 Mode = Literal["local", "global"]
 _SUMS = frozenset({"add", "add_any"})
@@ -64,14 +66,17 @@ def optimizer_step(
     *,
     mesh: Any,
     axis: str,
+    shared: Shared = (),
 ) -> OptimizerStep:
     """The optimizer on the slots ``param_avals`` (global ``(p, *shape)``, sharded over
-    ``axis``), in the mode `choose_mode` picks."""
+    ``axis``), in the mode `choose_mode` picks. ``shared``: values held by several devices
+    (`ParamLayout.shared`), whose gradients are already summed; in the global mode they are
+    counted once (`passes.shared_params`)."""
     mode = choose_mode(optimizer, param_avals)
     if mode == "local":
         init, update = _local(optimizer, mesh, axis)
     else:
-        init, update = optimizer.init, _global_update(optimizer)
+        init, update = _global(optimizer, shared, mesh, axis)
     p = param_avals[0].shape[0] if param_avals else 1
     spread = NamedSharding(mesh, P(axis))
     one = NamedSharding(mesh, P())
@@ -90,12 +95,20 @@ def optimizer_step(
     )
 
 
-def _global_update(optimizer):
-    def update(grads, state, params):
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
+def _global(optimizer, shared: Shared, mesh, axis) -> tuple[Callable, Callable]:
+    """init and update on the whole slots; a shared value's rows on its other holders are
+    zero padding to the optimizer, then get the first holder's new row."""
 
-    return update
+    def init(params):
+        return optimizer.init(only_first_copy(params, shared))
+
+    def update(grads, state, params):
+        params = only_first_copy(params, shared)
+        updates, state = optimizer.update(only_first_copy(grads, shared), state, params)
+        new = optax.apply_updates(params, updates)
+        return copy_first(new, shared, mesh=mesh, axis=axis), state
+
+    return init, update
 
 
 def _local(optimizer, mesh, axis) -> tuple[Callable, Callable]:

@@ -11,6 +11,10 @@ axis there. Inside the program a device reads ``slot[0]`` whole; XLA feeds that 
 place, where a slice of a larger buffer (a flat buffer per stage, a stacked ``(layers, ...)``
 array indexed per layer) is copied on every read.
 
+A value several devices hold (a tied embedding read by the first and the last stage) is one
+row on each; with ``align_shared`` its rows sit in the same slot (`ParamLayout.shared`), which is
+what training needs to sum the copies' gradients and keep them equal (`passes.shared_params`).
+
 Per-device bytes are ``sum over classes of (largest count on a device) × value bytes``: exactly
 the largest stage's for identical blocks, plus whatever values one device has and another lacks.
 Where that padding would exceed ``budget`` × the largest device's own bytes (stages that share
@@ -102,6 +106,18 @@ class ParamLayout:
         return [*(v for _, v in self.on(device)), *rest]
 
     @property
+    def shared(self) -> tuple[tuple[int, int, tuple[int, ...]], ...]:
+        """(slot, value, the devices holding it) of every value held by several devices,
+        e.g. a tied embedding (laid out with ``align_shared``: one slot on all its holders)."""
+        out = []
+        for k, s in enumerate(self.slots):
+            for v in sorted({v for v in s.values if v is not None}):
+                devices = tuple(d for d, u in enumerate(s.values) if u == v)
+                if len(devices) > 1:
+                    out.append((k, v, devices))
+        return tuple(out)
+
+    @property
     def exact_shapes(self) -> bool:
         """Every value has its slot's shape (so ``slot[0]`` is the value itself)."""
         return all(s.exact for s in self.slots)
@@ -114,12 +130,14 @@ def param_layout(
     dims: Mapping[int, int | None] | None = None,
     by: Literal["size", "shape"] = "size",
     budget: float | None = 1.05,
+    align_shared: bool = False,
 ) -> ParamLayout:
     """Slots for ``groups[d]``, the values device d holds (see the module docstring). With
     ``by="size"`` values of equal size but different shapes share a slot, shaped like its values
     when they agree and flat otherwise; ``by="shape"`` keeps every value in a slot of its own
     shape (what per-leaf optimizers need). ``budget``: see the module docstring (None: slots
-    only)."""
+    only). ``align_shared``: a value held by several devices (a tied parameter) sits in the
+    same slot on all of them (`ParamLayout.shared`), so their copies' rows line up."""
     dims = dims or {}
     classes: dict[tuple, list[list[int]]] = {}
     for d, values in enumerate(groups):
@@ -127,9 +145,7 @@ def param_layout(
             classes.setdefault(_class(program, v, dims, by), [[] for _ in groups])[d].append(v)
     slots = []
     for key in sorted(classes, key=str):
-        per_device = classes[key]
-        for k in range(max(len(vs) for vs in per_device)):
-            values = tuple(vs[k] if k < len(vs) else None for vs in per_device)
+        for values in _align(classes[key], shared_first=align_shared):
             shapes = {tuple(program.avals[v].shape) for v in values if v is not None}
             exact = len(shapes) == 1
             shape = shapes.pop() if exact else (key[2],)
@@ -138,6 +154,36 @@ def param_layout(
             )
     layout = ParamLayout(slots=tuple(slots), num_devices=len(groups))
     return layout if budget is None else _within(program, layout, groups, budget)
+
+
+def _align(per_device: Sequence[Sequence[int]], *, shared_first: bool) -> list[tuple]:
+    """The slots of one class, as the value each device holds in it (None: zeros): device d's
+    k-th value in slot k; with ``shared_first`` each value held by several devices first takes
+    the lowest slot free on all its holders, and the others fill the free slots in order."""
+    n = len(per_device)
+    rows: list[list] = []
+    holders: dict[int, list[int]] = {}
+    for d, vs in enumerate(per_device):
+        for v in vs:
+            holders.setdefault(v, []).append(d)
+    shared = sorted(v for v, ds in holders.items() if len(ds) > 1) if shared_first else []
+    once = set(shared)
+
+    def free(devices):
+        k = next((k for k, r in enumerate(rows) if all(r[d] is None for d in devices)), len(rows))
+        if k == len(rows):
+            rows.append([None] * n)
+        return rows[k]
+
+    for v in shared:  # each in the lowest slot free on every holder
+        r = free(holders[v])
+        for d in holders[v]:
+            r[d] = v
+    for d, vs in enumerate(per_device):
+        for v in vs:
+            if v not in once:
+                free([d])[d] = v
+    return [tuple(r) for r in rows]
 
 
 def layout_extra_bytes(

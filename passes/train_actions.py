@@ -188,7 +188,9 @@ class Actions:
             fns=fns,
             specs=specs,
             chunks=plan_chunks([r.stored for r in specs]),
-            params=param_layout(program, device_groups(stages, p), by="shape", budget=None),
+            params=param_layout(
+                program, device_groups(stages, p), by="shape", budget=None, align_shared=True
+            ),
             boundary_sizes=buffer_sizes([s.send for s in stages]),
             grad_sizes=buffer_sizes([float_part(s.send) for s in stages]),
             remat=tuple(remat),

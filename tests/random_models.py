@@ -78,9 +78,8 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
 REFUSALS: tuple[tuple[type, str, str], ...] = (
     (
         ValueError,
-        r"is used by stages on devices \[.*\]\. Training with a parameter shared across "
-        r"pipeline stages \(e\.g\. tied embeddings\) is not supported yet",
-        "issue 13: tied parameters in training",
+        r"is read whole by stages on devices \[.*\] and row by row \(a stacked nn\.scan",
+        "a stacked leaf read both whole and row by row by different stages, in training",
     ),
     (
         RuntimeError,

@@ -4,8 +4,8 @@ Pipelined training equals a single-device reference that does the pipeline's ari
 (`_reference`: the same microbatches, gradients of ``loss / (m·dp)`` summed in microbatch
 order, replicas after, the same optax update) and the documented dropout convention
 (microbatch ``r·m + j`` draws from ``jax.random.fold_in(key, r·m + j)``), so float32 agreement
-is ~1e-7 and the tolerance is rtol 1e-5. The dropout decoder is `LinenGPT2` with
-``tied=False``: training refuses the tied head until tied parameters are supported.
+is ~1e-7 and the tolerance is rtol 1e-5. The dropout decoder is `LinenGPT2` as
+written, its head tied to the token embedding (tests/test_tied.py covers tied training alone).
 """
 
 from __future__ import annotations
@@ -62,18 +62,18 @@ def _bert_task():
 
 
 def _dropout_gpt2_task():
-    """GPT-2 (untied head) with dropout in training mode; the key is a non-batch argument."""
+    """GPT-2 (head tied to the embedding) with dropout in training mode; the key is a non-batch argument."""
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab, (BATCH, CFG.seq)))
     tokens = tokens.astype(jnp.int32)
     labels = jnp.roll(tokens, -1, axis=1)
-    model = lm.LinenGPT2(CFG, deterministic=False, tied=False)
+    model = lm.LinenGPT2(CFG, deterministic=False)
 
     def loss_fn(params, batch, key):
         t, lab = batch
         logits = model.apply(params, t, rngs={"dropout": key})
         return optax.softmax_cross_entropy_with_integer_labels(logits, lab).mean()
 
-    abstract = models.abstract_linen(lm.LinenGPT2(CFG, tied=False), tokens)
+    abstract = models.abstract_linen(lm.LinenGPT2(CFG), tokens)
     return loss_fn, fill(abstract), (tokens, labels), True
 
 
