@@ -62,7 +62,7 @@ def _bert_task():
 
 
 def _dropout_gpt2_task():
-    """GPT-2 (head tied to the embedding) with dropout in training mode; the key is a non-batch argument."""
+    """GPT-2 (tied head) with dropout in training mode; the key is a non-batch argument."""
     tokens = jnp.asarray(np.random.default_rng(1).integers(0, CFG.vocab, (BATCH, CFG.seq)))
     tokens = tokens.astype(jnp.int32)
     labels = jnp.roll(tokens, -1, axis=1)
