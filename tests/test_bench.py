@@ -7,9 +7,12 @@ import pathlib
 import subprocess
 import sys
 
+import pytest
+
 RUN = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run.py"
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_json_and_markdown(tmp_path):
     names = ["dp_optimality", "schedules"]
     result = subprocess.run(

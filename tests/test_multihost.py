@@ -270,12 +270,14 @@ def test_mlp_forward_matches_single_process(processes, devices):
     _check_forward(results, reports, processes, devices)
 
 
+@pytest.mark.slow
 def test_pipeline_with_replicas_across_processes():
     # 2 processes × 4 devices, mesh pp=4 × dp=2: each stage's two devices in one process
     results, reports, _ = _run("mlp_dp", 2, 4)
     _check_forward(results, reports, 2, 4)
 
 
+@pytest.mark.slow
 def test_each_process_passes_only_its_data_replicas_rows():
     results, reports, _ = _run("local_rows", 2, 4)
     for r, rep in zip(results, reports, strict=True):
@@ -295,6 +297,7 @@ def test_training_across_processes_matches_single_device(processes, devices):
         assert rep["loss_err"] < 1e-5 and rep["param_err"] < 1e-5, rep
 
 
+@pytest.mark.slow
 def test_checkpoint_across_processes_resumes_with_identical_losses(tmp_path):
     results, reports, _ = _run(f"checkpoint:{tmp_path / 'ckpt'}", 2, 4, timeout=60)
     for r, rep in zip(results, reports, strict=True):
@@ -319,6 +322,7 @@ def test_processes_that_plan_differently_are_refused():
         assert "process 0: " in rep["message"] and "process 1: " in rep["message"]
 
 
+@pytest.mark.slow
 def test_mesh_leaving_a_process_out_is_refused():
     results, reports, _ = _run("mesh", 2, 2)
     for rep in reports:

@@ -37,6 +37,7 @@ def test_calibration_example_runs(tmp_path, monkeypatch):
     assert len(namespace["plan"].profile(namespace["variables"], namespace["tokens"])) == 8
 
 
+@pytest.mark.slow  # ~40 s: plans and runs a 3D mesh, then plans 64 devices
 def test_3d_example_runs():
     blocks = _blocks()
     quickstart, example = blocks[0], next(b for b in blocks if "mesh3d" in b)

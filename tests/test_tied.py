@@ -268,7 +268,7 @@ def test_a_bias_read_by_every_stage_trains_like_single_device(schedule, pp, dp, 
 @pytest.mark.parametrize(
     ("task", "schedule", "pp"),
     [
-        ("scanned", "1f1b", 2),
+        pytest.param("scanned", "1f1b", 2, marks=pytest.mark.slow),  # nn.scan: test_training
         pytest.param("scanned4", "1f1b", 4, marks=pytest.mark.slow),
         pytest.param("scanned4", "interleaved_1f1b", 2, marks=pytest.mark.slow),
     ],
