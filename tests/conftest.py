@@ -30,6 +30,25 @@ def fill(abstract, seed: int = 0):
     return jax.tree_util.tree_map_with_path(leaf, abstract)
 
 
+def microbatch_grads(grad_fn, params, batch, m: int, dp: int = 1, extra=lambda k: ()):
+    """One training step's loss and gradient as a pipeline sums them, on one device: replica r's
+    microbatch j is global microbatch k = r·m + j, the rows ``k·mb … (k+1)·mb`` of ``batch``;
+    ``grad_fn(params, rows, *extra(k))`` (a value_and_grad of the scaled loss) is added in
+    microbatch order within a replica, replicas summed after. Returns (sum of losses, grads)."""
+    mb = jax.tree.leaves(batch)[0].shape[0] // (m * dp)
+    loss, total = 0.0, None
+    for r in range(dp):
+        acc = None
+        for j in range(m):
+            k = r * m + j
+            rows = jax.tree.map(lambda x, k=k: x[k * mb : (k + 1) * mb], batch)
+            part, g = grad_fn(params, rows, *extra(k))
+            loss += float(part)
+            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
+        total = acc if total is None else jax.tree.map(jnp.add, total, acc)
+    return loss, total
+
+
 def _linen(model, x):
     return model.apply, (fill(models.abstract_linen(model, x)), x)
 

@@ -22,7 +22,7 @@ import pytest
 import autopipe
 from autopipe import library_models as lm
 from autopipe import models
-from conftest import BATCH, fill, mesh
+from conftest import BATCH, fill, mesh, microbatch_grads
 
 CFG = lm.DecoderConfig(layers=2)  # 2 blocks keep compiles short; still ≥ 4 stages of operators
 STEPS = 3
@@ -94,21 +94,10 @@ def _step_keys():
 
 def _microbatch_grads(loss_fn, params, batch, key, m, dp):
     """Gradient and loss of one step as the pipeline sums them (see the module docstring)."""
-    mb = jax.tree.leaves(batch)[0].shape[0] // (m * dp)
     scale = 1.0 / (m * dp)
     args = lambda k: () if key is None else (jax.random.fold_in(key, k),)  # noqa: E731
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b, *k: loss_fn(p, b, *k) * scale))
-    loss, total = 0.0, None
-    for r in range(dp):
-        acc = None
-        for j in range(m):
-            k = r * m + j
-            rows = jax.tree.map(lambda x, k=k: x[k * mb : (k + 1) * mb], batch)
-            mb_loss, g = grad_fn(params, rows, *args(k))
-            loss += float(mb_loss)
-            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-        total = acc if total is None else jax.tree.map(jnp.add, total, acc)
-    return loss, total
+    return microbatch_grads(grad_fn, params, batch, m, dp, args)
 
 
 @functools.cache

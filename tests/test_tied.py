@@ -25,7 +25,7 @@ from flax import nnx
 import autopipe
 from autopipe import library_models as lm
 from autopipe import models
-from conftest import GPT, fill, mesh
+from conftest import GPT, fill, mesh, microbatch_grads
 
 CFG = lm.DecoderConfig(layers=2)  # two blocks: enough for 4 stages, quicker to compile
 BATCH = 16
@@ -145,21 +145,12 @@ def _reference(style: str, opt: str, m: int, dp: int = 1):
     ``loss / (m·dp)`` added in that order, then the optax update."""
     loss_fn, params, batch = _task(style)
     optimizer = OPTIMIZERS[opt]
-    mb = BATCH // (m * dp)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / (m * dp)))
     update = jax.jit(optimizer.update)
     state = optimizer.init(params)
     losses = []
     for _ in range(STEPS):
-        loss, total = 0.0, None
-        for r in range(dp):
-            acc = None
-            for j in range(m):
-                lo = (r * m + j) * mb
-                part, g = grad_fn(params, jax.tree.map(lambda x, lo=lo: x[lo : lo + mb], batch))
-                loss += float(part)
-                acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-            total = acc if total is None else jax.tree.map(jnp.add, total, acc)
+        loss, total = microbatch_grads(grad_fn, params, batch, m, dp)
         if opt == "clip_adamw":
             assert float(optax.tree.norm(total)) > CLIP_NORM  # the clip is active
         updates, state = update(total, state, params)

@@ -15,7 +15,7 @@ import pytest
 import autopipe
 from autopipe import models
 from autopipe.passes.emit_train import plan_chunks
-from conftest import BATCH, GPT, fill, mesh
+from conftest import BATCH, GPT, fill, mesh, microbatch_grads
 
 SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
 STEPS = 5
@@ -77,26 +77,12 @@ def _reference(name, m, dp=1):
     microbatch order, replicas summed after, then the same optax update. Per-step losses and
     final parameters."""
     loss_fn, params, batch = _task(name)
-    mb = jax.tree.leaves(batch)[0].shape[0] // (m * dp)
     scale = 1.0 / (m * dp)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
-
-    def step_grads(params):
-        loss, total = 0.0, None
-        for r in range(dp):
-            acc = None
-            for j in range(m):
-                lo = (r * m + j) * mb
-                mb_loss, g = grad_fn(params, jax.tree.map(lambda x, lo=lo: x[lo : lo + mb], batch))
-                loss += float(mb_loss)
-                acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-            total = acc if total is None else jax.tree.map(jnp.add, total, acc)
-        return loss, total
-
     state = OPTIMIZER.init(params)
     losses = []
     for _ in range(STEPS):
-        loss, grads = step_grads(params)
+        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
         updates, state = OPTIMIZER.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         losses.append(loss)
