@@ -104,6 +104,7 @@ def train(
     memory_limit: float | None = None,
     remat: bool | None = None,
     reduction: Literal["mean", "sum"] = "mean",
+    zero_stage: Literal[0, 1] = 0,
     compile: bool = True,  # noqa: A002
 ) -> Plan:
     """Plans and compiles a pipelined training step of ``loss_fn`` with ``optimizer``.
@@ -124,7 +125,10 @@ def train(
     the per-stage slots is refused with an error.
     A mesh axis named ``data_axis`` splits every microbatch's rows over data-parallel
     replicas, whose gradients are summed before the update (the batch must divide by
-    replicas × microbatches); other non-pipeline axes replicate the step.
+    replicas × microbatches); other non-pipeline axes replicate the step. ``zero_stage=1``
+    (ZeRO-1) splits the optimizer state over the data replicas: each keeps 1/dp of it (of every
+    state leaf along its first dimension that dp divides), gradients are reduce-scattered and
+    the updated parameters all-gathered; the memory model counts the split.
     """
     v = check_schedule(schedule, virtual_stages)
     check_reduction(reduction)
@@ -144,5 +148,6 @@ def train(
         remat=remat,
         reduction=reduction,
         virtual_stages=v,
+        zero_stage=zero_stage,
     )
     return planned.finish(compile=compile)

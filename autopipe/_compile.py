@@ -78,7 +78,9 @@ def _check_branch_collectives(hlo: str, fn_name: str) -> None:
         )
 
 
-def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_scale) -> _Runtime:
+def _compile_train(
+    front, layouts, sched, mesh, axis, optimizer, remat, loss_scale, *, zero_stage: int
+) -> _Runtime:
     traced, program = front.traced, front.program
     emitted = emit_train(
         program,
@@ -91,6 +93,7 @@ def _compile_train(front, layouts, sched, mesh, axis, optimizer, remat, loss_sca
         remat=remat,
         loss_scale=loss_scale,
         data_axis=front.data_axis,
+        zero_stage=zero_stage,
     )
     check_optimizer(optimizer, program, traced.spec, emitted.params, emitted.optimizer_mode)
     batch_avals = tuple(

@@ -72,6 +72,7 @@ class PlanRecord:
     # training: (leaf path, stages reading it) of each parameter read by stages on several
     # devices (a tied embedding): each holds a copy, their gradients are summed every step
     shared_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
+    zero_stage: int = 0  # training: 1 splits the optimizer state over the data axis (ZeRO-1)
 
     # --- inspection ------------------------------------------------------------------------
 
@@ -141,6 +142,11 @@ class PlanRecord:
         )
         if p.unruled_primitives:
             foot += f"\nno cost rule (priced by bytes only): {', '.join(p.unruled_primitives)}"
+        if self.zero_stage:
+            foot += (
+                f"\noptimizer state split over the data axis {self.data_axis!r} "
+                f"(ZeRO-{self.zero_stage}: 1/{dict(self.mesh_axes)[self.data_axis]} per replica)"
+            )
         if self.shared_params:
             foot += "\nshared parameters (a copy per device, gradients summed every step): "
             foot += "; ".join(
@@ -173,7 +179,8 @@ class PlanRecord:
             "predicted": dataclasses.asdict(self.predicted),
             "hardware": self.hardware.to_dict(),
         } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
-             if self.shared_params else {})  # fmt: skip
+             if self.shared_params else {}) | (
+            {"zero_stage": self.zero_stage} if self.zero_stage else {})  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -218,6 +225,7 @@ class PlanRecord:
             tensor_axis=saved.get("tensor_axis"),
             lean_sharding=saved.get("lean_sharding", False),
             shared_params=tuple((a, tuple(b)) for a, b in saved.get("shared_params", ())),
+            zero_stage=saved.get("zero_stage", 0),
         )
 
 

@@ -84,7 +84,7 @@ class Planned(PlanRecord):
         m, dp = self.num_microbatches, f.axis_size(f.data_axis)
         scale = 1.0 / (m * dp) if self.reduction == "mean" else 1.0
         args = (self.mesh, self.pipeline_axis, self.optimizer, self.remat, scale)
-        return _compile_train(f, self.layouts, self.schedule, *args)
+        return _compile_train(f, self.layouts, self.schedule, *args, zero_stage=self.zero_stage)
 
     def finish(self, *, compile: bool = True) -> Plan:  # noqa: A002
         """The executable for a concrete mesh (``compile=True``), else a planning-only `Plan`."""
@@ -197,7 +197,15 @@ def forward_planned(front: Front, done: Assembled, *, mesh: Any, pipeline_axis: 
 
 
 def training_planned(
-    front: Front, done: TrainingSearch, *, mesh, pipeline_axis, started, optimizer, reduction
+    front: Front,
+    done: TrainingSearch,
+    *,
+    mesh,
+    pipeline_axis,
+    started,
+    optimizer,
+    reduction,
+    zero_stage,
 ):
     return Planned(
         **_record_fields(front, pipeline_axis, started),
@@ -213,6 +221,7 @@ def training_planned(
         mesh=mesh,
         optimizer=optimizer,
         reduction=check_reduction(reduction),
+        zero_stage=zero_stage,
     )
 
 

@@ -217,6 +217,7 @@ class Lowered:
         remat: bool | None = None,
         reduction: str = "mean",
         virtual_stages: int | None = None,
+        zero_stage: int = 0,
     ) -> Planned:
         """Stage 3: the decisions. Forward plans search stages (and tensor shardings) under
         ``memory_limit`` (None: the hardware's memory); training plans (``optimizer`` given, the
@@ -237,7 +238,7 @@ class Lowered:
         sched = schedule or "1f1b"
         v = check_schedule(sched, virtual_stages)
         lowered = self._at(num_microbatches=num_microbatches, training=True, virtual_stages=v)
-        return lowered._plan_training(optimizer, sched, memory_limit, remat, reduction)
+        return lowered._plan_training(optimizer, sched, memory_limit, remat, reduction, zero_stage)
 
     def replay(self, record: PlanRecord) -> Planned:
         """A saved forward plan's decisions on this program, without searching."""
@@ -268,9 +269,16 @@ class Lowered:
             started=self.started,
         )
 
-    def _plan_training(self, optimizer, schedule, memory_limit, remat, reduction) -> Planned:
+    def _plan_training(
+        self, optimizer, schedule, memory_limit, remat, reduction, zero_stage
+    ) -> Planned:
         done = search_training(
-            self.front, optimizer, schedule=schedule, memory_limit=memory_limit, remat=remat
+            self.front,
+            optimizer,
+            schedule=schedule,
+            memory_limit=memory_limit,
+            remat=remat,
+            zero_stage=zero_stage,
         )
         return training_planned(
             self.front,
@@ -280,4 +288,5 @@ class Lowered:
             started=self.started,
             optimizer=optimizer,
             reduction=reduction,
+            zero_stage=zero_stage,
         )

@@ -47,6 +47,25 @@ def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:
     return float(s_bytes / p_bytes)
 
 
+def _zero_replicas(front: Front, zero_stage: int) -> int:
+    """How many data replicas split the optimizer state (ZeRO-1), checked. The split is
+    counted as even: leaves no dimension of which the replicas divide stay whole."""
+    if zero_stage not in (0, 1):
+        raise ValueError(
+            f"zero_stage={zero_stage!r}; autopipe implements ZeRO stage 1 (the optimizer state "
+            "split over the data axis) or 0 (none)."
+        )
+    if not zero_stage:
+        return 1
+    if front.data_axis is None:
+        raise ValueError(
+            f"zero_stage=1 splits the optimizer state over the data axis, but the mesh "
+            f"{dict(front.mesh_axes)} has no data axis of size > 1. Add one (e.g. "
+            "jax.make_mesh((pp, dp), ('pp', 'dp'))) or use zero_stage=0."
+        )
+    return front.axis_size(front.data_axis)
+
+
 def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
     training memory model (`training_segment_memory`)."""
@@ -177,6 +196,7 @@ def search_training(
     schedule: str,
     memory_limit: float | None,
     remat: bool | None,
+    zero_stage: int = 0,
 ) -> TrainingSearch:
     """Stages, remat per stage and predicted costs of a training plan (see the module doc).
     ``remat=None`` recomputes a stage's forward in its backward only where keeping residuals
@@ -187,7 +207,7 @@ def search_training(
     schedules.validate(sched)
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
-    opt_factor = _opt_factor(optimizer, front)
+    opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
     problems = {
         r: _problem(

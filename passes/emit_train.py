@@ -43,6 +43,7 @@ in-flight count); residual slots are split into chunks by `residuals.plan_chunks
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,7 +58,7 @@ from autopipe.passes.emit import auto_mesh
 from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout
-from autopipe.passes.optimizer import optimizer_step
+from autopipe.passes.optimizer import optimizer_step, zero_spec
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
@@ -104,10 +105,13 @@ def emit_train(
     remat: Sequence[bool],
     loss_scale: float,
     data_axis: str | None = None,
+    zero_stage: int = 0,
 ) -> EmittedTrain:
     """``data_axis``: each replica runs the pipeline on its rows of every microbatch (`program`
     is traced at that local microbatch); gradients and the loss are summed over the replicas
-    before the optimizer update, so parameters and optimizer state stay identical on them."""
+    before the optimizer update, so parameters stay identical on them. ``zero_stage=1``: the
+    optimizer state is split over the replicas (`passes.optimizer`, ZeRO-1), the gradients
+    reduce-scattered to the same split instead of all-reduced."""
     mesh = auto_mesh(mesh)  # the axes outside the shard_map are left to the compiler
     p, m = schedule.num_devices, schedule.num_microbatches
     dp = mesh.shape[data_axis] if data_axis else 1
@@ -115,15 +119,19 @@ def emit_train(
     acts = Actions.build(program, stages, p, mb, remat, loss_scale)
     buffers = acts.params.avals(mesh, axis, None)
     shared = check_aligned(acts.params)
-    opt = optimizer_step(optimizer, buffers, mesh=mesh, axis=axis, shared=shared)
+    zero_axis = data_axis if zero_stage else None
+    opt = optimizer_step(
+        optimizer, buffers, mesh=mesh, axis=axis, shared=shared, zero_axis=zero_axis
+    )
+    grad_specs = tuple(zero_spec(b.shape, axis, zero_axis, dp) for b in buffers)
     slots = plan_slots(schedule)
-    pipeline = _pipeline(acts, schedule, slots, axis, data_axis)
+    pipeline = _pipeline(acts, schedule, slots, axis, data_axis, grad_specs)
     rows = P(data_axis) if data_axis else P()
     smap = jax.shard_map(
         pipeline,
         mesh=mesh,
         in_specs=(tuple(P(axis) for _ in buffers), rows, P()),
-        out_specs=(tuple(P(axis) for _ in buffers), P()),
+        out_specs=(grad_specs, P()),
         # Training does not split over the other axes (a tensor axis): manual over all of them,
         # each device computes its replica, nothing is left to XLA's partitioner (which
         # aborted on a bf16 pipeline with an unused tensor axis: "Invalid binary instruction
@@ -151,6 +159,15 @@ def emit_train(
         residual_chunks=acts.chunks,
         input_sharding=NamedSharding(mesh, P()),
     )
+
+
+def _replica_sum(data_axis: str, g: jax.Array, spec: P) -> jax.Array:
+    """The replicas' sum of a gradient row: all-reduced, or reduce-scattered to this replica's
+    part where ``spec`` (the row's leading axis included) splits a dimension over the axis."""
+    dims = [d for d, name in enumerate(spec) if name == data_axis]
+    if not dims:
+        return jax.lax.psum(g, data_axis)
+    return jax.lax.psum_scatter(g, data_axis, scatter_dimension=dims[0] - 1, tiled=True)
 
 
 def _action_tables(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
@@ -220,9 +237,15 @@ def _initial_carry(acts: Actions, n: dict[str, int]) -> tuple:
 
 
 def _pipeline(
-    acts: Actions, schedule: Schedule, slots: SlotPlan, axis: str, data_axis: str | None
+    acts: Actions,
+    schedule: Schedule,
+    slots: SlotPlan,
+    axis: str,
+    data_axis: str | None,
+    grad_specs: Sequence[P],
 ) -> Callable:
-    """The shard_map body: a scan over the table's ticks (see the module docstring)."""
+    """The shard_map body: a scan over the table's ticks (see the module docstring).
+    ``grad_specs``: how the gradients leave it (split over the data axis: ZeRO-1)."""
     p, S = schedule.num_devices, schedule.num_stages
     fwd_perm = [(d, (d + 1) % p) for d in range(p)] if S > p else [(d, d + 1) for d in range(p - 1)]
     bwd_perm = [(b, a) for a, b in fwd_perm]
@@ -266,7 +289,7 @@ def _pipeline(
         gacc, state = carry[-2], carry[-1]
         loss = jax.lax.psum(state.loss * acts.seed, axis)
         if data_axis:  # the replicas' gradients and losses add up
-            gacc = tuple(jax.lax.psum(g, data_axis) for g in gacc)
+            gacc = tuple(map(functools.partial(_replica_sum, data_axis), gacc, grad_specs))
             loss = jax.lax.psum(loss, data_axis)
         gacc = sum_copies(gacc, acts.params.shared, axis, p)  # tied copies: one gradient
         return tuple(g[None] for g in gacc), loss

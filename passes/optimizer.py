@@ -14,6 +14,13 @@ shape (or zeros where d holds nothing in that slot). Two ways to run ``optimizer
   the update, see `passes.shared_params`), but a per-leaf statistic would mix the leaves of p
   stages and a shape-dependent choice would see the extra leading axis.
 
+ZeRO-1 (``zero_axis``, a data axis of size dp): every state leaf with the pipeline's leading
+axis is split over the data axis along its first dimension that dp divides (`zero_spec`;
+leaves no dimension of which dp divides stay whole), and so are the gradients the pipeline
+returns (reduce-scattered over the replicas instead of all-reduced); XLA's partitioner runs the
+update on each replica's part and all-gathers the new parameters, which stay whole on every
+replica. Per-leaf statistics (lamb's norms) become sums over the parts, which XLA all-reduces.
+
 `choose_mode` reads the update's jaxpr: with no output depending on two leaves, ``"local"``;
 otherwise ``"global"`` if no per-leaf statistic reaches an output and the update does the same
 operations on the slots as on the leaves; otherwise the optimizer is refused with an error —
@@ -60,6 +67,16 @@ class OptimizerStep:
     state_avals: Any
 
 
+def zero_spec(shape: Sequence[int], axis: str, zero_axis: str | None, dp: int) -> P:
+    """``P(axis)``, with the first dimension after the leading one that ``dp`` divides split
+    over ``zero_axis`` (ZeRO-1; see the module docstring)."""
+    if zero_axis is not None:
+        for d, n in enumerate(shape[1:]):
+            if n % dp == 0:
+                return P(axis, *([None] * d), zero_axis)
+    return P(axis)
+
+
 def optimizer_step(
     optimizer: optax.GradientTransformation,
     param_avals: Sequence[jax.ShapeDtypeStruct],
@@ -67,29 +84,38 @@ def optimizer_step(
     mesh: Any,
     axis: str,
     shared: Shared = (),
+    zero_axis: str | None = None,
 ) -> OptimizerStep:
     """The optimizer on the slots ``param_avals`` (global ``(p, *shape)``, sharded over
     ``axis``), in the mode `choose_mode` picks. ``shared``: values held by several devices
     (`ParamLayout.shared`), whose gradients are already summed; in the global mode they are
-    counted once (`passes.shared_params`)."""
+    counted once (`passes.shared_params`). ``zero_axis``: the state split over that data axis
+    (ZeRO-1), the gradients given split as `zero_spec` says."""
     mode = choose_mode(optimizer, param_avals)
     if mode == "local":
         init, update = _local(optimizer, mesh, axis)
     else:
         init, update = _global(optimizer, shared, mesh, axis)
     p = param_avals[0].shape[0] if param_avals else 1
-    spread = NamedSharding(mesh, P(axis))
-    one = NamedSharding(mesh, P())
+    dp = mesh.shape[zero_axis] if zero_axis else 1
 
     def sharding(x):
         on_axis = mode == "local" or (x.ndim >= 1 and x.shape[0] == p)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=spread if on_axis else one)
+        spec = zero_spec(x.shape, axis, zero_axis, dp) if on_axis else P()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
     state_avals = jax.tree.map(sharding, jax.eval_shape(init, tuple(param_avals)))
     shardings = jax.tree.map(lambda a: a.sharding, state_avals)
+    whole = tuple(NamedSharding(mesh, P(axis)) for _ in param_avals)
+
+    def laid_out_update(grads, state, params):
+        params, state = update(grads, state, params)
+        constrain = jax.lax.with_sharding_constraint
+        return constrain(params, whole), constrain(state, shardings)
+
     return OptimizerStep(
         mode=mode,
-        update=update,
+        update=laid_out_update,
         init=jax.jit(init, out_shardings=shardings),
         state_avals=state_avals,
     )
