@@ -7,6 +7,7 @@ divides); training must equal training without the split and the single-device r
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import numpy as np
@@ -118,6 +119,12 @@ def test_zero1_memory_is_in_the_plan_and_the_program():
     for d, stage in enumerate(plans[1].stages):
         drop = plans[0].predicted.memory_per_device[d] - plans[1].predicted.memory_per_device[d]
         assert drop == pytest.approx(stage.param_bytes, rel=0.1), (d, drop, stage.param_bytes)
+    # the program: gradients reduce-scattered over the replicas and parameters all-gathered
+    # (one each per split slot), neither without the split
+    hlo = {z: p._runtime.compiled.as_text() for z, p in plans.items()}
+    for op in ("reduce-scatter", "all-gather"):
+        pattern = rf"= \S+ {op}(-start)?\("
+        assert re.search(pattern, hlo[1]) and not re.search(pattern, hlo[0]), op
     record = autopipe.PlanRecord.from_json(plans[1].to_json())
     assert record.zero_stage == 1
 
