@@ -6,7 +6,8 @@ The step is ``jit(train_step)`` with parameters and optimizer state donated:
     slots, opt_state = optimizer_step.update(grads, opt_state, slots)
 
 Parameters, gradients and optimizer state all live in the same layout: the slots of a
-`ParamLayout` built by shape, each a ``(p, *shape)`` array sharded over the pipeline axis whose
+`ParamLayout` built by size where the optimizer reads no shapes (`optimizer_exact.shape_free`)
+and by shape otherwise, each a ``(p, *shape)`` array sharded over the pipeline axis whose
 row d is one leaf of device d's stages (``d, d + p, …`` with virtual stages) with its own shape.
 `passes.optimizer` runs the optax update per device on those leaves (exact for per-leaf
 transforms) or on the whole slots (exact for global norms), and refuses what neither makes
@@ -59,6 +60,7 @@ from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.optimizer import optimizer_step, zero_spec
+from autopipe.passes.optimizer_exact import shape_free
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
@@ -82,7 +84,7 @@ __all__ = ["EmittedTrain", "device_groups", "emit_train", "plan_chunks", "plan_s
 class EmittedTrain:
     step: Callable  # jitted (slots, opt_state, batch_leaves, inputs) -> (slots, opt_state, loss)
     init_opt: Callable  # jitted slots -> opt_state (laid out as `opt_avals`)
-    params: ParamLayout  # by shape: every leaf in a slot of its own shape
+    params: ParamLayout  # by size, or by shape for optimizers that read shapes
     buffers: tuple[jax.ShapeDtypeStruct, ...]  # the slots, global ``(p, *shape)``, sharded
     opt_avals: Any  # the optimizer state's avals with their shardings
     optimizer_mode: str  # "local" (per device, per leaf) or "global" (see passes.optimizer)
@@ -116,7 +118,9 @@ def emit_train(
     p, m = schedule.num_devices, schedule.num_microbatches
     dp = mesh.shape[data_axis] if data_axis else 1
     mb = batch_size // (m * dp)
-    acts = Actions.build(program, stages, p, mb, remat, loss_scale)
+    leaves = [program.avals[v] for v in program.param_invars]
+    by = "size" if shape_free(optimizer, leaves) else "shape"
+    acts = Actions.build(program, stages, p, mb, remat, loss_scale, by=by)
     buffers = acts.params.avals(mesh, axis, None)
     shared = check_aligned(acts.params)
     zero_axis = data_axis if zero_stage else None

@@ -1,6 +1,7 @@
 """How a training step runs an optax optimizer on the pipeline's parameter slots, exactly.
 
-Parameters, gradients and optimizer state live in the slots of a `ParamLayout` built by shape:
+Parameters, gradients and optimizer state live in the slots of a `ParamLayout` (by shape, or
+by size where the update reads no shapes, `optimizer_exact.shape_free`):
 slot k is a ``(p, *shape)`` array whose row d is one leaf of device d's stage(s) with its own
 shape (or zeros where d holds nothing in that slot). Two ways to run ``optimizer.update``:
 

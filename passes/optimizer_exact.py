@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from autopipe._compat import Literal as JaxLiteral
-from autopipe.passes.optimizer import call_body, update_jaxpr
+from autopipe.passes.optimizer import call_body, choose_mode, update_jaxpr
 
 # parameters that carry shapes (left out where a row is part of its leaf)
 _SHAPE_PARAMS = frozenset(
@@ -204,6 +204,30 @@ def check_exact(
             )
 
 
+def shape_free(
+    optimizer: optax.GradientTransformation, avals: Sequence[jax.ShapeDtypeStruct]
+) -> bool:
+    """Whether the update does the same to a leaf held flat (or reshaped to another leaf's
+    shape of equal size) as to the leaf: element by element, or with only global statistics
+    (a global norm sums every element whatever the shapes). Then training may align
+    parameters by size (`passes.param_layout`, ``by="size"``: an embedding ``(V, D)`` and an
+    untied head ``(D, V)`` share a slot) instead of by shape, which pads."""
+    leaves = tuple(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in avals)
+    flat = [jax.ShapeDtypeStruct((int(np.prod(a.shape)),), a.dtype) for a in leaves]
+    held = [(i, i, False) for i in range(len(leaves))]  # every row a reshaped leaf
+    paths = [str(i) for i in range(len(leaves))]
+    for check_reductions in (True, False):
+        try:
+            stacked = [jax.ShapeDtypeStruct((1, *a.shape), a.dtype) for a in leaves]
+            if not check_reductions and choose_mode(optimizer, stacked) != "global":
+                return False  # a per-leaf statistic: whole leaves only
+            check_exact(optimizer, leaves, flat, held, paths, check_reductions=check_reductions)
+            return True
+        except ValueError:
+            continue
+    return False
+
+
 def _message(path: str, why: str) -> str:
     return (
         f"optimizer: for parameter {path} the optax transformation {why}. Running it would "
@@ -226,7 +250,8 @@ def check_optimizer(
     for k, slot in enumerate(layout.slots):
         for v in {v for v in slot.values if v is not None}:
             raw = v if v in index else program.ops[producer[v]].invars[0]
-            held.append((k, index[raw], v in index and mode == "local"))
+            same = tuple(slot.shape) == tuple(program.avals[v].shape)  # else a by-size slot
+            held.append((k, index[raw], v in index and mode == "local" and same))
     trained = [v in index for v in program.invars]
     leaves = [a if t else None for a, t in zip(spec.in_avals, trained, strict=True)]
     args = jax.tree.unflatten(spec.in_tree, leaves)

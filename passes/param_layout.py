@@ -22,7 +22,7 @@ few shapes, e.g. a CNN's convolutions of growing width), the slots held by the f
 move, most wasteful first, into a *rest* buffer per dtype packed end to end per device (the old
 flat layout): no padding, but a value sliced out of it is copied when a GEMM reads it, so only
 values that align badly pay for it. Training asks for no rest (`budget=None`): optimizers must
-see every leaf as its own array.
+see every leaf as its own array — by size where the optimizer reads no shapes, else by shape.
 
 Placement (`make_packers`, `pack_traced`) evaluates the hoisted ops (slices of stacked layer
 weights, casts) per device and writes each value into its slot; `gather_values` reads them back.

@@ -154,14 +154,16 @@ class Actions:
     fns: tuple[Callable, ...]
     specs: tuple[_Residuals, ...]
     chunks: ResidualChunks
-    params: ParamLayout  # the slots of every device's stages, by shape
+    params: ParamLayout  # the slots of every device's stages (by size or by shape)
     boundary_sizes: dict[str, int]  # forward: one flat buffer per dtype of any boundary
     grad_sizes: dict[str, int]  # backward: the float dtypes only (ints carry no cotangent)
     remat: tuple[bool, ...]
     seed: float
 
     @classmethod
-    def build(cls, program, stages, p, mb, remat, seed) -> Actions:
+    def build(cls, program, stages, p, mb, remat, seed, by="shape") -> Actions:
+        """``by``: how parameters align into slots (`passes.param_layout`): by shape, or by
+        size where the optimizer does not read shapes (`optimizer_exact.shape_free`)."""
         S = len(stages)
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
         consts = dict(program.consts)
@@ -189,7 +191,7 @@ class Actions:
             specs=specs,
             chunks=plan_chunks([r.stored for r in specs]),
             params=param_layout(
-                program, device_groups(stages, p), by="shape", budget=None, align_shared=True
+                program, device_groups(stages, p), by=by, budget=None, align_shared=True
             ),
             boundary_sizes=buffer_sizes([s.send for s in stages]),
             grad_sizes=buffer_sizes([float_part(s.send) for s in stages]),

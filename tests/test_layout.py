@@ -189,3 +189,45 @@ def test_device_parameter_bytes_within_10_percent_of_largest_stage(cases, name, 
     assert layout.device_bytes() <= 1.10 * max(s.param_bytes for s in plan.stages)
     for d, values in enumerate(groups):
         assert sorted(layout.held(d)) == sorted(set(values))
+
+
+def _untied_decoder():
+    from autopipe import library_models as lm
+
+    cfg = lm.DecoderConfig(vocab=256, seq=8, layers=2, d_model=32, d_ff=64)
+    model = lm.LinenGPT2(cfg, tie_word_embeddings=False)
+    rng = np.random.default_rng(0)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab, (BATCH, cfg.seq)), jnp.int32)
+    params = models.init_linen(model, tokens)
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    return loss_fn, params, (tokens, jnp.roll(tokens, -1, axis=1))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "by"), [(optax.adamw(1e-3), "size"), (optax.lamb(1e-3), "shape")]
+)
+def test_training_aligns_by_size_where_the_optimizer_reads_no_shapes(optimizer, by):
+    """An untied head ``(D, V)`` on the last stage and the embedding ``(V, D)`` on the first
+    share a slot when the optimizer is elementwise (AdamW): parameters and optimizer state per
+    device are then exactly the larger stage's, as the memory model counts them. lamb's trust
+    ratio reads whole leaves (any shape would do) but the check cannot tell it from
+    shape-dependent transforms: it keeps slots by shape, padding each on the other device."""
+    loss_fn, params, batch = _untied_decoder()
+    plan = autopipe.train(loss_fn, optimizer, params, batch, mesh=mesh(2), num_microbatches=2)
+    layout = plan._runtime.emitted.params
+    assert layout.exact_shapes == (by == "shape")
+    nbytes = lambda t: sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(t))  # noqa: E731
+    factor = nbytes(jax.eval_shape(optimizer.init, params)) / nbytes(params)
+    largest = max(s.param_bytes for s in plan.stages)
+    held = plan.compiled.memory_analysis().argument_size_in_bytes - nbytes(batch)
+    if by == "size":
+        assert held == pytest.approx(largest * (1 + factor), rel=1e-3)
+    else:
+        assert held > 1.2 * largest * (1 + factor)
+    state = plan.init(params)
+    state, _ = plan.step(state, batch)
+    assert jax.tree.structure(plan.unplace(state)) == jax.tree.structure(params)
