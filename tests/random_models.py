@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import re
@@ -837,30 +838,17 @@ def _per_copy_grad_fn(mb_loss, params, example_batch):
     return jax.jit(fn), leaf
 
 
-def _replica_sum(*grads):
-    """The data axis's all-reduce as XLA:CPU computes it: summed in float32, rounded once
-    (measured on seed 0 case 224, bf16, 4 replicas: a sequential bf16 sum was 4.6e-3 off the
-    pipeline, a pairwise one 1.2e-2, the float32 sum bit-exact)."""
-    return sum(g.astype(jnp.float32) for g in grads).astype(grads[0].dtype)
-
-
-def _accumulate(grad_fn, params, rows, r, order):
-    """Replica r's loss and gradients summed over its microbatches in ``order``."""
-    acc, loss = None, 0.0
-    for j in order:
-        lj, *g = grad_fn(params, tuple(x[r, j] for x in rows))
-        loss += float(lj)
-        acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-    return loss, acc
-
-
-def reference_training(case: Case, built: Built, loss_fn, batch, order, params, *, tied: bool):
+def reference_training(case: Case, built: Built, loss_fn, batch, order, params, *, tied_order):
     """Single-device training that sums the same microbatch gradients in the pipeline's order:
     replica r's microbatch j is rows ``batch.reshape(dp, m, mb)[r, j]``; each replica sums its
     microbatches in ``order``, then the replicas are summed; the loss is a mean over the batch,
-    so each microbatch's gradient is that of ``loss / (m · dp)``. ``tied``: the tied embedding's
-    copies (lookup stage, head stage) are accumulated apart and added last, as the pipeline
-    does (`autopipe.passes.shared_params`: replicas first, then the copies)."""
+    so each microbatch's gradient is that of ``loss / (m · dp)``.
+
+    ``tied_order`` (None: the tied embedding's lookup and head run in one stage, whose backward
+    sums the two uses inside each microbatch): the lookup (use 0) and head (use 1) are in
+    different stages, and ``tied_order[d]`` lists the ``(use, microbatch)`` gradients device d
+    adds to its copy, in its tick order; the copies are summed over replicas, then over devices
+    in device order (`autopipe.passes.shared_params`)."""
     graphdef = None
     if isinstance(params, nnx.Module):
         graphdef, params = nnx.split(params)
@@ -871,28 +859,71 @@ def reference_training(case: Case, built: Built, loss_fn, batch, order, params, 
         return loss_fn(nnx.merge(graphdef, p) if graphdef is not None else p, b) * scale
 
     rows = tuple(x.reshape(dp, m, x.shape[0] // (dp * m), *x.shape[1:]) for x in batch)
-    if tied:
+    if tied_order:
         grad_fn, leaf = _per_copy_grad_fn(mb_loss, params, tuple(x[0, 0] for x in rows))
     else:
-        grad_fn = jax.jit(jax.value_and_grad(mb_loss))
+        plain = jax.jit(jax.value_and_grad(mb_loss))
+        grad_fn = lambda p, b: (*plain(p, b), None)  # noqa: E731
     optimizer = optimizer_for(case)
     update = jax.jit(optimizer.update)
     state = optimizer.init(params)
+    add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
     losses = []
     for _ in range(STEPS):
-        results = [_accumulate(grad_fn, params, rows, r, order) for r in range(dp)]
-        loss = sum(lr for lr, _ in results)
-        accs = [acc for _, acc in results]
-        total = jax.tree.map(_replica_sum, *(acc[0] for acc in accs))
-        if tied:  # lookup copy + head copy, each summed over the replicas first
-            head = _replica_sum(*(acc[1] for acc in accs))
+        loss, accs, copies = 0.0, [], {d: [] for d in tied_order or {}}
+        for r in range(dp):
+            got = [grad_fn(params, tuple(x[r, j] for x in rows)) for j in range(m)]
+            acc = None
+            for j in order:
+                loss += float(got[j][0])
+                acc = add(acc, got[j][1])
+            accs.append(acc)
+            for d, uses in copies.items():  # this replica's copy on device d
+                parts = [jax.tree.leaves(got[j][1])[leaf] if u == 0 else got[j][2]
+                         for u, j in tied_order[d]]  # fmt: skip
+                copy = None
+                for part in parts:
+                    copy = add(copy, part)
+                uses.append(copy)
+        total = jax.tree.map(_replica_sum, *accs)
+        if tied_order:  # each copy summed over the replicas, then the copies in device order
+            summed = [_replica_sum(*copies[d]) for d in sorted(copies)]
             flat, treedef = jax.tree.flatten(total)
-            flat[leaf] = flat[leaf] + head
+            flat[leaf] = functools.reduce(jnp.add, summed)
             total = treedef.unflatten(flat)
         updates, state = update(total, state, params)
         params = optax.apply_updates(params, updates)
         losses.append(loss)
     return np.array(losses), params
+
+
+def _tied_order(case: Case, plan) -> dict[int, list[tuple[int, int]]] | None:
+    """`reference_training`'s ``tied_order`` for this plan: the stages reading the tied
+    embedding, and per device the (use, microbatch) of their weight-gradient cells in ticks."""
+    if case.model.head != ("vocab", True):
+        assert not plan.record.shared_params, plan.record.shared_params
+        return None
+    prog = plan.program
+    paths = dict(zip(prog.invars, plan.traced.spec.in_paths, strict=True))
+    producer = prog.producers()
+    raw = lambda v: v if v in paths else prog.ops[producer[v]].invars[0]  # noqa: E731
+    readers = sorted(
+        s
+        for s, lay in enumerate(plan.layouts)
+        if any(re.search(r"\bembed\b.*\bembedding\b", paths[raw(v)]) for v in lay.params)
+    )
+    assert len(readers) in (1, 2), readers
+    p = plan.schedule.num_devices
+    assert bool(plan.record.shared_params) == (len({s % p for s in readers}) > 1)
+    if len(readers) == 1:
+        return None
+    kind = "W" if plan.schedule.split_backward else "B"
+    order: dict[int, list[tuple[int, int]]] = {}
+    for cells in plan.schedule.table:
+        for d, cell in enumerate(cells):
+            if cell is not None and cell.kind == kind and cell.stage in readers:
+                order.setdefault(d, []).append((readers.index(cell.stage), cell.microbatch))
+    return order
 
 
 def _train(case: Case, built: Built, plan_params) -> float:
@@ -917,12 +948,8 @@ def _train(case: Case, built: Built, plan_params) -> float:
     if isinstance(got, nnx.Module):
         got = nnx.state(got)
     order = _backward_order(plan.schedule)
-    # copies on several devices (a tied head whose lookup and head ops sit on different
-    # stages; on one stage autodiff sums the two uses inside each microbatch, as one device)
-    tied = bool(plan.record.shared_params)
-    assert not tied or case.model.head == ("vocab", True), plan.record.shared_params
     want_losses, want = reference_training(
-        case, built, loss_fn, batch, order, built.params, tied=tied
+        case, built, loss_fn, batch, order, built.params, tied_order=_tied_order(case, plan)
     )
     loss_err = float(np.max(np.abs(np.array(losses) - want_losses) / np.abs(want_losses)))
     return {m: max(loss_err, compare(got, want, m)) for m in ("max", "rms")}
