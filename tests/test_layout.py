@@ -208,7 +208,8 @@ def _untied_decoder():
 
 
 @pytest.mark.parametrize(
-    ("optimizer", "by"), [(optax.adamw(1e-3), "size"), (optax.lamb(1e-3), "shape")]
+    ("optimizer", "by"),
+    [(optax.adamw(1e-3), "size"), pytest.param(optax.lamb(1e-3), "shape", marks=pytest.mark.slow)],
 )
 def test_training_aligns_by_size_where_the_optimizer_reads_no_shapes(optimizer, by):
     """An untied head ``(D, V)`` on the last stage and the embedding ``(V, D)`` on the first

@@ -250,7 +250,10 @@ def test_error_num_stages_disagrees_with_mesh(cases):
         autopipe.plan(fn, *args, mesh=mesh(2), num_stages=3)
 
 
-@pytest.mark.parametrize("name", ["linen_gpt", pytest.param("scanned_gpt", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "name",
+    ["linen_mlp", *(pytest.param(n, marks=pytest.mark.slow) for n in ("linen_gpt", "scanned_gpt"))],
+)
 def test_grad_of_pipelined_forward_is_gpipe_by_autodiff(cases, name):
     fn, (variables, x) = cases[name]
     plan = autopipe.plan(fn, variables, x, mesh=mesh(4), num_microbatches=4)
