@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from autopipe._front import Front as _Front
 
 
-def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
+def _compile(front: _Front, layouts, sched, mesh, axis, dims, strategies) -> _Runtime:
     traced, program = front.traced, front.program
     emitted = emit(
         program,
@@ -35,6 +35,7 @@ def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
         data_axis=front.data_axis,
         tensor_axis=front.tensor_axis,
         dims=dims,
+        strategies=strategies,
     )
     param_avals = emitted.buffers
     batch_avals = tuple(

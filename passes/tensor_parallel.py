@@ -78,6 +78,7 @@ class LayerShardings:
     dims: Mapping[int, int | None]  # value id → dimension split over the tensor axis
     collectives: tuple[tuple[tuple[str, float], ...], ...]  # per layer: (kind, bytes/device)
     strategies: tuple[tuple[str, ...], ...]  # per layer: strategy name per operator
+    op_strategies: Mapping[int, sharding.Strategy]  # op index → its strategy (what emit runs)
 
     def param_scale(self, values: Sequence[int]) -> dict[int, float]:
         return {v: 1.0 / self.tp for v in values if self.dims.get(v) is not None}
@@ -228,6 +229,7 @@ def shard_layers(
             dims={},
             collectives=tuple(() for _ in per_layer),
             strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
+            op_strategies={},
         )
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
@@ -253,6 +255,7 @@ def shard_layers(
         dims=dims,
         collectives=tuple(colls),
         strategies=tuple(tuple(chosen[i].name for i in ops) for ops in per_layer),
+        op_strategies=chosen,
     )
 
 
