@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from autopipe._front import Front as _Front
 
 
-def _compile(front: _Front, layouts, sched, mesh, axis, dims, strategies) -> _Runtime:
+def _compile(front: _Front, layouts, sched, mesh, axis, dims, tensor) -> _Runtime:
+    """``tensor``: (op → strategy, values handed over whole) of the tensor-parallel plan."""
     traced, program = front.traced, front.program
     emitted = emit(
         program,
@@ -35,7 +36,8 @@ def _compile(front: _Front, layouts, sched, mesh, axis, dims, strategies) -> _Ru
         data_axis=front.data_axis,
         tensor_axis=front.tensor_axis,
         dims=dims,
-        strategies=strategies,
+        strategies=tensor[0],
+        whole=tensor[1],
     )
     param_avals = emitted.buffers
     batch_avals = tuple(

@@ -46,6 +46,9 @@ class Predicted:
     memory_per_device: tuple[float, ...]
     bytes_moved: float  # between stages, whole batch
     unruled_primitives: tuple[str, ...]  # priced by memory traffic only (no cost rule)
+    # replicated over the tensor axis for want of a strategy rule: their operands are gathered
+    # whole with planned, priced all-gathers (`passes.sharding`)
+    unsharded_primitives: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,6 +144,9 @@ class PlanRecord:
         )
         if p.unruled_primitives:
             foot += f"\nno cost rule (priced by bytes only): {', '.join(p.unruled_primitives)}"
+        if p.unsharded_primitives:
+            names = ", ".join(p.unsharded_primitives)
+            foot += f"\nno sharding rule (replicated over the tensor axis): {names}"
         if self.shared_params:
             foot += "\nshared parameters (a copy per device, gradients summed every step): "
             foot += "; ".join(
@@ -200,8 +206,8 @@ class PlanRecord:
             v = p // dict(axes)[saved["pipeline_axis"]]
             sched = schedules.make(kind, p // v, m, v)
         predicted = dict(saved["predicted"])
-        for key in ("memory_per_device", "unruled_primitives"):
-            predicted[key] = tuple(predicted[key])
+        for key in ("memory_per_device", "unruled_primitives", "unsharded_primitives"):
+            predicted[key] = tuple(predicted.get(key, ()))
         return cls(
             fn_name=saved["function"],
             fingerprint=saved["fingerprint"],

@@ -128,13 +128,15 @@ def emit(
     tensor_axis: str | None = None,
     dims: Mapping[int, int | None] | None = None,
     strategies: Mapping[int, Strategy] | None = None,
+    whole: frozenset[int] = frozenset(),
     replicate_outputs: bool = False,
 ) -> Emitted:
     """The forward pipeline over ``mesh``, manual over every axis: the pipeline axis ``axis``,
     the data axis (each replica runs its rows of every microbatch; `program` is traced at that
     local microbatch) and the tensor axis, where each operator runs its planned strategy from
     ``strategies`` (op index → `Strategy`) on this device's shards, parameters split as
-    ``dims`` says, with every collective explicit (`passes.tensor_local`).
+    ``dims`` says, with every collective explicit (`passes.tensor_local`); ``whole``: values
+    the plan hands to other sharding segments whole (gathered where they are made).
     ``replicate_outputs``: every device returns the outputs (an all-reduce from the last stage)
     instead of each returning its own block; used by the differentiable `Plan.apply`."""
     mesh = auto_mesh(mesh)
@@ -145,7 +147,9 @@ def emit(
     layout = param_layout(program, [st.params for st in stages], dims=dims if tensor_axis else None)
     tensor = None
     if tensor_axis:
-        tensor = TensorPlan(axis=tensor_axis, tp=tp, strategies=dict(strategies or {}))
+        tensor = TensorPlan(
+            axis=tensor_axis, tp=tp, strategies=dict(strategies or {}), whole=frozenset(whole)
+        )
     body = _body(program, stages, schedule, layout, axis, tensor, data_axis)
     if replicate_outputs:
         body = _replicated(body, axis, p)

@@ -160,6 +160,9 @@ class TensorPlan:
     axis: str
     tp: int
     strategies: Mapping[int, Strategy]  # op index → its planned strategy (missing: replicated)
+    # values the plan hands to other segments whole: gathered where they are made (as priced),
+    # and their readers there slice the whole value
+    whole: frozenset[int] = frozenset()
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -179,7 +182,10 @@ class LocalEnv:
         if src == dim:
             return self.env[a]
         if (a, dim) not in self.cache:
-            self.cache[a, dim] = reshard(self.env[a], src, dim, self.plan.axis, self.plan.tp)
+            x = self.env[a]
+            if (a, None) in self.cache:  # a whole copy: slicing it is free
+                x, src = self.cache[a, None], None
+            self.cache[a, dim] = reshard(x, src, dim, self.plan.axis, self.plan.tp)
         return self.cache[a, dim]
 
     def run(self, program: Program, i: int) -> None:
@@ -191,6 +197,8 @@ class LocalEnv:
         outs = run_local(op, s, args, shapes, self.plan.axis, self.plan.tp)
         for v, y, d in zip(op.outvars, outs, s.outs, strict=True):
             self.env[v], self.held[v] = y, d
+            if v in self.plan.whole and d is not None:
+                self.get(v, None)
 
 
 def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:
