@@ -287,3 +287,30 @@ def test_compiled_collective_bytes_equal_the_plan(name, factors):
     assert set(got) == set(want) and "all_reduce" in got
     for kind in want:
         assert got[kind] == pytest.approx(want[kind], rel=0.05), (kind, got, want)
+
+
+def test_a_primitive_without_a_rule_is_gathered_whole_as_planned():
+    """``lgamma`` has no strategy rule: it runs replicated on whole operands, gathered by a
+    planned all-gather that the plan prices and lists (``predicted.unsharded_primitives``), and
+    the compiled collectives are still exactly the planned ones."""
+
+    def fn(params, x):
+        for w1, w2 in params:
+            x = x + jax.lax.lgamma(jnp.abs(x @ w1) + 1.0) @ w2
+        return x
+
+    rng = np.random.default_rng(3)
+    params = [
+        tuple(jnp.asarray(rng.normal(0, 0.1, s), jnp.float32) for s in ((32, 128), (128, 32)))
+        for _ in range(4)
+    ]
+    x = jnp.asarray(rng.normal(size=(BATCH, 32)), jnp.float32)
+    plan = autopipe.plan(fn, params, x, mesh=mesh(2, tp=4), num_microbatches=2, hardware=SPLIT_PAYS)
+    assert plan.predicted.unsharded_primitives == ("lgamma",)
+    assert "no sharding rule (replicated over the tensor axis): lgamma" in str(plan)
+    got, want = hlo_collective_bytes(plan.as_text(), 4), _predicted_bytes(plan)
+    assert set(got) == set(want) and "all_gather" in got
+    for kind in want:
+        assert got[kind] == pytest.approx(want[kind], rel=0.05), (kind, got, want)
+    # outputs of order 1; the row-parallel sums round differently: 1.7e-6 apart at most
+    np.testing.assert_allclose(plan(params, x), jax.jit(fn)(params, x), rtol=1e-5, atol=1e-5)
