@@ -273,7 +273,7 @@ def _predicted_bytes(plan) -> dict[str, float]:
     ("name", "factors"),
     [
         ("gpt2", (2, 1, 4)),
-        ("llama", (2, 1, 4)),
+        pytest.param("llama", (2, 1, 4), marks=pytest.mark.slow),
         pytest.param("bert", (2, 2, 2), marks=pytest.mark.slow),
         pytest.param("cnn", (2, 1, 4), marks=pytest.mark.slow),
     ],
