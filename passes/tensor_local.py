@@ -28,10 +28,12 @@ A strategy whose local result does not have the local shape it promises is an in
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 from autopipe._compat import CALL_JAXPR_PARAM, Literal, bind_eqn
 from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op
@@ -69,16 +71,112 @@ def local_shape(shape: Sequence[int], dim: Dim, tp: int) -> tuple[int, ...]:
     return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
-def reshard(x: Any, src: Dim, dst: Dim, axis: str, tp: int) -> Any:
-    """``x`` (a local shard split on `src`, or whole for None) as split on `dst`."""
+def reshard(x: Any, src: Dim, dst: Dim, axis: str, tp: int, *, conjugate: bool = False) -> Any:
+    """``x`` (a local shard split on `src`, or whole for None) as split on `dst`. ``conjugate``:
+    differentiated with Megatron's conjugate collectives (`block`, `gather`), for gradients
+    taken inside the manual region."""
     if src == dst:
         return x
     if src is None:  # every device holds it whole: take this device's block, no communication
-        n = x.shape[dst] // tp
-        return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * n, n, axis=dst)
+        return block(x, dst, axis, tp) if conjugate else _block(x, dst, axis, tp)
     if dst is None:
-        return jax.lax.all_gather(x, axis, axis=src, tiled=True)
+        return gather(x, src, axis) if conjugate else _gather(x, src, axis)
     return jax.lax.all_to_all(x, axis, split_axis=dst, concat_axis=src, tiled=True)
+
+
+def _block(x: Any, dim: int, axis: str, tp: int) -> Any:
+    n = x.shape[dim] // tp
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * n, n, axis=dim)
+
+
+def _gather(x: Any, dim: int, axis: str) -> Any:
+    return jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+
+
+# --- conjugate collectives: the backward Megatron pairs with each forward ------------------------
+# Inside the manual region a whole value's cotangent is the same on every device of the tensor
+# axis. JAX's own transposes (psum of the cotangent for psum, psum_scatter for all_gather, a
+# zero-padded block for a slice) assume per-device partial cotangents instead and, taken inside
+# the region, give tp × the gradient or partial ones. The pairs below keep whole cotangents whole.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def block(x: Any, dim: int, axis: str, tp: int) -> Any:
+    """This device's block of a whole value; backward: the blocks' cotangents gathered whole
+    (Megatron's f: identity forward, all-reduce backward, for an input read by split ops)."""
+    return _block(x, dim, axis, tp)
+
+
+def _block_fwd(x, dim, axis, tp):
+    return _block(x, dim, axis, tp), None
+
+
+def _block_bwd(dim, axis, tp, _, ct):
+    return (_gather(ct, dim, axis),)
+
+
+block.defvjp(_block_fwd, _block_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather(x: Any, dim: int, axis: str) -> Any:
+    """The whole value from its blocks; backward: this device's block of the whole cotangent."""
+    return _gather(x, dim, axis)
+
+
+def _gather_fwd(x, dim, axis):
+    return _gather(x, dim, axis), None
+
+
+def _gather_bwd(dim, axis, _, ct):
+    tp = jax.lax.axis_size(axis)
+    return (_block(ct, dim, axis, tp),)
+
+
+gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def shared(x: Any, axis: str) -> Any:
+    """A whole value read by an operator whose work is split (the input of a column-parallel
+    matmul): identity; backward: the devices' partial cotangents summed (Megatron's f)."""
+    return x
+
+
+shared.defvjp(lambda x, axis: (x, None), lambda axis, _, ct: (jax.lax.psum(ct, axis),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def psum_whole(x: Any, axis: str) -> Any:
+    """Partial sums combined; backward: the whole cotangent to every partial (Megatron's g)."""
+    return jax.lax.psum(x, axis)
+
+
+psum_whole.defvjp(lambda x, axis: (jax.lax.psum(x, axis), None), lambda axis, _, ct: (ct,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pextreme_whole(x: Any, axis: str, kind: str) -> Any:
+    """pmax / pmin of partial extremes; backward: the cotangent to the partials that won."""
+    return (jax.lax.pmax if kind == "max" else jax.lax.pmin)(x, axis)
+
+
+def _pextreme_fwd(x, axis, kind):
+    y = pextreme_whole(x, axis, kind)
+    return y, x == y
+
+
+def _pextreme_bwd(axis, kind, won, ct):
+    return (jnp.where(won, ct, jnp.zeros_like(ct)),)
+
+
+pextreme_whole.defvjp(_pextreme_fwd, _pextreme_bwd)
+
+# how partial results are combined under conjugate collectives, by primitive
+CONJUGATE_COMBINE: dict[str, Callable[[Any, str], Any]] = {
+    "reduce_max": functools.partial(pextreme_whole, kind="max"),
+    "reduce_min": functools.partial(pextreme_whole, kind="min"),
+}
 
 
 def run_local(
@@ -88,10 +186,12 @@ def run_local(
     out_shapes: Sequence[tuple[int, ...]],
     axis: str,
     tp: int,
+    *,
+    conjugate: bool = False,
 ) -> list[Any]:
     """``op``'s results under ``strategy`` from operands already laid out as it requires: local
     shards for split operands, whole values otherwise; results laid out as ``strategy.outs``.
-    ``out_shapes``: the results' global shapes."""
+    ``out_shapes``: the results' global shapes; ``conjugate``: see `reshard`."""
     outs_local = [local_shape(s, d, tp) for s, d in zip(out_shapes, strategy.outs, strict=True)]
     if all(d is None for d in (*strategy.ins, *strategy.outs)):
         outs = apply_op(op, list(args))
@@ -100,7 +200,11 @@ def run_local(
     else:
         outs = bind_eqn(_local_eqn(op, strategy, args, outs_local), *args)
     if strategy.collective == "all_reduce":
-        combine = COMBINE.get(op.primitive, jax.lax.psum)
+        combine = (
+            CONJUGATE_COMBINE.get(op.primitive, psum_whole)
+            if conjugate
+            else COMBINE.get(op.primitive, jax.lax.psum)
+        )
         outs = [combine(y, axis) for y in outs]
     else:
         assert strategy.collective is None, (op.primitive, strategy)
@@ -163,6 +267,7 @@ class TensorPlan:
     # values the plan hands to other segments whole: gathered where they are made (as priced),
     # and their readers there slice the whole value
     whole: frozenset[int] = frozenset()
+    conjugate: bool = False  # Megatron's conjugate backward (gradients inside the region)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -185,7 +290,9 @@ class LocalEnv:
             x = self.env[a]
             if (a, None) in self.cache:  # a whole copy: slicing it is free
                 x, src = self.cache[a, None], None
-            self.cache[a, dim] = reshard(x, src, dim, self.plan.axis, self.plan.tp)
+            self.cache[a, dim] = reshard(
+                x, src, dim, self.plan.axis, self.plan.tp, conjugate=self.plan.conjugate
+            )
         return self.cache[a, dim]
 
     def run(self, program: Program, i: int) -> None:
@@ -193,8 +300,15 @@ class LocalEnv:
         op = program.ops[i]
         s = self.plan.strategies.get(i) or replicated(op)
         args = [self.get(a, d) for a, d in zip(op.invars, s.ins, strict=True)]
+        if self.plan.conjugate and any(d is not None for d in (*s.ins, *s.outs)):
+            args = [
+                shared(x, self.plan.axis) if d is None and isinstance(a, int) else x
+                for a, d, x in zip(op.invars, s.ins, args, strict=True)
+            ]
         shapes = [tuple(program.avals[v].shape) for v in op.outvars]
-        outs = run_local(op, s, args, shapes, self.plan.axis, self.plan.tp)
+        outs = run_local(
+            op, s, args, shapes, self.plan.axis, self.plan.tp, conjugate=self.plan.conjugate
+        )
         for v, y, d in zip(op.outvars, outs, s.outs, strict=True):
             self.env[v], self.held[v] = y, d
             if v in self.plan.whole and d is not None:

@@ -29,9 +29,9 @@ from autopipe import library_models as lm
 from autopipe import models
 from autopipe.cost_models.hardware import get_hardware
 from autopipe.passes.graph import build_program
-from autopipe.passes.ir import apply_op, read_atom
+from autopipe.passes.ir import apply_op, eval_ops, read_atom
 from autopipe.passes.sharding import strategies
-from autopipe.passes.tensor_local import reshard, run_local
+from autopipe.passes.tensor_local import LocalEnv, TensorPlan, reshard, run_local
 from autopipe.passes.trace import trace
 from conftest import BATCH, fill, mesh
 
@@ -314,3 +314,43 @@ def test_a_primitive_without_a_rule_is_gathered_whole_as_planned():
         assert got[kind] == pytest.approx(want[kind], rel=0.05), (kind, got, want)
     # outputs of order 1; the row-parallel sums round differently: 1.7e-6 apart at most
     np.testing.assert_allclose(plan(params, x), jax.jit(fn)(params, x), rtol=1e-5, atol=1e-5)
+
+
+# --- toward training: Megatron's conjugate backward inside the manual region ------------------
+
+
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=pytest.mark.slow)])
+def test_conjugate_collectives_give_the_plain_gradient(tp):
+    """A plan's stage run by `LocalEnv` with ``conjugate=True`` and differentiated INSIDE the
+    manual region (as a training step is) gives the plain function's gradient: the slice of a
+    whole value gathers its cotangent back (Megatron's f), a row-parallel psum passes the whole
+    cotangent to every partial (g), a gather hands each device its block. JAX's own transposes
+    there give tp × the gradient (psum) or partial ones (slices)."""
+    plan, fn, args = _plan("gpt2", (1, 1, tp), 1)
+    prog, (layout,) = plan.program, plan.layouts
+    _, leaves = plan.traced.spec.flatten(args)
+    raw = [x for x, v in zip(leaves, prog.invars, strict=True) if v in set(prog.param_invars)]
+    batch = [x for x, v in zip(leaves, prog.invars, strict=True) if v in prog.batch_dependent]
+    tensor = TensorPlan(
+        axis="tp", tp=tp, strategies=plan.op_strategies, whole=plan.whole_values, conjugate=True
+    )
+
+    def loss(raw_vals, batch_vals):
+        env = dict(prog.consts) | dict(zip(prog.param_invars, raw_vals, strict=True))
+        batch_ids = [v for v in prog.invars if v in prog.batch_dependent]
+        env.update(zip(batch_ids, batch_vals, strict=True))
+        eval_ops(prog, sorted(plan.split.hoisted), env)  # placed values, whole
+        local = LocalEnv(plan=tensor, env=env, held=dict.fromkeys(env))
+        for i in layout.ops:
+            local.run(prog, i)
+        return jnp.mean(jnp.tanh(local.get(prog.outvars[0], None)))
+
+    tp_mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
+    grad = jax.shard_map(
+        jax.grad(loss), mesh=tp_mesh, in_specs=(P(), P()), out_specs=P(), check_vma=False
+    )
+    assert any(s.collective == "all_reduce" for s in plan.op_strategies.values())
+    got = jax.jit(grad)(raw, batch)
+    want = jax.tree.leaves(jax.grad(lambda p: jnp.mean(jnp.tanh(fn(p, args[1]))))(args[0]))
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-7)
