@@ -23,7 +23,8 @@ if TYPE_CHECKING:
     from autopipe._front import Front as _Front
 
 
-def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
+def _compile(front: _Front, layouts, sched, mesh, axis, dims, tensor) -> _Runtime:
+    """``tensor``: (op → strategy, values handed over whole) of the tensor-parallel plan."""
     traced, program = front.traced, front.program
     emitted = emit(
         program,
@@ -35,6 +36,8 @@ def _compile(front: _Front, layouts, sched, mesh, axis, dims) -> _Runtime:
         data_axis=front.data_axis,
         tensor_axis=front.tensor_axis,
         dims=dims,
+        strategies=tensor[0],
+        whole=tensor[1],
     )
     param_avals = emitted.buffers
     batch_avals = tuple(
@@ -65,16 +68,18 @@ def input_avals(front: _Front, sharding) -> tuple:
 
 def _check_branch_collectives(hlo: str, fn_name: str) -> None:
     """A collective-permute inside a stage's branch runs on that stage's devices only, while
-    its rendezvous waits for every device: it would deadlock. Refuse such a program."""
+    its rendezvous waits for every device: it would deadlock. An internal assertion: the
+    emitter is manual over every axis and emits its tensor-axis collectives itself
+    (`passes.tensor_local`), so XLA has nothing to reshard (tests/test_tp_models.py)."""
     bad = [
         line for line in hlo.splitlines() if " collective-permute(" in line and "/branch_" in line
     ]
     if bad:
         raise RuntimeError(
-            f"{fn_name}: XLA resharded a value inside a pipeline stage with a collective-permute "
-            f"({len(bad)} of them), which would deadlock when stages run different branches. "
-            "Plan without the tensor axis (a mesh without it, or tensor_axis=None) and please "
-            f"report the model. First one: {bad[0].strip()[:300]}"
+            f"{fn_name}: internal error: a collective-permute was compiled inside a pipeline "
+            f"stage ({len(bad)} of them), which would deadlock when stages run different "
+            "branches. Please report the model; planning without the tensor axis avoids it. "
+            f"First one: {bad[0].strip()[:300]}"
         )
 
 

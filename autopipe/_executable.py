@@ -89,6 +89,8 @@ class Executable:
                 data_axis=self.data_axis,
                 tensor_axis=self.tensor_axis,
                 dims=self.dims,
+                strategies=self.op_strategies,
+                whole=self.whole_values,
                 replicate_outputs=True,
             ).step
         leaves = self._check_args(args)

@@ -46,6 +46,9 @@ class Predicted:
     memory_per_device: tuple[float, ...]
     bytes_moved: float  # between stages, whole batch
     unruled_primitives: tuple[str, ...]  # priced by memory traffic only (no cost rule)
+    # replicated over the tensor axis for want of a strategy rule: their operands are gathered
+    # whole with planned, priced all-gathers (`passes.sharding`)
+    unsharded_primitives: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -147,6 +150,9 @@ class PlanRecord:
                 f"\noptimizer state split over the data axis {self.data_axis!r} "
                 f"(ZeRO-{self.zero_stage}: 1/{dict(self.mesh_axes)[self.data_axis]} per replica)"
             )
+        if p.unsharded_primitives:
+            names = ", ".join(p.unsharded_primitives)
+            foot += f"\nno sharding rule (replicated over the tensor axis): {names}"
         if self.shared_params:
             foot += "\nshared parameters (a copy per device, gradients summed every step): "
             foot += "; ".join(
@@ -207,8 +213,8 @@ class PlanRecord:
             v = p // dict(axes)[saved["pipeline_axis"]]
             sched = schedules.make(kind, p // v, m, v)
         predicted = dict(saved["predicted"])
-        for key in ("memory_per_device", "unruled_primitives"):
-            predicted[key] = tuple(predicted[key])
+        for key in ("memory_per_device", "unruled_primitives", "unsharded_primitives"):
+            predicted[key] = tuple(predicted.get(key, ()))
         return cls(
             fn_name=saved["function"],
             fingerprint=saved["fingerprint"],

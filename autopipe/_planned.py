@@ -37,6 +37,8 @@ class Planned(PlanRecord):
     layouts: tuple[StageLayout, ...] = dataclasses.field(repr=False)
     mesh: Any = dataclasses.field(repr=False)
     dims: Any = dataclasses.field(default=None, repr=False)  # value → dim split over tensor_axis
+    op_strategies: Any = dataclasses.field(default=None, repr=False)  # op → its tensor Strategy
+    whole_values: Any = dataclasses.field(default=frozenset(), repr=False)  # handed over whole
     optimizer: optax.GradientTransformation | None = dataclasses.field(default=None, repr=False)
     reduction: str = "mean"  # training: the loss is a mean (or a sum) over the examples
 
@@ -79,7 +81,13 @@ class Planned(PlanRecord):
         f = self.front
         if not self.training:
             return _compile(
-                f, self.layouts, self.schedule, self.mesh, self.pipeline_axis, self.dims
+                f,
+                self.layouts,
+                self.schedule,
+                self.mesh,
+                self.pipeline_axis,
+                self.dims,
+                (self.op_strategies, self.whole_values),
             )
         m, dp = self.num_microbatches, f.axis_size(f.data_axis)
         scale = 1.0 / (m * dp) if self.reduction == "mean" else 1.0
@@ -193,6 +201,8 @@ def forward_planned(front: Front, done: Assembled, *, mesh: Any, pipeline_axis: 
         layouts=done.layouts,
         mesh=mesh,
         dims=sh.dims,
+        op_strategies=sh.op_strategies,
+        whole_values=sh.whole,
     )
 
 

@@ -161,6 +161,7 @@ def assemble(front: Front, layers: Sequence[int], search: Search) -> Assembled:
         memory_per_device=tuple(s.memory for s in stages),
         bytes_moved=float(m * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,
+        unsharded_primitives=tuple(sorted(sh.unruled)),
     )
     return Assembled(
         layers=tuple(layers),

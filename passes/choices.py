@@ -55,7 +55,7 @@ def solve_choices(
         adj[b].add(a)
     steps = _eliminate(u, pair, adj) if presolve else []
     core = sorted(adj)
-    small = presolve and np.prod([len(u[n]) for n in core]) <= _MAX_ENUMERATION
+    small = presolve and np.prod([len(u[n]) for n in core], dtype=float) <= _MAX_ENUMERATION
     choice = (_enumerate if small else _milp)(u, pair, core)
     for n, nbrs, arg in reversed(steps):
         choice[n] = int(arg[tuple(choice[p] for p in nbrs)])

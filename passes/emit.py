@@ -1,6 +1,6 @@
 """Emit pass: stage layouts + a schedule → ONE ``jax.jit(jax.shard_map(...))`` program.
 
-The program is manual over the pipeline axis only. Per device:
+The program is manual over every mesh axis (pipeline, data, tensor). Per device:
   - parameters arrive as the slots of a `ParamLayout`: one array per value, ``(1, *shape)``
     locally (global ``(p, *shape)`` sharded over the pipeline axis, and over the tensor axis for
     split values), holding only this device's stage's values, read whole (in place);
@@ -10,7 +10,14 @@ The program is manual over the pipeline axis only. Per device:
     flat buffer per dtype, and after the switch sends it with one unconditional
     ``lax.ppermute`` per dtype (collectives never run inside a branch);
   - the last stage writes its outputs into an (m + 1, microbatch, ...) buffer at the
-    microbatch's row (other actions write the spare row), so each device keeps m outputs.
+    microbatch's row (other actions write the spare row), so each device keeps m outputs;
+  - with a tensor axis, each operator of a stage runs on this device's shards under the
+    strategy the plan chose for it, and every collective on the tensor axis (the psum of a
+    row-parallel matmul, the all-gather of a split value that must become whole, the all-to-all
+    that moves a split) is emitted explicitly (`passes.tensor_local`), so XLA's partitioner
+    never picks one the plan did not price. Those collectives run inside the stage's branch,
+    which every device of the tensor group takes together; values enter and leave a stage
+    whole.
 
 Operators are replayed from a jaxpr traced outside the shard_map, which shard_map's
 varying-axes checker cannot type, so the shard_map is built with ``check_vma=False``.
@@ -32,7 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
-from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.ir import Program, eval_ops, read_atom
 from autopipe.passes.layout import StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
     ParamLayout,
@@ -42,6 +49,8 @@ from autopipe.passes.param_layout import (
     unpack_flat,
 )
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.sharding_rules import Strategy
+from autopipe.passes.tensor_local import LocalEnv, TensorPlan
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -69,51 +78,38 @@ def _stage_fn(
     *,
     last: bool,
     sizes: dict,
-    constrain,
+    tensor: TensorPlan | None,
 ):
     """Stage ``layout`` on ``device`` as ``run(bufs, recv, xs) -> (send, outputs or None)``,
-    reading its parameters from its blocks of the buffers of ``params``."""
+    reading its parameters from its blocks of the buffers of ``params``. With a tensor axis
+    (``tensor``) every operator runs on this device's shards under its planned strategy
+    (`passes.tensor_local`); values arrive and leave whole."""
     batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
     batch_in += program.input_invars
-
     key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
+    split = {v: s.dim for s in params.slots if s.dim is not None for v in s.values}
 
     def run(bufs: Sequence[Any], recv: dict, xs: Sequence[Any]):
         """``xs``: this microbatch's batch leaves, then the inputs as it sees them."""
         env: dict = dict(key_consts)
         unpack_flat(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
-        for v in env:  # whole on every device of the tensor axis, as planned
-            env[v] = constrain(None, env[v])
-        held = read_params(program, params, device, bufs)
-        env.update((v, constrain(v, x)) for v, x in held.items())
-        for i in layout.ops:
-            op = program.ops[i]
-            outs = apply_op(op, [read_atom(env, a) for a in op.invars])
-            env.update((v, constrain(v, x)) for v, x in zip(op.outvars, outs, strict=True))
-        for v in (*layout.send.values(), *(a for a in program.outvars if isinstance(a, int))):
-            if v in env:  # values leave the stage whole on every device of the tensor axis
-                env[v] = constrain(None, env[v])
-        send = pack_flat(env, layout.send, sizes)
-        outs = tuple(read_atom(env, a) for a in program.outvars) if last else None
+        env.update(read_params(program, params, device, bufs))
+        if tensor is None:
+            eval_ops(program, layout.ops, env)
+            whole = env.__getitem__
+        else:
+            local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+            for i in layout.ops:
+                local.run(program, i)
+            whole = lambda v: local.get(v, None)  # noqa: E731
+        leaving = (*layout.send.values(), *(a for a in program.outvars if isinstance(a, int)))
+        out_env = {v: whole(v) for v in leaving if v in env}
+        send = pack_flat(out_env, layout.send, sizes)
+        outs = tuple(read_atom(out_env, a) for a in program.outvars) if last else None
         return send, outs
 
     return run
-
-
-def _constrainer(program: Program, dims: Mapping[int, int | None], tensor_axis: str | None):
-    """``constrain(v, x)``: x laid out over the tensor axis as the plan says (identity without
-    a tensor axis). Every value gets one, so the compiler partitions exactly as planned."""
-    if tensor_axis is None:
-        return lambda v, x: x
-
-    def constrain(v, x):
-        """``v=None``: replicated."""
-        dim = None if v is None else dims.get(v)
-        spec = [tensor_axis if d == dim else None for d in range(x.ndim)]
-        return jax.lax.with_sharding_constraint(x, P(*spec))
-
-    return constrain
 
 
 def _zeros_like_outputs(program: Program) -> tuple[Any, ...]:
@@ -131,21 +127,30 @@ def emit(
     data_axis: str | None = None,
     tensor_axis: str | None = None,
     dims: Mapping[int, int | None] | None = None,
+    strategies: Mapping[int, Strategy] | None = None,
+    whole: frozenset[int] = frozenset(),
     replicate_outputs: bool = False,
 ) -> Emitted:
-    """The forward pipeline over ``mesh``: manual over the pipeline axis ``axis`` and the data
-    axis (each replica runs its rows of every microbatch; `program` is traced at that local
-    microbatch), the tensor axis left to the compiler with a sharding constraint per value from
-    ``dims``. ``replicate_outputs``: every device returns the outputs (an all-reduce from the
-    last stage) instead of each returning its own block; used by the differentiable
-    `Plan.apply`."""
+    """The forward pipeline over ``mesh``, manual over every axis: the pipeline axis ``axis``,
+    the data axis (each replica runs its rows of every microbatch; `program` is traced at that
+    local microbatch) and the tensor axis, where each operator runs its planned strategy from
+    ``strategies`` (op index → `Strategy`) on this device's shards, parameters split as
+    ``dims`` says, with every collective explicit (`passes.tensor_local`); ``whole``: values
+    the plan hands to other sharding segments whole (gathered where they are made).
+    ``replicate_outputs``: every device returns the outputs (an all-reduce from the last stage)
+    instead of each returning its own block; used by the differentiable `Plan.apply`."""
     mesh = auto_mesh(mesh)
     p, m = len(stages), schedule.num_microbatches
     dp = mesh.shape[data_axis] if data_axis else 1
     tp = mesh.shape[tensor_axis] if tensor_axis else 1
     tensor_axis = tensor_axis if tp > 1 else None
     layout = param_layout(program, [st.params for st in stages], dims=dims if tensor_axis else None)
-    body = _body(program, stages, schedule, layout, axis, dims or {}, tensor_axis, data_axis)
+    tensor = None
+    if tensor_axis:
+        tensor = TensorPlan(
+            axis=tensor_axis, tp=tp, strategies=dict(strategies or {}), whole=frozenset(whole)
+        )
+    body = _body(program, stages, schedule, layout, axis, tensor, data_axis)
     if replicate_outputs:
         body = _replicated(body, axis, p)
     rows = P(data_axis) if data_axis else P()
@@ -153,9 +158,9 @@ def emit(
     smap = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(tuple(P(axis) for _ in layout.avals(mesh, axis, tensor_axis)), rows, P()),
+        in_specs=(tuple(a.sharding.spec for a in layout.avals(mesh, axis, tensor_axis)), rows, P()),
         out_specs=tuple(out_rows for _ in program.outvars),
-        axis_names={axis, data_axis} if data_axis else {axis},
+        axis_names={a for a in (axis, data_axis, tensor_axis) if a},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
@@ -185,17 +190,14 @@ def _replicated(body: Callable, axis: str, p: int) -> Callable:
 
 
 def _body(
-    program, stages, schedule, layout: ParamLayout, axis, dims, tensor_axis, data_axis
+    program, stages, schedule, layout: ParamLayout, axis, tensor: TensorPlan | None, data_axis
 ) -> Callable:
     """The shard_map body: a scan over the table's ticks, one ``switch`` over the stages per tick
     (an extra branch idles), one ppermute per boundary dtype after it."""
     p, m = len(stages), schedule.num_microbatches
     boundary_sizes = buffer_sizes([s.send for s in stages])
-    constrain = _constrainer(program, dims, tensor_axis)
     runs = [
-        _stage_fn(
-            program, st, layout, s, last=s == p - 1, sizes=boundary_sizes, constrain=constrain
-        )
+        _stage_fn(program, st, layout, s, last=s == p - 1, sizes=boundary_sizes, tensor=tensor)
         for s, st in enumerate(stages)
     ]
 
@@ -249,9 +251,6 @@ def _body(
             ),
         )
         (_, ys), _ = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
-        outs = tuple(y[:m].reshape(-1, *y.shape[2:]) for y in ys)
-        if tensor_axis:  # whole outputs on every device of the tensor axis
-            outs = tuple(jax.lax.with_sharding_constraint(y, P()) for y in outs)
-        return outs
+        return tuple(y[:m].reshape(-1, *y.shape[2:]) for y in ys)
 
     return body

@@ -244,7 +244,10 @@ def read_params(
     """The values device ``device`` holds (those in ``wanted``, if given) from its local blocks
     of the buffers (`ParamLayout.avals` order)."""
     n = len(layout.slots)
-    env = {v: read_value(program, local[k], v) for k, v in layout.on(device)}
+    env = {  # a tensor-split slot holds this device's shard (of the value's shape: exact)
+        v: local[k][0] if layout.slots[k].dim is not None else read_value(program, local[k], v)
+        for k, v in layout.on(device)
+    }
     if layout.rest:
         rest = {dt: b[0] for dt, b in zip(layout.rest_sizes, local[n:], strict=True)}
         unpack_flat(env, layout.rest[device], rest)

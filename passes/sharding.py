@@ -1,9 +1,9 @@
 """Sharding pass: tensor-parallel shardings of the operators of one pipeline stage.
 
 A stage's devices form a 1-D tensor axis of size ``tp``. Every value gets one `Dim`: the
-dimension split evenly over that axis, or None (replicated). Emission puts
-``jax.lax.with_sharding_constraint`` on every value with its Dim and lets XLA's partitioner
-insert the collectives; this pass predicts those collectives and picks the cheapest Dims.
+dimension split evenly over that axis, or None (replicated). This pass picks the cheapest
+strategies and Dims and lists the collectives they imply; emission (`passes.tensor_local`)
+runs each operator's strategy on local shards and emits exactly those collectives.
 
 The model:
   - an operator runs one `Strategy` from its primitive's rule: the Dims its operands must have,

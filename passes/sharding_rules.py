@@ -245,6 +245,116 @@ def _is_elementwise(closed: Any, shape: Shape) -> bool:
     return all(tuple(v.aval.shape) in ((), shape) for v in (*jaxpr.invars, *jaxpr.outvars))
 
 
+# --- structural operators: a split survives every dim the operator does not touch ---------------
+
+
+def _untouched(view: OpView, touched: Iterable[int]) -> list[int]:
+    """Dims of the first operand the operator leaves alone (same size in every result)."""
+    skip = set(touched)
+    return [d for d in range(len(view.in_shapes[0])) if d not in skip]
+
+
+@register_strategy_rule("split")
+def _split_rule(view: OpView) -> Iterable[Strategy]:
+    """Cut along ``axis``: any other dim stays split in every piece (fused q/k/v cut on the
+    feature axis, heads split elsewhere). The cut axis itself is not split: a shard of the fused
+    value holds no whole piece."""
+    for d in _untouched(view, (view.params["axis"],)):
+        yield view.split("split", (d,), (d,) * len(view.out_shapes))
+
+
+@register_strategy_rule("concatenate")
+def _concatenate_rule(view: OpView) -> Iterable[Strategy]:
+    """Every operand split on the same dim, other than the concatenated one (rotary halves)."""
+    for d in _untouched(view, (view.params["dimension"],)):
+        yield view.split("concatenate", (d,) * len(view.in_shapes), (d,))
+
+
+def _whole_dims(view: OpView, sizes: Sequence[int], starts: Sequence[int] | None = None):
+    """Dims a window takes whole (size of the operand, start 0)."""
+    operand = view.in_shapes[0]
+    starts = starts or (0,) * len(operand)
+    return [d for d in range(len(operand)) if sizes[d] == operand[d] and starts[d] == 0]
+
+
+@register_strategy_rule("slice")
+def _slice_rule(view: OpView) -> Iterable[Strategy]:
+    """A dim the slice takes whole (start 0, the operand's size, stride 1) stays split
+    (BERT's first token ``x[:, 0]`` with the hidden dim split)."""
+    p = view.params
+    sizes = [hi - lo for lo, hi in zip(p["start_indices"], p["limit_indices"], strict=True)]
+    strides = p["strides"] or (1,) * len(sizes)
+    for d in _whole_dims(view, sizes, p["start_indices"]):
+        if strides[d] == 1:
+            yield view.split("slice", (d,), (d,))
+
+
+@register_strategy_rule("dynamic_slice")
+def _dynamic_slice_rule(view: OpView) -> Iterable[Strategy]:
+    """A dim taken whole (its start index is clamped to 0 on every device) stays split; the
+    start indices are scalars."""
+    rest = (None,) * (len(view.in_shapes) - 1)
+    for d in _whole_dims(view, view.params["slice_sizes"]):
+        yield view.split("dynamic_slice", (d, *rest), (d,))
+
+
+@register_strategy_rule("dynamic_update_slice")
+def _dynamic_update_slice_rule(view: OpView) -> Iterable[Strategy]:
+    """A dim the update covers whole (a cache row written at a position) stays split on both."""
+    operand, update = view.in_shapes[0], view.in_shapes[1]
+    rest = (None,) * (len(view.in_shapes) - 2)
+    for d in range(len(operand)):
+        if update[d] == operand[d]:
+            yield view.split("dynamic_update_slice", (d, d, *rest), (d,))
+
+
+@register_strategy_rule("pad")
+def _pad_rule(view: OpView) -> Iterable[Strategy]:
+    """A dim without padding stays split; the padding value is a scalar."""
+    config = view.params["padding_config"]
+    for d in range(len(view.in_shapes[0])):
+        if tuple(int(x) for x in config[d]) == (0, 0, 0):
+            yield view.split("pad", (d, None), (d,))
+
+
+@register_strategy_rule("rev")
+def _rev_rule(view: OpView) -> Iterable[Strategy]:
+    for d in _untouched(view, view.params["dimensions"]):
+        yield view.split("rev", (d,), (d,))
+
+
+@register_strategy_rule("cumsum", "cumprod", "cummax", "cummin", "cumlogsumexp")
+def _cumulative_rule(view: OpView) -> Iterable[Strategy]:
+    for d in _untouched(view, (view.params["axis"],)):
+        yield view.split("cumulative", (d,), (d,))
+
+
+@register_strategy_rule("argmax", "argmin", "reduce_prod", "reduce_and", "reduce_or", "reduce_xor")
+def _reduce_kept_rule(view: OpView) -> Iterable[Strategy]:
+    """Reductions whose partial results do not combine by a sum, max or min (an index, a
+    product): split only on a dim they keep (renumbered)."""
+    axes = set(view.params["axes"])
+    kept = [d for d in range(len(view.in_shapes[0])) if d not in axes]
+    for o, d in enumerate(kept):
+        yield view.split("reduce", (d,), (o,))
+
+
+@register_strategy_rule("top_k")
+def _top_k_rule(view: OpView) -> Iterable[Strategy]:
+    """Along ``axis`` (the last dim by default): any other dim stays split in both results."""
+    axis = view.params.get("axis", len(view.in_shapes[0]) - 1)
+    for d in _untouched(view, (axis % len(view.in_shapes[0]),)):
+        yield view.split("top_k", (d,), (d, d))
+
+
+@register_strategy_rule("sort")
+def _sort_rule(view: OpView) -> Iterable[Strategy]:
+    """Every operand (keys and values) split on the same dim, not the sorted one."""
+    n = len(view.in_shapes)
+    for d in _untouched(view, (view.params["dimension"],)):
+        yield view.split("sort", (d,) * n, (d,) * len(view.out_shapes))
+
+
 @register_strategy_rule("iota")
 def _replicated_rule(view: OpView) -> Iterable[Strategy]:
     """Replicated only (slicing the result for a sharded consumer is free anyway)."""

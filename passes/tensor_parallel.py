@@ -78,6 +78,10 @@ class LayerShardings:
     dims: Mapping[int, int | None]  # value id → dimension split over the tensor axis
     collectives: tuple[tuple[tuple[str, float], ...], ...]  # per layer: (kind, bytes/device)
     strategies: tuple[tuple[str, ...], ...]  # per layer: strategy name per operator
+    op_strategies: Mapping[int, sharding.Strategy]  # op index → its strategy (what emit runs)
+    unruled: frozenset[str] = frozenset()  # primitives replicated for want of a strategy rule
+    # values other segments (or the outputs) read whole: a split one is gathered where it is made
+    whole: frozenset[int] = frozenset()
 
     def param_scale(self, values: Sequence[int]) -> dict[int, float]:
         return {v: 1.0 / self.tp for v in values if self.dims.get(v) is not None}
@@ -228,10 +232,12 @@ def shard_layers(
             dims={},
             collectives=tuple(() for _ in per_layer),
             strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
+            op_strategies={},
         )
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
-    dims, chosen, charged = _solve_segments(program, split, price, lean)
+    dims, chosen, charged, unruled = _solve_segments(program, split, price, lean)
+    whole = frozenset(v for _, fixed, _ in cache.segments for v in fixed)
     times, colls = [], []
     for ops in per_layer:
         layer_colls = [c for i in ops for c in charged.get(i, ())]
@@ -253,6 +259,9 @@ def shard_layers(
         dims=dims,
         collectives=tuple(colls),
         strategies=tuple(tuple(chosen[i].name for i in ops) for ops in per_layer),
+        op_strategies=chosen,
+        unruled=unruled,
+        whole=whole,
     )
 
 
@@ -275,6 +284,7 @@ def _solve_segments(program: Program, split: Split, price: _Pricing, lean: bool)
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
+    unruled: set[str] = set()
     for ops, fixed, signature in _segments(program, split, price.cache):
         key = SolvedKey(
             signature=signature,
@@ -297,12 +307,13 @@ def _solve_segments(program: Program, split: Split, price: _Pricing, lean: bool)
         sol = price.cache.solved[key]
         sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)
         dims.update(sol.dims)
+        unruled |= sol.unruled
         chosen.update(sol.strategies)
         made = {v: i for i in ops for v in program.ops[i].outvars}
         for kind, v, nbytes in sol.collectives:
             i = made[v] if v in made else _first_reader(program, ops, v)
             charged.setdefault(i, []).append((kind, nbytes))
-    return dims, chosen, charged
+    return dims, chosen, charged, frozenset(unruled)
 
 
 def time_of_whole(parts: tuple[float, float, float, float]) -> float:

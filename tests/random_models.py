@@ -112,11 +112,6 @@ REFUSALS: tuple[tuple[type, str, str], ...] = (
         "a stacked leaf read both whole and row by row by different stages, in training",
     ),
     (
-        RuntimeError,
-        r"XLA resharded a value inside a pipeline stage with a collective-permute",
-        "issue 14: the tensor axis left to XLA's partitioner (to become an internal assertion)",
-    ),
-    (
         ValueError,
         r"^optimizer: this optax transformation combines parameter leaves",
         "issue 13: a global transform (clip_by_global_norm) with per-leaf statistics",

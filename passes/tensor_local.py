@@ -1,0 +1,345 @@
+"""Tensor-parallel local evaluation: one operator under its planned `Strategy`, on the shards one
+device of the tensor axis holds, with every collective explicit.
+
+The forward emitter (`passes.emit`) makes its ``shard_map`` manual over the tensor axis too, so
+XLA's partitioner never decides how a value moves inside a stage: every collective on the
+tensor axis is one the plan chose and priced (`passes.sharding`):
+
+  - a value held split on ``src`` that an operator needs on ``dst`` is resharded by `reshard`:
+    a local slice (None → d, free), ``all_gather`` (d → None) or ``all_to_all`` (d → d');
+  - the operator runs on local shards (`run_local`): its primitive is bound with the parameters
+    that name shapes rewritten to the local shapes (a rule per primitive in `LOCAL_PARAM_RULES`;
+    primitives whose parameters name no shapes need none);
+  - a strategy that leaves partial results (a row-parallel matmul, a reduction over the split
+    dim) combines them with the reduction its primitive needs (`COMBINE`: psum, pmax, pmin).
+
+To give a new primitive a sharded strategy whose parameters name shapes (sizes, limits, a
+result shape), register how they localise::
+
+    @register_local_param_rule("my_prim")
+    def _my_prim_local(params, strategy, in_shapes, out_shapes):  # local shapes
+        return {**params, "shape": out_shapes[0]}
+
+A strategy whose local result does not have the local shape it promises is an internal error
+(an assertion), caught by the tests that run every strategy of every rule
+(tests/test_tp_models.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from autopipe._compat import CALL_JAXPR_PARAM, Literal, bind_eqn
+from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op
+from autopipe.passes.sharding import replicated
+from autopipe.passes.sharding_rules import Dim, Strategy
+
+# (params, strategy, local operand shapes, local result shapes) -> local params
+LocalParamRule = Callable[[Mapping[str, Any], Strategy, Sequence[tuple], Sequence[tuple]], dict]
+LOCAL_PARAM_RULES: dict[str, LocalParamRule] = {}
+
+# how partial results of a strategy with collective "all_reduce" are combined, by primitive
+COMBINE: dict[str, Callable[[Any, str], Any]] = {
+    "reduce_max": jax.lax.pmax,
+    "reduce_min": jax.lax.pmin,
+}
+
+
+# primitives whose local form is not the same primitive with other parameters: op, args -> outs
+LOCAL_EVAL_RULES: dict[str, Callable[[Op, Sequence[Any]], list[Any]]] = {}
+
+
+def register_local_param_rule(*names: str) -> Callable[[LocalParamRule], LocalParamRule]:
+    """Registers how the shape-naming parameters of primitives `names` become local."""
+
+    def register(rule: LocalParamRule) -> LocalParamRule:
+        for name in names:
+            LOCAL_PARAM_RULES[name] = rule
+        return rule
+
+    return register
+
+
+def local_shape(shape: Sequence[int], dim: Dim, tp: int) -> tuple[int, ...]:
+    """The shape of one device's shard of a value of `shape` split on `dim`."""
+    return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
+
+
+def reshard(x: Any, src: Dim, dst: Dim, axis: str, tp: int, *, conjugate: bool = False) -> Any:
+    """``x`` (a local shard split on `src`, or whole for None) as split on `dst`. ``conjugate``:
+    differentiated with Megatron's conjugate collectives (`block`, `gather`), for gradients
+    taken inside the manual region."""
+    if src == dst:
+        return x
+    if src is None:  # every device holds it whole: take this device's block, no communication
+        return block(x, dst, axis, tp) if conjugate else _block(x, dst, axis, tp)
+    if dst is None:
+        return gather(x, src, axis) if conjugate else _gather(x, src, axis)
+    return jax.lax.all_to_all(x, axis, split_axis=dst, concat_axis=src, tiled=True)
+
+
+def _block(x: Any, dim: int, axis: str, tp: int) -> Any:
+    n = x.shape[dim] // tp
+    return jax.lax.dynamic_slice_in_dim(x, jax.lax.axis_index(axis) * n, n, axis=dim)
+
+
+def _gather(x: Any, dim: int, axis: str) -> Any:
+    return jax.lax.all_gather(x, axis, axis=dim, tiled=True)
+
+
+# --- conjugate collectives: the backward Megatron pairs with each forward ------------------------
+# Inside the manual region a whole value's cotangent is the same on every device of the tensor
+# axis. JAX's own transposes (psum of the cotangent for psum, psum_scatter for all_gather, a
+# zero-padded block for a slice) assume per-device partial cotangents instead and, taken inside
+# the region, give tp × the gradient or partial ones. The pairs below keep whole cotangents whole.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
+def block(x: Any, dim: int, axis: str, tp: int) -> Any:
+    """This device's block of a whole value; backward: the blocks' cotangents gathered whole
+    (Megatron's f: identity forward, all-reduce backward, for an input read by split ops)."""
+    return _block(x, dim, axis, tp)
+
+
+def _block_fwd(x, dim, axis, tp):
+    return _block(x, dim, axis, tp), None
+
+
+def _block_bwd(dim, axis, tp, _, ct):
+    return (_gather(ct, dim, axis),)
+
+
+block.defvjp(_block_fwd, _block_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def gather(x: Any, dim: int, axis: str) -> Any:
+    """The whole value from its blocks; backward: this device's block of the whole cotangent."""
+    return _gather(x, dim, axis)
+
+
+def _gather_fwd(x, dim, axis):
+    return _gather(x, dim, axis), None
+
+
+def _gather_bwd(dim, axis, _, ct):
+    tp = jax.lax.axis_size(axis)
+    return (_block(ct, dim, axis, tp),)
+
+
+gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def shared(x: Any, axis: str) -> Any:
+    """A whole value read by an operator whose work is split (the input of a column-parallel
+    matmul): identity; backward: the devices' partial cotangents summed (Megatron's f)."""
+    return x
+
+
+shared.defvjp(lambda x, axis: (x, None), lambda axis, _, ct: (jax.lax.psum(ct, axis),))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def psum_whole(x: Any, axis: str) -> Any:
+    """Partial sums combined; backward: the whole cotangent to every partial (Megatron's g)."""
+    return jax.lax.psum(x, axis)
+
+
+psum_whole.defvjp(lambda x, axis: (jax.lax.psum(x, axis), None), lambda axis, _, ct: (ct,))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def pextreme_whole(x: Any, axis: str, kind: str) -> Any:
+    """pmax / pmin of partial extremes; backward: the cotangent to the partials that won."""
+    return (jax.lax.pmax if kind == "max" else jax.lax.pmin)(x, axis)
+
+
+def _pextreme_fwd(x, axis, kind):
+    y = pextreme_whole(x, axis, kind)
+    return y, x == y
+
+
+def _pextreme_bwd(axis, kind, won, ct):
+    return (jnp.where(won, ct, jnp.zeros_like(ct)),)
+
+
+pextreme_whole.defvjp(_pextreme_fwd, _pextreme_bwd)
+
+# how partial results are combined under conjugate collectives, by primitive
+CONJUGATE_COMBINE: dict[str, Callable[[Any, str], Any]] = {
+    "reduce_max": functools.partial(pextreme_whole, kind="max"),
+    "reduce_min": functools.partial(pextreme_whole, kind="min"),
+}
+
+
+def run_local(
+    op: Op,
+    strategy: Strategy,
+    args: Sequence[Any],
+    out_shapes: Sequence[tuple[int, ...]],
+    axis: str,
+    tp: int,
+    *,
+    conjugate: bool = False,
+) -> list[Any]:
+    """``op``'s results under ``strategy`` from operands already laid out as it requires: local
+    shards for split operands, whole values otherwise; results laid out as ``strategy.outs``.
+    ``out_shapes``: the results' global shapes; ``conjugate``: see `reshard`."""
+    outs_local = [local_shape(s, d, tp) for s, d in zip(out_shapes, strategy.outs, strict=True)]
+    if all(d is None for d in (*strategy.ins, *strategy.outs)):
+        outs = apply_op(op, list(args))
+    elif op.primitive in LOCAL_EVAL_RULES:
+        outs = LOCAL_EVAL_RULES[op.primitive](op, args)
+    else:
+        outs = bind_eqn(_local_eqn(op, strategy, args, outs_local), *args)
+    if strategy.collective == "all_reduce":
+        combine = (
+            CONJUGATE_COMBINE.get(op.primitive, psum_whole)
+            if conjugate
+            else COMBINE.get(op.primitive, jax.lax.psum)
+        )
+        outs = [combine(y, axis) for y in outs]
+    else:
+        assert strategy.collective is None, (op.primitive, strategy)
+    got = [tuple(y.shape) for y in outs]
+    assert got == outs_local, (op.primitive, strategy, got, outs_local)
+    return outs
+
+
+def _local_eqn(op: Op, strategy: Strategy, args: Sequence[Any], outs: Sequence[tuple]):
+    """``op.eqn`` with its shape-naming parameters rewritten for local operands."""
+    assert op.kind == "eqn", (op.kind, op.primitive)
+    rule = LOCAL_PARAM_RULES.get(op.primitive)
+    if rule is None:
+        return op.eqn
+    ins = [tuple(getattr(a, "shape", ())) for a in args]
+    return op.eqn.replace(params=rule(op.eqn.params, strategy, ins, outs))
+
+
+# --- rules -------------------------------------------------------------------------------------
+
+
+@register_local_param_rule("reshape")
+def _reshape_local(params, strategy, ins, outs):
+    return {**params, "new_sizes": outs[0]}
+
+
+@register_local_param_rule("broadcast_in_dim")
+def _broadcast_local(params, strategy, ins, outs):
+    return {**params, "shape": outs[0]}
+
+
+@register_local_param_rule("gather", "dynamic_slice")
+def _slice_sizes_local(params, strategy, ins, outs):
+    """The split operand dim is taken whole by every slice: its slice size is the shard's."""
+    sizes, d = list(params["slice_sizes"]), strategy.ins[0]
+    if d is not None:
+        sizes[d] = ins[0][d]
+    return {**params, "slice_sizes": tuple(sizes)}
+
+
+@register_local_param_rule("slice")
+def _slice_local(params, strategy, ins, outs):
+    """The split dim is taken whole (start 0, stride 1): its limit is the shard's size."""
+    limits, d = list(params["limit_indices"]), strategy.ins[0]
+    if d is not None:
+        limits[d] = ins[0][d]
+    return {**params, "limit_indices": tuple(limits)}
+
+
+# --- a stage's operators -------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TensorPlan:
+    """What the emitter needs to run a stage's operators split over the tensor axis."""
+
+    axis: str
+    tp: int
+    strategies: Mapping[int, Strategy]  # op index → its planned strategy (missing: replicated)
+    # values the plan hands to other segments whole: gathered where they are made (as priced),
+    # and their readers there slice the whole value
+    whole: frozenset[int] = frozenset()
+    conjugate: bool = False  # Megatron's conjugate backward (gradients inside the region)
+
+
+@dataclasses.dataclass(kw_only=True)
+class LocalEnv:
+    """Values as one device of the tensor axis holds them: ``env[v]`` laid out on ``held[v]``
+    (None: whole), with each reshard made once per (value, Dim)."""
+
+    plan: TensorPlan
+    env: dict[int, Any]
+    held: dict[int, Dim]
+    cache: dict[tuple[int, Dim], Any] = dataclasses.field(default_factory=dict)
+
+    def get(self, a: Atom, dim: Dim) -> Any:
+        if isinstance(a, Lit):
+            return a.val
+        src = self.held.get(a)
+        if src == dim:
+            return self.env[a]
+        if (a, dim) not in self.cache:
+            x = self.env[a]
+            if (a, None) in self.cache:  # a whole copy: slicing it is free
+                x, src = self.cache[a, None], None
+            self.cache[a, dim] = reshard(
+                x, src, dim, self.plan.axis, self.plan.tp, conjugate=self.plan.conjugate
+            )
+        return self.cache[a, dim]
+
+    def run(self, program: Program, i: int) -> None:
+        """Evaluates ``program.ops[i]`` under its planned strategy."""
+        op = program.ops[i]
+        s = self.plan.strategies.get(i) or replicated(op)
+        args = [self.get(a, d) for a, d in zip(op.invars, s.ins, strict=True)]
+        if self.plan.conjugate and any(d is not None for d in (*s.ins, *s.outs)):
+            args = [
+                shared(x, self.plan.axis) if d is None and isinstance(a, int) else x
+                for a, d, x in zip(op.invars, s.ins, args, strict=True)
+            ]
+        shapes = [tuple(program.avals[v].shape) for v in op.outvars]
+        outs = run_local(
+            op, s, args, shapes, self.plan.axis, self.plan.tp, conjugate=self.plan.conjugate
+        )
+        for v, y, d in zip(op.outvars, outs, s.outs, strict=True):
+            self.env[v], self.held[v] = y, d
+            if v in self.plan.whole and d is not None:
+                self.get(v, None)
+
+
+def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:
+    """An elementwise body (``jax.nn.relu``; `sharding_rules._custom_jvp_rule`) evaluated on the
+    shards: its equations name no shapes. The forward is the body's; its custom derivative rule
+    is not kept (forward emission only)."""
+    return _eval_elementwise(op.eqn.params["call_jaxpr"], args)
+
+
+def _eval_elementwise(closed: Any, args: Sequence[Any]) -> list[Any]:
+    """A jaxpr of elementwise equations and calls of them, bound anew on `args` of any shape."""
+    jaxpr = getattr(closed, "jaxpr", closed)
+    env = dict(zip(jaxpr.constvars, getattr(closed, "consts", ()), strict=True))
+    env.update(zip(jaxpr.invars, args, strict=True))
+
+    def read(a):
+        return a.val if isinstance(a, Literal) else env[a]
+
+    for eqn in jaxpr.eqns:
+        ins = [read(a) for a in eqn.invars]
+        name = eqn.primitive.name
+        if name in CALL_JAXPR_PARAM:
+            outs = _eval_elementwise(eqn.params[CALL_JAXPR_PARAM[name]], ins)
+        else:
+            outs = bind_eqn(eqn, *ins)
+        env.update(zip(eqn.outvars, outs, strict=True))
+    return [read(a) for a in jaxpr.outvars]
+
+
+LOCAL_EVAL_RULES["custom_jvp_call"] = _custom_jvp_local
