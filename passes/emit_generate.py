@@ -1,0 +1,318 @@
+"""Emit pass for generation: stage layouts + cache slots → ONE ``jax.jit(jax.shard_map(...))``
+program that runs prefill and decoding for a whole batch of prompts.
+
+The batch is split into G request groups (per data-parallel replica), which rotate through the
+p stages: with C = max(G, p), at tick t stage s works on group g = (t − s) mod C at step
+i = (t − s) div C (idle when g ≥ G, i < 0 or i ≥ T). Step i of a row feeds one token at
+position i: its prompt's token i while the prompt lasts (prefill, token by token), then the
+token the step before picked. The last stage picks the next token from the logits (greedy, or
+sampled, see `pick_tokens`), records it, and sends ``(next token, next position)`` back to
+stage 0 on the ring (one ``ppermute`` (s → s+1 mod p) per tick, which also carries each
+group's token and position forward to the stages after the first); stage 0 keeps the pairs of
+the groups not yet due in a small pending buffer. Activations go to the next stage with one
+``ppermute`` per boundary dtype, as in `passes.emit`. With G ≥ p every stage is busy every tick
+in steady state; G = 1 is the naive pipeline (one group in flight, fill and drain per token).
+
+Per device the program holds:
+  - its stage's parameters in the slots of a `ParamLayout` (read whole, in place);
+  - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`): slot k
+    is ``(1, G, rows, ...)`` locally, the scan carry; each tick the group's block is read out,
+    given to the stage as the cache argument, and the stage's new value written back with
+    ``dynamic_update_index_in_dim`` (the slots are donated, so the update is in place);
+  - per group the rows' output tokens, counts and done flags (meaningful on the last stage).
+
+A row stops when it has ``max_new_tokens`` tokens or picks ``end_token``; after that its
+position stays where it was (the step keeps rewriting one cache entry of a finished row, which
+nothing reads). Collectives never run inside a stage's branch (see `passes.emit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from autopipe.passes.decode_state import DecodeState
+from autopipe.passes.emit import auto_mesh
+from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.layout import StageLayout, buffer_sizes
+from autopipe.passes.param_layout import (
+    ParamLayout,
+    pack_flat,
+    param_layout,
+    read_params,
+    unpack_flat,
+)
+from autopipe.passes.trace import is_key_dtype
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """The static shape of one generation program."""
+
+    groups: int  # G: request groups per data-parallel replica
+    rows: int  # rows per group per replica (the traced step's batch)
+    prompt_len: int  # L: width of the (right-padded) prompt array
+    max_new_tokens: int  # N
+    greedy: bool = True
+    top_k: int | None = None
+    key_impl: str = "threefry2x32"
+
+    @property
+    def steps(self) -> int:
+        """T: steps a row of the longest prompt takes (its L prompt tokens, N − 1 more)."""
+        return self.prompt_len + self.max_new_tokens - 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmittedGeneration:
+    run: Callable  # jitted (params, caches, prompts, lengths, key, temperature, end) -> ...
+    param_buffers: tuple[jax.ShapeDtypeStruct, ...]
+    cache_buffers: tuple[jax.ShapeDtypeStruct, ...]
+    params: ParamLayout
+    caches: ParamLayout
+    row_sharding: NamedSharding  # prompts (G, rows · dp, L) and lengths: rows over the data axis
+    mesh: Any
+    num_ticks: int
+
+
+def pick_tokens(logits, key, rows, steps, temperature, *, greedy: bool, top_k: int | None):
+    """The next token of each row. Greedy: ``argmax``. Sampled: row r at step i draws from
+    ``softmax(logits / temperature)`` (only its ``top_k`` largest logits, if given) with the key
+    ``fold_in(fold_in(key, r), i)``, r its row in the prompt batch, i the position of the
+    token it was just fed."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def one(z, r, i):
+        k = jax.random.fold_in(jax.random.fold_in(key, r), i)
+        z = z.astype(jnp.float32) / temperature
+        if top_k is not None:
+            z = jnp.where(z < jax.lax.top_k(z, top_k)[0][-1], -jnp.inf, z)
+        return jax.random.categorical(k, z).astype(jnp.int32)
+
+    return jax.vmap(one)(logits, rows, steps)
+
+
+def cache_avals(layout: ParamLayout, mesh: Any, axis: str, data_axis: str | None, groups: int):
+    """The cache slots as global ``(p, G, rows · dp, ...)`` arrays with their shardings."""
+    dp = mesh.shape[data_axis] if data_axis else 1
+    sharding = NamedSharding(mesh, P(axis, None, data_axis))
+    return tuple(
+        jax.ShapeDtypeStruct(
+            (layout.num_devices, groups, dp * s.shape[0], *s.shape[1:]), s.dtype, sharding=sharding
+        )
+        for s in layout.slots
+    )
+
+
+def emit_generate(
+    program: Program,
+    stages: Sequence[StageLayout],
+    state: DecodeState,
+    caches: ParamLayout,
+    decoding: Decoding,
+    *,
+    mesh: Any,
+    axis: str,
+    data_axis: str | None = None,
+) -> EmittedGeneration:
+    """The generation program over ``mesh`` (manual over ``axis`` and ``data_axis``)."""
+    mesh = auto_mesh(mesh)
+    p = len(stages)
+    params = param_layout(program, [st.params for st in stages])
+    body = _body(program, stages, state, params, caches, decoding, axis, data_axis)
+    rows = P(axis, None, data_axis)
+    smap = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(
+            tuple(P(axis) for _ in params.slots) + tuple(P(axis) for _ in params.rest_sizes),
+            tuple(rows for _ in caches.slots),
+            P(None, data_axis),
+            P(None, data_axis),
+            P(),
+            P(),
+            P(),
+        ),
+        out_specs=(rows, rows, tuple(rows for _ in caches.slots)),
+        axis_names={axis, data_axis} if data_axis else {axis},
+        check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
+    )
+    c = max(decoding.groups, p)
+    return EmittedGeneration(
+        run=jax.jit(smap, donate_argnums=(1,)),
+        param_buffers=params.avals(mesh, axis, None),
+        cache_buffers=cache_avals(caches, mesh, axis, data_axis, decoding.groups),
+        params=params,
+        caches=caches,
+        row_sharding=NamedSharding(mesh, P(None, data_axis)),
+        mesh=mesh,
+        num_ticks=decoding.steps * c + p - 1,
+    )
+
+
+def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes):
+    """Stage ``layout`` on ``device``: ``run(param_bufs, group_caches, recv, tok, pos) ->
+    (send, new group caches, logits)``; the caches of other stages pass through."""
+    key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
+    out_of = state.out_of()
+    mine = caches.on(device)
+    logits_aval = program.avals[state.logits]
+
+    def run(bufs, group_caches, recv, tok, pos):
+        env: dict = dict(key_consts)
+        unpack_flat(env, layout.recv, recv)
+        env[state.tokens], env[state.positions] = tok, pos
+        env.update((v, group_caches[k]) for k, v in mine)
+        env.update(read_params(program, params, device, bufs))
+        for i in layout.ops:
+            op = program.ops[i]
+            outs = apply_op(op, [read_atom(env, a) for a in op.invars])
+            env.update(zip(op.outvars, outs, strict=True))
+        new = list(group_caches)
+        for k, v in mine:
+            new[k] = env[out_of[v]]
+        logits = env[state.logits] if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
+        return pack_flat(env, layout.send, sizes), tuple(new), logits
+
+    return run
+
+
+def _branches(program, stages, state, params, caches) -> tuple[list[Callable], dict]:
+    """One branch per stage, then the idle branch (sends zeros, leaves the caches alone)."""
+    p = len(stages)
+    sizes = buffer_sizes([s.send for s in stages])
+    runs = [
+        _stage_fn(program, st, state, params, caches, s, last=s == p - 1, sizes=sizes)
+        for s, st in enumerate(stages)
+    ]
+    aval = program.avals[state.logits]
+
+    def idle(bufs, group_caches, recv, tok, pos):
+        zeros = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
+        return zeros, tuple(group_caches), jnp.zeros(aval.shape, aval.dtype)
+
+    return [*runs, idle], sizes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Tick:
+    """Where a device is at one tick: its group, step and whether it works."""
+
+    group: Any  # clamped to [0, G)
+    step: Any
+    active: Any
+
+
+def _where_at(t, dev, d: Decoding, c: int) -> _Tick:
+    rel = t - dev
+    g, i = jnp.remainder(rel, c), jnp.floor_divide(rel, c)
+    active = (rel >= 0) & (i < d.steps) & (g < d.groups)
+    return _Tick(group=jnp.minimum(g, d.groups - 1), step=i, active=active)
+
+
+def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) -> Callable:
+    p, n_new, b = len(stages), d.max_new_tokens, d.rows
+    c = max(d.groups, p)
+    branches, sizes = _branches(program, stages, state, params, caches)
+    forward = [(s, s + 1) for s in range(p - 1)]
+    ring = [(s, (s + 1) % p) for s in range(p)]
+    num_ticks = d.steps * c + p - 1
+
+    def body(pslots, cslots, prompts, lengths, key_data, temperature, end):
+        dev = jax.lax.axis_index(axis)
+        replica = jax.lax.axis_index(data_axis) if data_axis else 0
+        dp = jax.lax.axis_size(data_axis) if data_axis else 1
+        key = jax.random.wrap_key_data(key_data, impl=d.key_impl)
+        is_first, is_last = dev == 0, dev == p - 1
+        pending = jnp.stack([prompts[:, :, 0], jnp.zeros_like(prompts[:, :, 0])], axis=1)
+        pending = jnp.concatenate([pending, jnp.zeros((c - d.groups, 2, b), jnp.int32)])
+        init = (
+            tuple(x[0] for x in cslots),
+            tuple(jnp.zeros((n,), dt) for dt, n in sizes.items()),
+            jnp.zeros((2, b), jnp.int32),
+            pending,
+            jnp.full((d.groups, b, n_new), -1, jnp.int32),
+            jnp.zeros((d.groups, b), jnp.int32),
+            jnp.zeros((d.groups, b), bool),
+        )
+
+        def tick(carry, t):
+            cache, recv, ring_in, pending, out, count, done = carry
+            here = _where_at(t, dev, d, c)
+            came = _where_at(t - 1, p - 1, d, c)  # what the last stage worked on last tick
+            g = here.group
+            got = jax.lax.dynamic_update_index_in_dim(pending, ring_in, came.group, 0)
+            pending = jnp.where(is_first & came.active, got, pending)
+            inp = jnp.where(is_first, pending[g], ring_in)
+            tok, pos = inp[0], inp[1]
+            group_caches = tuple(
+                jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in cache
+            )
+            which = jnp.where(here.active, dev, p)
+            recv_d = dict(zip(sizes, recv, strict=True))
+            send, new, logits = jax.lax.switch(
+                which, branches, pslots, group_caches, recv_d, tok, pos
+            )
+            cache = tuple(
+                jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
+                for x, y in zip(cache, new, strict=True)
+            )
+            rows_g = g * (dp * b) + replica * b + jnp.arange(b, dtype=jnp.int32)
+            picked = pick_tokens(
+                logits,
+                key,
+                rows_g,
+                jnp.full((b,), here.step, jnp.int32),
+                temperature,
+                greedy=d.greedy,
+                top_k=d.top_k,
+            )
+            emit = here.active & is_last & (here.step >= lengths[g] - 1) & ~done[g]
+            k = here.step - (lengths[g] - 1)
+            hit = emit[:, None] & (jnp.arange(n_new)[None, :] == k[:, None])
+            out = out.at[g].set(jnp.where(hit, picked[:, None], out[g]))
+            count = count.at[g].add(emit.astype(jnp.int32))
+            finished = emit & ((picked == end) | (count[g] >= n_new))
+            done = done.at[g].set(done[g] | finished)
+            nxt = here.step + 1
+            from_prompt = jax.lax.dynamic_index_in_dim(
+                prompts[g], jnp.minimum(nxt, d.prompt_len - 1), 1, keepdims=False
+            )
+            next_tok = jnp.where(nxt < lengths[g], from_prompt, picked)
+            next_pos = jnp.where(done[g], pos, nxt)
+            ring_out = jnp.where(is_last, jnp.stack([next_tok, next_pos]), inp)
+            recv = tuple(jax.lax.ppermute(x, axis, forward) for x in send)
+            ring_in = jax.lax.ppermute(ring_out, axis, ring)
+            return (cache, recv, ring_in, pending, out, count, done), None
+
+        final, _ = jax.lax.scan(tick, init, jnp.arange(num_ticks))
+        cache, _, _, _, out, count, _ = final
+        return out[None], count[None], tuple(x[None] for x in cache)
+
+    return body
+
+
+def stage_cache_bytes(caches: ParamLayout, groups: int, dp: int = 1) -> list[int]:
+    """Per stage: bytes of its own cache leaves on one device (all groups, its replica's rows)."""
+    del dp  # a device holds its replica's rows: the traced rows already are
+    return [
+        groups * sum(s.nbytes for s in caches.slots if s.values[d] is not None)
+        for d in range(caches.num_devices)
+    ]
+
+
+def slot_bytes(caches: ParamLayout, groups: int) -> int:
+    """Cache bytes one device holds (its slots, padding included)."""
+    return groups * sum(s.nbytes for s in caches.slots)
+
+
+def check_hlo(hlo: str) -> list[str]:
+    """The all-gather lines of a compiled program (there should be none)."""
+    return [line.strip() for line in hlo.splitlines() if " all-gather(" in line]
