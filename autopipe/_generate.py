@@ -168,12 +168,14 @@ class GenerationPlan:
             top_k=top_k,
             key_impl=impl,
         )
+        param_leaves = self._leaves(params, 0, "params")
+        cache_leaves = self._leaves(cache, 1, "cache")
         em, compiled = self.lower(decoding)
         g = self.num_groups
         shaped = (g, self.batch_size // g)
         args = (
-            self._place_params(em, params),
-            self._place_cache(em, cache),
+            self._place_params(em, param_leaves),
+            self._place_cache(em, cache_leaves),
             jax.device_put(prompts.reshape(*shaped, -1), em.row_sharding),
             jax.device_put(lengths.reshape(shaped), em.row_sharding),
             key_data,
@@ -224,17 +226,15 @@ class GenerationPlan:
             )
         return lengths
 
-    def _place_params(self, em: EmittedGeneration, params: Any) -> tuple:
+    def _place_params(self, em: EmittedGeneration, leaves: list) -> tuple:
         prog, rt = self.front.program, self._runtime
-        leaves = self._leaves(params, 0, "params")
         if rt.packers is None:
             rt.packers = make_packers(prog, self.front.split, em.params)
         raw = dict(zip(prog.param_invars, leaves, strict=True)) | dict(prog.consts)
         return place_buffers(rt.packers, em.param_buffers, raw, self.mesh, self.pipeline_axis)
 
-    def _place_cache(self, em: EmittedGeneration, cache: Any) -> tuple:
+    def _place_cache(self, em: EmittedGeneration, leaves: list) -> tuple:
         """Each cache leaf on its stage's devices, rows as ``(G, rows · dp)``."""
-        leaves = self._leaves(cache, 1, "cache")
         by_value = dict(zip(self.state.cache_in, leaves, strict=True))
         out = []
         for slot, aval in zip(self.caches.slots, em.cache_buffers, strict=True):

@@ -36,6 +36,7 @@ class DecoderConfig:
     max_len: int = 32  # cache length (positions)
     mlp_ratio: int = 4
     rotary: bool = False  # Llama-style: rotary positions, RMSNorm, SwiGLU (else GPT-style)
+    init_scale: float = 0.3  # standard deviation of the random weights
 
     @property
     def head_dim(self) -> int:
@@ -115,7 +116,7 @@ class _LinenBlock(nn.Module):
     def __call__(self, x, positions):
         cfg, d = self.cfg, self.cfg.d_model
         kv = cfg.kv_heads * cfg.head_dim
-        init = nn.initializers.normal(0.3)
+        init = nn.initializers.normal(cfg.init_scale)
         p = {
             n: self.param(n, init, shape)
             for n, shape in [
@@ -152,7 +153,9 @@ class LinenDecoder(nn.Module):
         embed = self.param("embed", nn.initializers.normal(1.0), (cfg.vocab, cfg.d_model))
         x = embed[tokens]
         if not cfg.rotary:
-            table = self.param("pos", nn.initializers.normal(0.3), (cfg.max_len, cfg.d_model))
+            table = self.param(
+                "pos", nn.initializers.normal(cfg.init_scale), (cfg.max_len, cfg.d_model)
+            )
             x = x + table[positions]
         for i in range(cfg.layers):
             x = _LinenBlock(cfg, name=f"block_{i}")(x, positions)
@@ -188,7 +191,7 @@ def init_gpt(cfg: DecoderConfig, batch: int, seed: int = 0) -> tuple[dict, list]
     rng = np.random.default_rng(seed)
     d, kv, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp_ratio * cfg.d_model
 
-    def w(*shape, scale=0.3):
+    def w(*shape, scale=cfg.init_scale):
         return jnp.asarray(rng.normal(0.0, scale, size=shape), jnp.float32)
 
     params = {"embed": w(cfg.vocab, d, scale=1.0), "pos": w(cfg.max_len, d), "ln_f": w(d) + 1}

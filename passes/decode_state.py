@@ -111,7 +111,7 @@ def _check_pair(program: Program, path: str, v: int, w: Any, fn_name: str) -> No
         got = "a constant" if b is None else f"{tuple(b.shape)} {b.dtype}"
         raise ValueError(
             f"{fn_name}: the returned {path} is {got}, but the given one is {tuple(a.shape)} "
-            f"{a.dtype}. A decode step must return every cache leaf with its shape and dtype "
+            f"{a.dtype} (shapes at one request group's rows). A decode step must return every cache leaf with its shape and dtype "
             "(write new entries with .at[...].set or dynamic_update_slice)."
         )
     if w not in program.batch_dependent:
