@@ -466,7 +466,7 @@ def _check_axes(axes: dict, pipeline_axis: str, data_axis: str, fn_name: str) ->
 
 
 def _batch_of(leaves: list, fn_name: str) -> int:
-    sizes = {int(np.shape(x)[0]) if np.ndim(x) else None for x in leaves}
+    sizes = {int(x.shape[0]) if len(x.shape) else None for x in leaves}
     if not leaves or len(sizes) != 1 or None in sizes:
         raise ValueError(
             f"{fn_name}: every cache leaf must have the batch on its leading axis, the same for "
@@ -492,7 +492,7 @@ def _groups(num_groups: int | None, batch: int, dp: int, p: int, fn_name: str) -
 def _cache_length(leaves: list, given: int | None, fn_name: str) -> int:
     if given is not None:
         return int(given)
-    lengths = {int(np.shape(x)[1]) for x in leaves if np.ndim(x) >= 2}
+    lengths = {int(x.shape[1]) for x in leaves if len(x.shape) >= 2}
     if len(lengths) != 1:
         raise ValueError(
             f"{fn_name}: cannot tell the cache length from the cache leaves (axis 1 sizes "

@@ -17,6 +17,7 @@ The head is tied to the embedding (``logits = x @ embedding.T``). Used by tests 
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ class DecoderConfig:
     mlp_ratio: int = 4
     rotary: bool = False  # Llama-style: rotary positions, RMSNorm, SwiGLU (else GPT-style)
     init_scale: float = 0.3  # standard deviation of the random weights
+    dtype: str = "float32"
 
     @property
     def head_dim(self) -> int:
@@ -75,7 +77,7 @@ def _attend(q, k_cache, v_cache, positions, cfg: DecoderConfig) -> jax.Array:
     group = cfg.heads // cfg.kv_heads
     b = q.shape[0]
     q = q.reshape(b, cfg.kv_heads, group, cfg.head_dim)
-    scores = jnp.einsum("bkgd,bskd->bkgs", q, k_cache) / np.sqrt(cfg.head_dim)
+    scores = jnp.einsum("bkgd,bskd->bkgs", q, k_cache) / math.sqrt(cfg.head_dim)
     seen = jnp.arange(cfg.max_len)[None, :] <= positions[:, None]
     scores = jnp.where(seen[:, None, None, :], scores, -1e30)
     out = jnp.einsum("bkgs,bskd->bkgd", jax.nn.softmax(scores, axis=-1), v_cache)
@@ -133,8 +135,8 @@ class _LinenBlock(nn.Module):
         s1, s2 = self.param("ln1", ones, (d,)), self.param("ln2", ones, (d,))
         b1, b2 = self.param("ln1_b", zeros, (d,)), self.param("ln2_b", zeros, (d,))
         shape = cfg.cache_shape(x.shape[0])
-        k_cache = self.variable("cache", "k", jnp.zeros, shape, jnp.float32)
-        v_cache = self.variable("cache", "v", jnp.zeros, shape, jnp.float32)
+        k_cache = self.variable("cache", "k", jnp.zeros, shape, cfg.dtype)
+        v_cache = self.variable("cache", "v", jnp.zeros, shape, cfg.dtype)
         q, k, v = _qkv(_norm(x, s1, b1, cfg), p["wq"], p["wk"], p["wv"], positions, cfg)
         k_cache.value = _write(k_cache.value, k, positions)
         v_cache.value = _write(v_cache.value, v, positions)
@@ -189,28 +191,42 @@ def linen_step(model: nn.Module) -> Callable:
 def init_gpt(cfg: DecoderConfig, batch: int, seed: int = 0) -> tuple[dict, list]:
     """(params, zero caches) of `gpt_step`: a dict of arrays, one {"k", "v"} per layer."""
     rng = np.random.default_rng(seed)
+
+    def weight(shape, scale):
+        return jnp.asarray(rng.normal(0.0, scale, size=shape), cfg.dtype)
+
+    def norm(shape):
+        return weight(shape, cfg.init_scale) + 1
+
+    return _gpt_tree(cfg, batch, weight, norm, lambda shape: jnp.zeros(shape, cfg.dtype))
+
+
+def gpt_shapes(cfg: DecoderConfig, batch: int) -> tuple[dict, list]:
+    """`init_gpt`'s trees as ``jax.ShapeDtypeStruct`` (planning from shapes allocates nothing)."""
+
+    def sds(shape, *_):
+        return jax.ShapeDtypeStruct(shape, cfg.dtype)
+
+    return _gpt_tree(cfg, batch, sds, sds, sds)
+
+
+def _gpt_tree(cfg: DecoderConfig, batch: int, weight, norm, zeros) -> tuple[dict, list]:
     d, kv, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp_ratio * cfg.d_model
-
-    def w(*shape, scale=cfg.init_scale):
-        return jnp.asarray(rng.normal(0.0, scale, size=shape), jnp.float32)
-
-    params = {"embed": w(cfg.vocab, d, scale=1.0), "pos": w(cfg.max_len, d), "ln_f": w(d) + 1}
+    scale = cfg.init_scale
+    params = {
+        "embed": weight((cfg.vocab, d), 1.0),
+        "pos": weight((cfg.max_len, d), scale),
+        "ln_f": norm((d,)),
+    }
+    shapes = {"wq": (d, d), "wk": (d, kv), "wv": (d, kv), "wo": (d, d), "w_in": (d, f)}
+    shapes |= {"w_gate": (d, f), "w_out": (f, d)}
     params["blocks"] = [
-        {
-            "wq": w(d, d),
-            "wk": w(d, kv),
-            "wv": w(d, kv),
-            "wo": w(d, d),
-            "w_in": w(d, f),
-            "w_gate": w(d, f),
-            "w_out": w(f, d),
-            "ln1": w(d) + 1,
-            "ln2": w(d) + 1,
-        }
+        {n: weight(shape, scale) for n, shape in shapes.items()}
+        | {"ln1": norm((d,)), "ln2": norm((d,))}
         for _ in range(cfg.layers)
     ]
-    zeros = jnp.zeros(cfg.cache_shape(batch), jnp.float32)
-    return params, [{"k": zeros, "v": zeros} for _ in range(cfg.layers)]
+    cache = zeros(cfg.cache_shape(batch))
+    return params, [{"k": cache, "v": cache} for _ in range(cfg.layers)]
 
 
 def gpt_step(cfg: DecoderConfig) -> Callable:

@@ -144,6 +144,8 @@ def _prompts():
 
 
 def worker(kind: str, reps: int) -> dict:
+    if kind == "gpt3":  # 8 H100: pp 8; 64 H100: pp 8 × dp 8 (each replica 16 sequences)
+        return {"gpt3_8": plan_gpt3(8, 8, 16), "gpt3_64": plan_gpt3(64, 8, 128)}
     makers = {
         "single": {"jit": lambda n: _Plain(n), "autopipe_pp1": lambda n: _Autopipe(1, None, n)},
         "pp2": {
@@ -161,8 +163,36 @@ def worker(kind: str, reps: int) -> dict:
     return out
 
 
+GPT3 = dict(vocab=50257, d_model=12288, heads=96, kv_heads=96, layers=96, max_len=2048,
+            dtype="bfloat16")  # fmt: skip
+
+
+def plan_gpt3(devices: int, pp: int, batch: int) -> dict:
+    """GPT-3 175B planned for generation from shapes on ``devices`` H100s (nothing allocated)."""
+    import autopipe
+    from autopipe import decoders as dec
+
+    cfg = dec.DecoderConfig(**GPT3)
+    params, cache = dec.gpt_shapes(cfg, batch)
+    mesh = {"pp": pp, "dp": devices // pp}
+    t = time.perf_counter()
+    gen = autopipe.plan_generation(dec.gpt_step(cfg), params, cache, mesh=mesh, hardware="h100")
+    return {
+        "mesh": mesh,
+        "batch": batch,
+        "cache_length": cfg.max_len,
+        "planning_s": time.perf_counter() - t,
+        "stage_layers": [s.layers for s in gen.stages],
+        "param_GB_per_device": [s.param_bytes / 1e9 for s in gen.stages],
+        "cache_GB_per_device": [s.cache_bytes / 1e9 for s in gen.stages],
+        "predicted_tokens_per_s": gen.predicted_tokens_per_second,
+        "predicted_ms_per_token": gen.predicted_token_latency * 1e3,
+        "summary": gen.summary(),
+    }
+
+
 def _run_worker(kind: str, reps: int) -> dict:
-    devices, cores = {"single": (1, "0"), "pp2": (2, "0,1")}[kind]
+    devices, cores = {"single": (1, "0"), "pp2": (2, "0,1"), "gpt3": (1, "0")}[kind]
     env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     cmd = ["taskset", "-c", cores, sys.executable, __file__, "--worker", kind, "--reps", str(reps)]
@@ -185,6 +215,7 @@ def main() -> None:
             for name, r in _run_worker(kind, args.reps).items():
                 runs.setdefault(name, []).append(r)
     table = {name: _merge(rs) for name, rs in runs.items()}
+    gpt3 = _run_worker("gpt3", 1)
     base = table["jit"]["tokens_per_s"]
     print(f"{'program':<14} {'decode tok/s':>12} {'vs jit':>7} {'TTFT ms':>8} {'all-gathers':>11}")
     for name, r in table.items():
@@ -196,7 +227,11 @@ def main() -> None:
     print(f"pp2 vs naive pp2: {pp2['tokens_per_s'] / table['naive_pp2']['tokens_per_s']:.2f}x; "
           f"argument bytes {pp2['argument_bytes']} vs stage params + caches {own} "
           f"({pp2['argument_bytes'] / own:.3f}x)")  # fmt: skip
-    result = {"config": CONFIG | {"batch": BATCH, "prompt": PROMPT, "decode": DECODE}, **table}
+    for name, r in gpt3.items():
+        print(f"{name}: {r['mesh']}, batch {r['batch']}, cache {r['cache_length']} positions, "
+              f"planned in {r['planning_s']:.1f} s\n{r['summary']}")  # fmt: skip
+    config = CONFIG | {"batch": BATCH, "prompt": PROMPT, "decode": DECODE}
+    result = {"config": config, **table, **gpt3}
     (HERE / "results" / "generate.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

@@ -69,7 +69,7 @@ def find_state(spec: ArgSpec, out_tree: Any, program: Program, fn_name: str) -> 
             + f" The cache argument has structure {cache_tree}."
         )
     logits = program.outvars[outs[0]] if isinstance(outs[0], int) else None
-    _check_logits(program, logits, spec, fn_name)
+    _check_logits(program, logits, fn_name)
     paths = tuple(spec.in_paths[i].replace("args[1]", "cache", 1) for i in cache_leaves)
     cache_in = tuple(program.invars[i] for i in cache_leaves)
     cache_out = tuple(program.outvars[k] for k in jax.tree.leaves(outs[1]))
@@ -92,15 +92,14 @@ _NOT_STATE = (
 )
 
 
-def _check_logits(program: Program, logits: Any, spec: ArgSpec, fn_name: str) -> None:
-    rows = spec.in_avals[spec.arg_leaves()[TOKENS][0]].shape
+def _check_logits(program: Program, logits: Any, fn_name: str) -> None:
     shape = tuple(program.avals[logits].shape) if isinstance(logits, int) else ()
     aval = program.avals[logits] if isinstance(logits, int) else None
-    if aval is None or len(shape) != 2 or not np.issubdtype(aval.dtype, np.floating):
+    if aval is None or len(shape) != 2 or not jax.numpy.issubdtype(aval.dtype, jax.numpy.floating):
         raise ValueError(
             f"{fn_name}: the first output of a decode step must be float logits of shape "
-            f"(rows, vocab), one row per token; got shape {shape} (tokens: {rows}). For "
-            "(rows, 1, vocab) logits return logits[:, -1]."
+            f"(rows, vocab), one row per token; got shape {shape}. For (rows, 1, vocab) "
+            "logits return logits[:, -1]."
         )
 
 
@@ -111,8 +110,9 @@ def _check_pair(program: Program, path: str, v: int, w: Any, fn_name: str) -> No
         got = "a constant" if b is None else f"{tuple(b.shape)} {b.dtype}"
         raise ValueError(
             f"{fn_name}: the returned {path} is {got}, but the given one is {tuple(a.shape)} "
-            f"{a.dtype} (shapes at one request group's rows). A decode step must return every cache leaf with its shape and dtype "
-            "(write new entries with .at[...].set or dynamic_update_slice)."
+            f"{a.dtype} (shapes at one request group's rows). A decode step must return every "
+            "cache leaf with its shape and dtype (write new entries with .at[...].set or "
+            "dynamic_update_slice)."
         )
     if w not in program.batch_dependent:
         raise ValueError(
