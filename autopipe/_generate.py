@@ -44,7 +44,7 @@ from autopipe.passes.decode_state import (
     home_stages,
     planning_program,
 )
-from autopipe.passes.emit_generate import Decoding, EmittedGeneration, emit_generate
+from autopipe.passes.emit_generate import Decoding, EmittedGeneration, Rows, emit_generate
 from autopipe.passes.layout import StageLayout, split_ops, stage_layouts
 from autopipe.passes.param_layout import ParamLayout, make_packers
 from autopipe.passes.partition import additive_segment_memory, solve_stages
@@ -171,23 +171,48 @@ class GenerationPlan:
         param_leaves = self._leaves(params, 0, "params")
         cache_leaves = self._leaves(cache, 1, "cache")
         em, compiled = self.lower(decoding)
+        b, n = self.batch_size, decoding.max_new_tokens
+        rows = Rows(
+            prompts=prompts,
+            lengths=lengths,
+            budget=np.full((b,), n, np.int32),
+            base=np.zeros((b,), np.int32),
+            out=np.full((b, n), -1, np.int32),
+            count=np.zeros((b,), np.int32),
+            done=np.zeros((b,), bool),
+        )
+        pending = np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
+        caches = self._place_cache(em, cache_leaves)
+        params = self._place_params(em, param_leaves)
+        rows, _ = self._call(
+            em, compiled, params, caches, rows, pending, key_data, sampling, end_token
+        )
+        return Generation(tokens=rows.out, lengths=rows.count)
+
+    def _call(self, em, compiled, params, caches, rows: Rows, pending, key_data, temperature, end):
+        """One call of the program on host row state (``(B, ...)`` numpy); returns the new row
+        state (numpy) and the caches (on the devices, for the next call)."""
         g = self.num_groups
-        shaped = (g, self.batch_size // g)
-        args = (
-            self._place_params(em, param_leaves),
-            self._place_cache(em, cache_leaves),
-            jax.device_put(prompts.reshape(*shaped, -1), em.row_sharding),
-            jax.device_put(lengths.reshape(shaped), em.row_sharding),
+
+        def grouped(x, sharding):
+            return jax.device_put(np.asarray(x).reshape(g, -1, *np.shape(x)[1:]), sharding)
+
+        placed = jax.tree.map(lambda x: grouped(x, em.row_sharding), rows)
+        pend = np.asarray(pending).reshape(2, g, -1).transpose(1, 0, 2)
+        out, caches = compiled(
+            params,
+            caches,
+            placed,
+            jax.device_put(pend, em.pending_sharding),
             key_data,
-            jnp.float32(sampling or 1.0),
-            jnp.int32(-1 if end_token is None else end_token),
+            jnp.float32(temperature or 1.0),
+            jnp.int32(-1 if end is None else end),
         )
-        tokens, counts, _ = compiled(*args)
         last = self.num_stages - 1
-        return Generation(
-            tokens=np.asarray(tokens)[last].reshape(self.batch_size, -1),
-            lengths=np.asarray(counts)[last].reshape(self.batch_size),
+        host = jax.tree.map(
+            lambda x: np.asarray(x)[last].reshape(self.batch_size, *x.shape[3:]), out
         )
+        return host, caches
 
     @property
     def _vocab(self) -> int:
@@ -275,16 +300,28 @@ class GenerationPlan:
 
 
 def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
-    g = d.groups
-    rows = jax.ShapeDtypeStruct((g, batch // g, d.prompt_len), jnp.int32, sharding=em.row_sharding)
-    lens = jax.ShapeDtypeStruct((g, batch // g), jnp.int32, sharding=em.row_sharding)
+    g, n = d.groups, d.max_new_tokens
+
+    def rows(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((g, batch // g, *shape), dtype, sharding=em.row_sharding)
+
+    state = Rows(
+        prompts=rows(d.prompt_len),
+        lengths=rows(),
+        budget=rows(),
+        base=rows(),
+        out=rows(n),
+        count=rows(),
+        done=rows(dtype=bool),
+    )
+    pending = jax.ShapeDtypeStruct((g, 2, batch // g), jnp.int32, sharding=em.pending_sharding)
     key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=d.key_impl)))
     scalar = jax.sharding.NamedSharding(em.mesh, jax.sharding.PartitionSpec())
     return (
         em.param_buffers,
         em.cache_buffers,
-        rows,
-        lens,
+        state,
+        pending,
         jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=scalar),
         jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
         jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),

@@ -62,21 +62,26 @@ class Decoding:
     greedy: bool = True
     top_k: int | None = None
     key_impl: str = "threefry2x32"
+    num_steps: int | None = None  # steps per call; None: L + N − 1 (a whole generation)
 
     @property
     def steps(self) -> int:
-        """T: steps a row of the longest prompt takes (its L prompt tokens, N − 1 more)."""
+        """T: steps per group in one call; by default what a row of the longest prompt takes
+        (its L prompt tokens, N − 1 more)."""
+        if self.num_steps is not None:
+            return self.num_steps
         return self.prompt_len + self.max_new_tokens - 1
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EmittedGeneration:
-    run: Callable  # jitted (params, caches, prompts, lengths, key, temperature, end) -> ...
+    run: Callable  # jitted (params, caches, rows, pending, key, temperature, end) -> (rows, caches)
     param_buffers: tuple[jax.ShapeDtypeStruct, ...]
     cache_buffers: tuple[jax.ShapeDtypeStruct, ...]
     params: ParamLayout
     caches: ParamLayout
-    row_sharding: NamedSharding  # prompts (G, rows · dp, L) and lengths: rows over the data axis
+    row_sharding: NamedSharding  # `Rows` leaves (G, rows · dp, ...): rows over the data axis
+    pending_sharding: NamedSharding  # (G, 2, rows · dp)
     mesh: Any
     num_ticks: int
 
@@ -127,20 +132,24 @@ def emit_generate(
     p = len(stages)
     params = param_layout(program, [st.params for st in stages])
     body = _body(program, stages, state, params, caches, decoding, axis, data_axis)
-    rows = P(axis, None, data_axis)
+    stacked = P(axis, None, data_axis)
+    per_row = P(None, data_axis)
     smap = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(
             tuple(P(axis) for _ in params.slots) + tuple(P(axis) for _ in params.rest_sizes),
-            tuple(rows for _ in caches.slots),
-            P(None, data_axis),
-            P(None, data_axis),
+            tuple(stacked for _ in caches.slots),
+            Rows(**{f: per_row for f in Rows.__dataclass_fields__}),
+            P(None, None, data_axis),  # pending (G, 2, b): each row's next token and position
             P(),
             P(),
             P(),
         ),
-        out_specs=(rows, rows, tuple(rows for _ in caches.slots)),
+        out_specs=(
+            Rows(**{f: stacked for f in Rows.__dataclass_fields__}),
+            tuple(stacked for _ in caches.slots),
+        ),
         axis_names={axis, data_axis} if data_axis else {axis},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
@@ -152,6 +161,7 @@ def emit_generate(
         params=params,
         caches=caches,
         row_sharding=NamedSharding(mesh, P(None, data_axis)),
+        pending_sharding=NamedSharding(mesh, P(None, None, data_axis)),
         mesh=mesh,
         num_ticks=decoding.steps * c + p - 1,
     )
@@ -217,84 +227,102 @@ def _where_at(t, dev, d: Decoding, c: int) -> _Tick:
     return _Tick(group=jnp.minimum(g, d.groups - 1), step=i, active=active)
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rows:
+    """Per-row state of one group (or, stacked, of all groups): what the program reads and
+    returns, so that a serving loop can carry it from one call to the next."""
+
+    prompts: Any  # (b, L) int32, right-padded
+    lengths: Any  # (b,) prompt lengths
+    budget: Any  # (b,) new tokens the row may make (≤ N)
+    base: Any  # (b,) the row's step at the call's first step (0: a fresh request)
+    out: Any  # (b, N) its new tokens so far (-1 after them)
+    count: Any  # (b,) how many
+    done: Any  # (b,) bool
+
+
+jax.tree_util.register_dataclass(Rows, data_fields=list(Rows.__dataclass_fields__), meta_fields=[])
+
+
+def _advance(rows: Rows, logits, key, row_ids, step, pos, temperature, end, d: Decoding, live):
+    """The last stage's work on one group's step: record the picked tokens of the rows whose
+    prompt is consumed, stop rows, and the next (token, position) of every row."""
+    at = rows.base + step  # each row's own step (= the position it was just fed at)
+    picked = pick_tokens(logits, key, row_ids, at, temperature, greedy=d.greedy, top_k=d.top_k)
+    emit = live & (at >= rows.lengths - 1) & ~rows.done
+    hit = emit[:, None] & (jnp.arange(d.max_new_tokens)[None, :] == rows.count[:, None])
+    count = rows.count + emit.astype(jnp.int32)
+    done = rows.done | (emit & ((picked == end) | (count >= rows.budget)))
+    nxt = at + 1
+    idx = jnp.minimum(nxt, d.prompt_len - 1)[:, None]
+    from_prompt = jnp.take_along_axis(rows.prompts, idx, axis=1)[:, 0]
+    next_tok = jnp.where(nxt < rows.lengths, from_prompt, picked)
+    changed = dataclasses.replace(
+        rows, out=jnp.where(hit, picked[:, None], rows.out), count=count, done=done
+    )
+    return changed, jnp.stack([next_tok, jnp.where(done, pos, nxt)])
+
+
+def _group(rows: Rows, g) -> Rows:
+    return jax.tree.map(lambda x: x[g], rows)
+
+
+def _set_group(rows: Rows, g, new: Rows) -> Rows:
+    return jax.tree.map(lambda x, y: x.at[g].set(y), rows, new)
+
+
 def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) -> Callable:
-    p, n_new, b = len(stages), d.max_new_tokens, d.rows
+    p, b = len(stages), d.rows
     c = max(d.groups, p)
     branches, sizes = _branches(program, stages, state, params, caches)
     forward = [(s, s + 1) for s in range(p - 1)]
     ring = [(s, (s + 1) % p) for s in range(p)]
     num_ticks = d.steps * c + p - 1
 
-    def body(pslots, cslots, prompts, lengths, key_data, temperature, end):
+    def body(pslots, cslots, rows, pending, key_data, temperature, end):
         dev = jax.lax.axis_index(axis)
         replica = jax.lax.axis_index(data_axis) if data_axis else 0
         dp = jax.lax.axis_size(data_axis) if data_axis else 1
         key = jax.random.wrap_key_data(key_data, impl=d.key_impl)
         is_first, is_last = dev == 0, dev == p - 1
-        pending = jnp.stack([prompts[:, :, 0], jnp.zeros_like(prompts[:, :, 0])], axis=1)
         pending = jnp.concatenate([pending, jnp.zeros((c - d.groups, 2, b), jnp.int32)])
-        init = (
-            tuple(x[0] for x in cslots),
-            tuple(jnp.zeros((n,), dt) for dt, n in sizes.items()),
-            jnp.zeros((2, b), jnp.int32),
-            pending,
-            jnp.full((d.groups, b, n_new), -1, jnp.int32),
-            jnp.zeros((d.groups, b), jnp.int32),
-            jnp.zeros((d.groups, b), bool),
-        )
+        recv0 = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
+        init = (tuple(x[0] for x in cslots), recv0, jnp.zeros((2, b), jnp.int32), pending, rows)
 
         def tick(carry, t):
-            cache, recv, ring_in, pending, out, count, done = carry
+            cache, recv, ring_in, pending, rows = carry
             here = _where_at(t, dev, d, c)
             came = _where_at(t - 1, p - 1, d, c)  # what the last stage worked on last tick
             g = here.group
             got = jax.lax.dynamic_update_index_in_dim(pending, ring_in, came.group, 0)
             pending = jnp.where(is_first & came.active, got, pending)
             inp = jnp.where(is_first, pending[g], ring_in)
-            tok, pos = inp[0], inp[1]
             group_caches = tuple(
                 jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in cache
             )
             which = jnp.where(here.active, dev, p)
             recv_d = dict(zip(sizes, recv, strict=True))
             send, new, logits = jax.lax.switch(
-                which, branches, pslots, group_caches, recv_d, tok, pos
+                which, branches, pslots, group_caches, recv_d, inp[0], inp[1]
             )
             cache = tuple(
                 jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
                 for x, y in zip(cache, new, strict=True)
             )
-            rows_g = g * (dp * b) + replica * b + jnp.arange(b, dtype=jnp.int32)
-            picked = pick_tokens(
-                logits,
-                key,
-                rows_g,
-                jnp.full((b,), here.step, jnp.int32),
-                temperature,
-                greedy=d.greedy,
-                top_k=d.top_k,
+            row_ids = g * (dp * b) + replica * b + jnp.arange(b, dtype=jnp.int32)
+            live = here.active & is_last
+            mine, nxt = _advance(
+                _group(rows, g), logits, key, row_ids, here.step, inp[1], temperature, end, d, live
             )
-            emit = here.active & is_last & (here.step >= lengths[g] - 1) & ~done[g]
-            k = here.step - (lengths[g] - 1)
-            hit = emit[:, None] & (jnp.arange(n_new)[None, :] == k[:, None])
-            out = out.at[g].set(jnp.where(hit, picked[:, None], out[g]))
-            count = count.at[g].add(emit.astype(jnp.int32))
-            finished = emit & ((picked == end) | (count[g] >= n_new))
-            done = done.at[g].set(done[g] | finished)
-            nxt = here.step + 1
-            from_prompt = jax.lax.dynamic_index_in_dim(
-                prompts[g], jnp.minimum(nxt, d.prompt_len - 1), 1, keepdims=False
-            )
-            next_tok = jnp.where(nxt < lengths[g], from_prompt, picked)
-            next_pos = jnp.where(done[g], pos, nxt)
-            ring_out = jnp.where(is_last, jnp.stack([next_tok, next_pos]), inp)
+            rows = _set_group(rows, g, mine)
+            ring_out = jnp.where(is_last, nxt, inp)
             recv = tuple(jax.lax.ppermute(x, axis, forward) for x in send)
             ring_in = jax.lax.ppermute(ring_out, axis, ring)
-            return (cache, recv, ring_in, pending, out, count, done), None
+            return (cache, recv, ring_in, pending, rows), None
 
         final, _ = jax.lax.scan(tick, init, jnp.arange(num_ticks))
-        cache, _, _, _, out, count, _ = final
-        return out[None], count[None], tuple(x[None] for x in cache)
+        cache, rows = final[0], final[4]
+        return jax.tree.map(lambda x: x[None], rows), tuple(x[None] for x in cache)
 
     return body
 
