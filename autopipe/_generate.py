@@ -173,6 +173,7 @@ class GenerationPlan:
         em, compiled = self.lower(decoding)
         b, n = self.batch_size, decoding.max_new_tokens
         rows = Rows(
+            ids=np.arange(b, dtype=np.int32),
             prompts=prompts,
             lengths=lengths,
             budget=np.full((b,), n, np.int32),
@@ -219,7 +220,7 @@ class GenerationPlan:
         return int(self.front.program.avals[self.state.logits].shape[-1])
 
     def _check_prompts(self, prompts, prompt_lengths, max_new_tokens) -> np.ndarray:
-        b, s = self.batch_size, self.cache_length
+        b = self.batch_size
         if prompts.ndim != 2 or prompts.shape[0] != b:
             raise ValueError(
                 f"{self.fn_name}: prompts must be a (batch, length) int array with the "
@@ -233,23 +234,59 @@ class GenerationPlan:
                 f"{self.fn_name}: prompt_lengths must be {b} lengths in [1, {width}] (the "
                 f"prompts' width); got {lengths.tolist()}."
             )
+        self._check_fits(int(lengths.max()), max_new_tokens, f"row {int(lengths.argmax())}")
+        return lengths
+
+    def _check_fits(self, length: int, max_new_tokens: int, where: str) -> None:
+        """A prompt of ``length`` tokens and ``max_new_tokens`` fit the cache."""
+        s, need = self.cache_length, length + max_new_tokens - 1
         if max_new_tokens < 1:
             raise ValueError(f"{self.fn_name}: max_new_tokens={max_new_tokens}; ask for ≥ 1.")
-        longest = int(lengths.max())
-        if longest > s:
+        if length > s:
             raise ValueError(
-                f"{self.fn_name}: a prompt of {longest} tokens (row {int(lengths.argmax())}) is "
-                f"longer than the cache ({s} positions). Plan with a cache of at least "
-                f"{longest + max_new_tokens - 1} positions, or shorten the prompt."
+                f"{self.fn_name}: a prompt of {length} tokens ({where}) is longer than the cache "
+                f"({s} positions). Plan with a cache of at least {need} positions, or shorten "
+                "the prompt."
             )
-        if longest + max_new_tokens - 1 > s:
+        if need > s:
             raise ValueError(
-                f"{self.fn_name}: a prompt of {longest} tokens plus max_new_tokens="
-                f"{max_new_tokens} needs {longest + max_new_tokens - 1} cache positions (the "
-                f"last new token is not fed back), but the cache has {s}. Use max_new_tokens ≤ "
-                f"{s - longest + 1}, or plan with a cache of {longest + max_new_tokens - 1}."
+                f"{self.fn_name}: a prompt of {length} tokens ({where}) plus max_new_tokens="
+                f"{max_new_tokens} needs {need} cache positions (the last new token is not fed "
+                f"back), but the cache has {s}. Use max_new_tokens ≤ {s - length + 1}, or plan "
+                f"with a cache of {need}."
             )
-        return lengths
+
+    def serve(
+        self,
+        params: Any,
+        cache: Any,
+        requests: Any,
+        *,
+        steps_per_call: int = 8,
+        end_token: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        key: Any = None,
+        progress: bool = False,
+    ):
+        """Continuous batching (`autopipe._serve`): the batch's rows are slots; yields a
+        ``Completion(index, tokens)`` per ``(prompt, max_new_tokens)`` request as it finishes,
+        refilling its slot between calls of one compiled program. ``progress``: a line on
+        stderr."""
+        from autopipe._serve import serve
+
+        return serve(
+            self,
+            params,
+            cache,
+            requests,
+            steps_per_call=steps_per_call,
+            end_token=end_token,
+            temperature=temperature,
+            top_k=top_k,
+            key=key,
+            progress=progress,
+        )
 
     def _place_params(self, em: EmittedGeneration, leaves: list) -> tuple:
         prog, rt = self.front.program, self._runtime
@@ -306,6 +343,7 @@ def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
         return jax.ShapeDtypeStruct((g, batch // g, *shape), dtype, sharding=em.row_sharding)
 
     state = Rows(
+        ids=rows(),
         prompts=rows(d.prompt_len),
         lengths=rows(),
         budget=rows(),

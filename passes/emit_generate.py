@@ -89,8 +89,8 @@ class EmittedGeneration:
 def pick_tokens(logits, key, rows, steps, temperature, *, greedy: bool, top_k: int | None):
     """The next token of each row. Greedy: ``argmax``. Sampled: row r at step i draws from
     ``softmax(logits / temperature)`` (only its ``top_k`` largest logits, if given) with the key
-    ``fold_in(fold_in(key, r), i)``, r its row in the prompt batch, i the position of the
-    token it was just fed."""
+    ``fold_in(fold_in(key, r), i)``, r its id (its row in the prompt batch; in serving, the
+    request's index), i the position of the token it was just fed."""
     if greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
@@ -232,6 +232,7 @@ class Rows:
     """Per-row state of one group (or, stacked, of all groups): what the program reads and
     returns, so that a serving loop can carry it from one call to the next."""
 
+    ids: Any  # (b,) int32: the row's id in the sampling key convention (`pick_tokens`)
     prompts: Any  # (b, L) int32, right-padded
     lengths: Any  # (b,) prompt lengths
     budget: Any  # (b,) new tokens the row may make (≤ N)
@@ -244,11 +245,11 @@ class Rows:
 jax.tree_util.register_dataclass(Rows, data_fields=list(Rows.__dataclass_fields__), meta_fields=[])
 
 
-def _advance(rows: Rows, logits, key, row_ids, step, pos, temperature, end, d: Decoding, live):
+def _advance(rows: Rows, logits, key, step, pos, temperature, end, d: Decoding, live):
     """The last stage's work on one group's step: record the picked tokens of the rows whose
     prompt is consumed, stop rows, and the next (token, position) of every row."""
     at = rows.base + step  # each row's own step (= the position it was just fed at)
-    picked = pick_tokens(logits, key, row_ids, at, temperature, greedy=d.greedy, top_k=d.top_k)
+    picked = pick_tokens(logits, key, rows.ids, at, temperature, greedy=d.greedy, top_k=d.top_k)
     emit = live & (at >= rows.lengths - 1) & ~rows.done
     hit = emit[:, None] & (jnp.arange(d.max_new_tokens)[None, :] == rows.count[:, None])
     count = rows.count + emit.astype(jnp.int32)
@@ -281,8 +282,6 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
 
     def body(pslots, cslots, rows, pending, key_data, temperature, end):
         dev = jax.lax.axis_index(axis)
-        replica = jax.lax.axis_index(data_axis) if data_axis else 0
-        dp = jax.lax.axis_size(data_axis) if data_axis else 1
         key = jax.random.wrap_key_data(key_data, impl=d.key_impl)
         is_first, is_last = dev == 0, dev == p - 1
         pending = jnp.concatenate([pending, jnp.zeros((c - d.groups, 2, b), jnp.int32)])
@@ -309,10 +308,9 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
                 jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
                 for x, y in zip(cache, new, strict=True)
             )
-            row_ids = g * (dp * b) + replica * b + jnp.arange(b, dtype=jnp.int32)
             live = here.active & is_last
             mine, nxt = _advance(
-                _group(rows, g), logits, key, row_ids, here.step, inp[1], temperature, end, d, live
+                _group(rows, g), logits, key, here.step, inp[1], temperature, end, d, live
             )
             rows = _set_group(rows, g, mine)
             ring_out = jnp.where(is_last, nxt, inp)
