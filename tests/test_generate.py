@@ -22,8 +22,9 @@ LLAMA = dec.llama_config(layers=4, max_len=48, init_scale=0.6)
 
 
 def reference(step, params, cache, prompts, lengths, n, *, end=None, temperature=0.0, top_k=None,
-              key=None):  # fmt: skip
-    """Single-device generation: one ``jax.jit(step)`` call per step for the whole batch."""
+              key=None, ids=None):  # fmt: skip
+    """Single-device generation: one ``jax.jit(step)`` call per step for the whole batch;
+    ``ids``: each row's id in the key convention (default: its row)."""
     f = jax.jit(step)
     b, width = prompts.shape
     out = np.full((b, n), -1, np.int32)
@@ -33,7 +34,7 @@ def reference(step, params, cache, prompts, lengths, n, *, end=None, temperature
     for i in range(width + n - 1):
         pos = np.minimum(i, lengths + n - 2).astype(np.int32)  # any in-cache position once done
         logits, cache = f(params, cache, jnp.asarray(tok, jnp.int32), jnp.asarray(pos))
-        picked = _pick(np.asarray(logits), i, temperature, top_k, key)
+        picked = _pick(np.asarray(logits), i, temperature, top_k, key, ids)
         for r in range(b):
             if i >= lengths[r] - 1 and not done[r]:
                 out[r, count[r]] = picked[r]
@@ -43,11 +44,12 @@ def reference(step, params, cache, prompts, lengths, n, *, end=None, temperature
     return out, count
 
 
-def _pick(logits, step, temperature, top_k, key):
+def _pick(logits, step, temperature, top_k, key, ids):
     if temperature == 0:
         return logits.argmax(-1)
     picked = []
-    for r, z in enumerate(jnp.asarray(logits) / temperature):
+    ids = range(len(logits)) if ids is None else ids
+    for r, z in zip(ids, jnp.asarray(logits) / temperature, strict=True):
         if top_k is not None:
             z = jnp.where(z < jnp.sort(z)[-top_k], -jnp.inf, z)
         k = jax.random.fold_in(jax.random.fold_in(key, r), step)
@@ -125,27 +127,18 @@ def test_sampled_equals_single_device_grid(form, shape):
     _check(form, shape, 32, temperature=1.3, key=jax.random.key(3))
 
 
-def test_end_token_stops_rows():
+def test_end_token_stops_rows_in_the_naive_pipeline():
+    """One group in flight (G = 1 < p: every token fills and drains the pipeline)."""
     step, params, cache = _plain(GPT)
     prompts, lengths = _prompts(GPT)
     free, _ = reference(step, params, cache, prompts, lengths, 8)
     end = int(free[0, 2])  # row 0 stops at its third token, others where they first pick it
     want, count = reference(step, params, cache, prompts, lengths, 8, end=end)
     assert count.min() < 8
-    got = autopipe.generate(
-        step, params, cache, prompts, lengths, mesh=_mesh((2, 1)), max_new_tokens=8, end_token=end
-    )
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh((2, 1)), num_groups=1)
+    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=8, end_token=end)
     np.testing.assert_array_equal(got.tokens, want)
     np.testing.assert_array_equal(got.lengths, count)
-
-
-def test_naive_pipeline_one_group_in_flight_is_exact():
-    step, params, cache = _plain(GPT)
-    prompts, lengths = _prompts(GPT)
-    want, _ = reference(step, params, cache, prompts, lengths, 4)
-    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh((2, 1)), num_groups=1)
-    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=4)
-    np.testing.assert_array_equal(got.tokens, want)
 
 
 def test_caches_stay_on_their_stage_and_nothing_is_gathered():
@@ -170,6 +163,53 @@ def _decoding(plan):
     from autopipe.passes.emit_generate import Decoding
 
     return Decoding(groups=plan.num_groups, rows=plan.rows, prompt_len=WIDTH, max_new_tokens=4)
+
+
+# --- continuous batching -----------------------------------------------------------------------
+
+
+def _alone(step, params, cache, prompt, n, index, **sampling):
+    """Request ``index`` generated alone: in row 0 of a batch, keyed by its index."""
+    b = jax.tree.leaves(cache)[0].shape[0]
+    prompts = np.zeros((b, len(prompt)), np.int32)
+    prompts[0] = prompt
+    lengths = np.full(b, len(prompt), np.int32)
+    ids = [index] + [0] * (b - 1)
+    want, count = reference(step, params, cache, prompts, lengths, n, ids=ids, **sampling)
+    return want[0, : count[0]]
+
+
+def _serve_check(cfg, slots, shape, requests, steps_per_call, **sampling):
+    params, cache = dec.init_gpt(cfg, slots)
+    step = dec.gpt_step(cfg)
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh(shape))
+    got = plan.serve(params, cache, requests, steps_per_call=steps_per_call, **sampling)
+    done = {c.index: c.tokens for c in got}
+    assert sorted(done) == list(range(len(requests)))
+    for i, (prompt, n) in enumerate(requests):
+        want = _alone(step, params, cache, prompt, n, i, **sampling)
+        np.testing.assert_array_equal(done[i], want)
+
+
+def _requests(count, prompt_lengths, output_lengths, seed=1):
+    rng = np.random.default_rng(seed)
+    return [
+        (rng.integers(0, GPT.vocab, size=int(rng.integers(*prompt_lengths))),
+         int(rng.integers(*output_lengths)))
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def test_continuous_batching_equals_each_request_alone():
+    cfg = dec.DecoderConfig(layers=4, max_len=40, init_scale=1.0)
+    requests = _requests(10, (2, 12), (1, 20))
+    _serve_check(cfg, 4, (2, 1), requests, 4, temperature=0.9, key=jax.random.key(5))
+
+
+@pytest.mark.slow
+def test_continuous_batching_64_requests_through_8_slots():
+    cfg = dec.DecoderConfig(layers=4, max_len=112, init_scale=1.0)
+    _serve_check(cfg, 8, (4, 1), _requests(64, (4, 49), (1, 65)), 8)
 
 
 # --- bad input ---------------------------------------------------------------------------------
@@ -223,6 +263,12 @@ def test_step_that_does_not_return_its_state_is_refused():
         ValueError, match=r"returned cache\[1\]\['v'\] is \(4, 4, 4, 8\) .* given one is \(4, 48"
     ):
         autopipe.plan_generation(shrinks, params, cache, mesh=mesh)
+
+
+def test_request_past_the_cache_is_refused_in_serving(small_plan):
+    plan, params, cache = small_plan
+    with pytest.raises(ValueError, match=r"request 1\) plus max_new_tokens=8 needs 11"):
+        list(plan.serve(params, cache, [(np.ones(3), 2), (np.ones(4), 8)]))
 
 
 def test_groups_that_do_not_divide_the_batch_are_refused():
