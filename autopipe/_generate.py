@@ -34,6 +34,7 @@ import numpy as np
 
 from autopipe._executable import place_buffers
 from autopipe._front import Front, FrontOptions, make_front, mesh_axes
+from autopipe._serve import serve
 from autopipe._stage_search import layer_problem, layers_for
 from autopipe.passes.costs import operator_costs
 from autopipe.passes.decode_state import (
@@ -256,37 +257,7 @@ class GenerationPlan:
                 f"with a cache of {need}."
             )
 
-    def serve(
-        self,
-        params: Any,
-        cache: Any,
-        requests: Any,
-        *,
-        steps_per_call: int = 8,
-        end_token: int | None = None,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        key: Any = None,
-        progress: bool = False,
-    ):
-        """Continuous batching (`autopipe._serve`): the batch's rows are slots; yields a
-        ``Completion(index, tokens)`` per ``(prompt, max_new_tokens)`` request as it finishes,
-        refilling its slot between calls of one compiled program. ``progress``: a line on
-        stderr."""
-        from autopipe._serve import serve
-
-        return serve(
-            self,
-            params,
-            cache,
-            requests,
-            steps_per_call=steps_per_call,
-            end_token=end_token,
-            temperature=temperature,
-            top_k=top_k,
-            key=key,
-            progress=progress,
-        )
+    serve = serve  # continuous batching (`autopipe._serve.serve`), a method
 
     def _place_params(self, em: EmittedGeneration, leaves: list) -> tuple:
         prog, rt = self.front.program, self._runtime

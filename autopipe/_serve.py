@@ -43,7 +43,9 @@ def serve(
     key: Any = None,
     progress: bool = False,
 ) -> Iterator[Completion]:
-    """Yields a `Completion` per ``(prompt, max_new_tokens)`` request as it finishes."""
+    """Continuous batching over ``plan``'s batch rows as slots (`GenerationPlan.serve`): yields
+    a `Completion` per ``(prompt, max_new_tokens)`` request as it finishes, refilling its slot
+    between calls of one compiled program; ``progress``: a status line on stderr."""
     from autopipe._generate import _check_sampling, _key_data
 
     s, b = plan.cache_length, plan.batch_size

@@ -76,3 +76,5 @@ def test_generation_example_runs_and_matches_one_device():
     np.testing.assert_array_equal(ns["out"].tokens, want)
     np.testing.assert_array_equal(ns["out"].lengths, count)
     assert ns["sampled"].tokens.shape == (8, 16)
+    assert sorted(ns["completions"]) == list(range(12))
+    assert [len(ns["completions"][i]) for i in range(3)] == [5, 20, 2]  # no end token given
