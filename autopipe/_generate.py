@@ -172,18 +172,7 @@ class GenerationPlan:
         param_leaves = self._leaves(params, 0, "params")
         cache_leaves = self._leaves(cache, 1, "cache")
         em, compiled = self.lower(decoding)
-        b, n = self.batch_size, decoding.max_new_tokens
-        rows = Rows(
-            ids=np.arange(b, dtype=np.int32),
-            prompts=prompts,
-            lengths=lengths,
-            budget=np.full((b,), n, np.int32),
-            base=np.zeros((b,), np.int32),
-            out=np.full((b, n), -1, np.int32),
-            count=np.zeros((b,), np.int32),
-            done=np.zeros((b,), bool),
-        )
-        pending = np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
+        rows, pending = fresh_rows(prompts, lengths, decoding.max_new_tokens)
         caches = self._place_cache(em, cache_leaves)
         params = self._place_params(em, param_leaves)
         rows, _ = self._call(
@@ -305,6 +294,23 @@ class GenerationPlan:
                     "with this one."
                 )
         return leaves
+
+
+def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:
+    """Host row state of a new batch of prompts (row r has id r), and each row's first input
+    (its first prompt token at position 0) as ``(2, B)``."""
+    b = len(lengths)
+    rows = Rows(
+        ids=np.arange(b, dtype=np.int32),
+        prompts=prompts,
+        lengths=lengths,
+        budget=np.full((b,), n, np.int32),
+        base=np.zeros((b,), np.int32),
+        out=np.full((b, n), -1, np.int32),
+        count=np.zeros((b,), np.int32),
+        done=np.zeros((b,), bool),
+    )
+    return rows, np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
 
 
 def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:

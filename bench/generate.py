@@ -100,26 +100,21 @@ class _Autopipe:
         d = Decoding(groups=plan.num_groups, rows=plan.rows, prompt_len=PROMPT, max_new_tokens=n)
         self.em, self.compiled = plan.lower(d)
         self.params = plan._place_params(self.em, plan._leaves(params, 0, "params"))
-        g = plan.num_groups
-        import jax.numpy as jnp
+        import numpy as np
 
-        prompts = _prompts()
-        self.rest = (
-            jax.device_put(prompts.reshape(g, BATCH // g, PROMPT), self.em.row_sharding),
-            jax.device_put(jnp.full((g, BATCH // g), PROMPT, jnp.int32), self.em.row_sharding),
-            jax.random.key_data(jax.random.key(0)),
-            jnp.float32(1.0),
-            jnp.int32(-1),
-        )
+        from autopipe._generate import fresh_rows
+
+        self.rows = fresh_rows(_prompts(), np.full(BATCH, PROMPT, np.int32), n)
+        self.key = jax.random.key_data(jax.random.key(0))
         self.run(self.prepare())
 
     def prepare(self):
         return self.plan._place_cache(self.em, self.plan._leaves(self.cache, 1, "cache"))
 
     def run(self, caches):
-        import jax
-
-        jax.block_until_ready(self.compiled(self.params, caches, *self.rest))
+        rows, pending = self.rows
+        self.plan._call(self.em, self.compiled, self.params, caches, rows, pending, self.key, None,
+                        None)  # fmt: skip
 
     def facts(self) -> dict:
         hlo = self.compiled.as_text()

@@ -3,10 +3,12 @@ program that runs prefill and decoding for a whole batch of prompts.
 
 The batch is split into G request groups (per data-parallel replica), which rotate through the
 p stages: with C = max(G, p), at tick t stage s works on group g = (t − s) mod C at step
-i = (t − s) div C (idle when g ≥ G, i < 0 or i ≥ T). Step i of a row feeds one token at
-position i: its prompt's token i while the prompt lasts (prefill, token by token), then the
-token the step before picked. The last stage picks the next token from the logits (greedy, or
-sampled, see `pick_tokens`), records it, and sends ``(next token, next position)`` back to
+i = (t − s) div C (idle when g ≥ G, i < 0 or i ≥ T, T = `Decoding.steps` per call). A row
+at its own step j = base + i (``Rows.base``: 0 for a fresh request, more when a serving loop
+carries it over from the call before) feeds one token at position j: its prompt's token j
+while the prompt lasts (prefill, token by token), then the token the step before picked. The
+last stage picks the next token from the logits (greedy, or sampled, see `pick_tokens`),
+records it, and sends ``(next token, next position)`` back to
 stage 0 on the ring (one ``ppermute`` (s → s+1 mod p) per tick, which also carries each
 group's token and position forward to the stages after the first); stage 0 keeps the pairs of
 the groups not yet due in a small pending buffer. Activations go to the next stage with one
@@ -19,9 +21,10 @@ Per device the program holds:
     is ``(1, G, rows, ...)`` locally, the scan carry; each tick the group's block is read out,
     given to the stage as the cache argument, and the stage's new value written back with
     ``dynamic_update_index_in_dim`` (the slots are donated, so the update is in place);
-  - per group the rows' output tokens, counts and done flags (meaningful on the last stage).
+  - per group the rows' state (`Rows`: prompts, lengths, budgets, steps, output tokens,
+    counts, done flags), updated by the last stage and returned with the caches.
 
-A row stops when it has ``max_new_tokens`` tokens or picks ``end_token``; after that its
+A row stops when it has its budget of new tokens or picks ``end_token``; after that its
 position stays where it was (the step keeps rewriting one cache entry of a finished row, which
 nothing reads). Collectives never run inside a stage's branch (see `passes.emit`).
 """
@@ -323,22 +326,3 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
         return jax.tree.map(lambda x: x[None], rows), tuple(x[None] for x in cache)
 
     return body
-
-
-def stage_cache_bytes(caches: ParamLayout, groups: int, dp: int = 1) -> list[int]:
-    """Per stage: bytes of its own cache leaves on one device (all groups, its replica's rows)."""
-    del dp  # a device holds its replica's rows: the traced rows already are
-    return [
-        groups * sum(s.nbytes for s in caches.slots if s.values[d] is not None)
-        for d in range(caches.num_devices)
-    ]
-
-
-def slot_bytes(caches: ParamLayout, groups: int) -> int:
-    """Cache bytes one device holds (its slots, padding included)."""
-    return groups * sum(s.nbytes for s in caches.slots)
-
-
-def check_hlo(hlo: str) -> list[str]:
-    """The all-gather lines of a compiled program (there should be none)."""
-    return [line.strip() for line in hlo.splitlines() if " all-gather(" in line]
