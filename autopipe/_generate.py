@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autopipe._executable import place_buffers
-from autopipe._front import Front, FrontOptions, make_front, mesh_axes
+from autopipe._front import Front, FrontOptions, is_concrete, make_front, mesh_axes
 from autopipe._serve import serve
 from autopipe._stage_search import layer_problem, layers_for
 from autopipe.passes.costs import operator_costs
@@ -124,6 +124,7 @@ class GenerationPlan:
 
     def lower(self, decoding: Decoding) -> tuple[EmittedGeneration, Any]:
         """The emitted and compiled program for one static shape (cached)."""
+        self._require_devices()
         rt = self._runtime
         if decoding not in rt.compiled:
             em = emit_generate(
@@ -140,6 +141,14 @@ class GenerationPlan:
             rt.compiled[decoding] = (em, em.run.lower(*avals).compile())
         return rt.compiled[decoding]
 
+    def _require_devices(self) -> None:
+        if not is_concrete(self.mesh):
+            raise RuntimeError(
+                f"this generation plan for {self.fn_name} was made for mesh axes "
+                f"{dict(self.front.mesh_axes)} without devices; plan again with a concrete "
+                "jax.sharding.Mesh to generate."
+            )
+
     def generate(
         self,
         params: Any,
@@ -154,8 +163,9 @@ class GenerationPlan:
         key: Any = None,
     ) -> Generation:
         """Generates up to ``max_new_tokens`` tokens after each prompt (see the conventions in
-        the module docstring). ``cache`` is the initial cache (zeros), laid out on the stages
-        and consumed."""
+        the module docstring). ``cache`` is the initial cache (zeros), copied onto the stages
+        (the given arrays are not changed)."""
+        self._require_devices()
         prompts = np.asarray(prompts, np.int32)
         lengths = self._check_prompts(prompts, prompt_lengths, max_new_tokens)
         sampling = _check_sampling(temperature, top_k, self._vocab)
@@ -284,7 +294,7 @@ class GenerationPlan:
             )
         for i, x in zip(index, leaves, strict=True):
             a = spec.in_avals[i]
-            got = (tuple(np.shape(x)), np.dtype(x.dtype))
+            got = (tuple(x.shape), np.dtype(x.dtype))
             if got != (tuple(a.shape), np.dtype(a.dtype)):
                 path = spec.in_paths[i].replace(f"args[{arg}]", name, 1)
                 raise ValueError(
@@ -413,23 +423,8 @@ def plan_generation(
     layouts, bounds, times = _search(front, state, g, memory_limit)
     homes = home_stages(front.program, layouts, state, spec.fn_name)
     caches = cache_layout(front.program, state, homes, front.num_stages)
-    owned = list(zip(state.cache_in, homes, strict=True))
-    cache_bytes = [
-        g * sum(front.program.nbytes(v) for v, h in owned if h == s)
-        for s in range(front.num_stages)
-    ]
-    tick = max(times)
-    c = max(g, front.num_stages)
-    stages = tuple(
-        GenerationStage(
-            index=s,
-            layers=(bounds[s], bounds[s + 1]),
-            param_bytes=layouts[s].param_bytes,
-            cache_bytes=cache_bytes[s],
-            time=times[s],
-        )
-        for s in range(front.num_stages)
-    )
+    stages = _stage_records(front, state, layouts, homes, bounds, times, g)
+    tick, c = max(times), max(g, front.num_stages)
     return GenerationPlan(
         fn_name=spec.fn_name,
         batch_size=batch,
@@ -478,6 +473,21 @@ def generate(
         temperature=temperature,
         top_k=top_k,
         key=key,
+    )
+
+
+def _stage_records(front, state, layouts, homes, bounds, times, groups):
+    """Per stage: its layers, parameter and cache bytes (all groups), predicted tick."""
+    owned = list(zip(state.cache_in, homes, strict=True))
+    return tuple(
+        GenerationStage(
+            index=s,
+            layers=(bounds[s], bounds[s + 1]),
+            param_bytes=lay.param_bytes,
+            cache_bytes=groups * sum(front.program.nbytes(v) for v, h in owned if h == s),
+            time=times[s],
+        )
+        for s, lay in enumerate(layouts)
     )
 
 

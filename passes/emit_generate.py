@@ -18,9 +18,10 @@ in steady state; G = 1 is the naive pipeline (one group in flight, fill and drai
 Per device the program holds:
   - its stage's parameters in the slots of a `ParamLayout` (read whole, in place);
   - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`): slot k
-    is ``(1, G, rows, ...)`` locally, the scan carry; each tick the group's block is read out,
-    given to the stage as the cache argument, and the stage's new value written back with
-    ``dynamic_update_index_in_dim`` (the slots are donated, so the update is in place);
+    is ``(1, G, rows, ...)`` locally, the scan carry; each tick the stage's branch reads the
+    group's block of its slots (given whole and read-only: a conditional copies an operand it
+    updates), runs the step on it, and returns the new blocks, which are written back with
+    ``dynamic_update_index_in_dim`` after the branch (the slots are donated: in place);
   - per group the rows' state (`Rows`: prompts, lengths, budgets, steps, output tokens,
     counts, done flags), updated by the last stage and returned with the caches.
 
@@ -170,25 +171,34 @@ def emit_generate(
     )
 
 
+def _group_blocks(slots, g) -> tuple:
+    """Group ``g``'s block of every local ``(G, rows, ...)`` cache slot."""
+    return tuple(jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in slots)
+
+
 def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes):
-    """Stage ``layout`` on ``device``: ``run(param_bufs, group_caches, recv, tok, pos) ->
-    (send, new group caches, logits)``; the caches of other stages pass through."""
+    """Stage ``layout`` on ``device``: ``run(param_bufs, cache_slots, g, recv, tok, pos) ->
+    (send, new group blocks, logits)``. The slots come in whole and read-only (a conditional
+    copies operands it updates); the stage reads group g's block of its own slots and returns
+    their new blocks, zeros for the slots it holds nothing in (padding on this device)."""
     key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
     out_of = state.out_of()
     mine = caches.on(device)
     logits_aval = program.avals[state.logits]
 
-    def run(bufs, group_caches, recv, tok, pos):
+    def run(bufs, slots, g, recv, tok, pos):
         env: dict = dict(key_consts)
         unpack_flat(env, layout.recv, recv)
         env[state.tokens], env[state.positions] = tok, pos
-        env.update((v, group_caches[k]) for k, v in mine)
+        env.update(
+            (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, keepdims=False)) for k, v in mine
+        )
         env.update(read_params(program, params, device, bufs))
         for i in layout.ops:
             op = program.ops[i]
             outs = apply_op(op, [read_atom(env, a) for a in op.invars])
             env.update(zip(op.outvars, outs, strict=True))
-        new = list(group_caches)
+        new = [jnp.zeros(x.shape[1:], x.dtype) for x in slots]
         for k, v in mine:
             new[k] = env[out_of[v]]
         logits = env[state.logits] if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
@@ -198,7 +208,8 @@ def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, la
 
 
 def _branches(program, stages, state, params, caches) -> tuple[list[Callable], dict]:
-    """One branch per stage, then the idle branch (sends zeros, leaves the caches alone)."""
+    """One branch per stage, then the idle branch (sends zeros, returns the blocks as they
+    are)."""
     p = len(stages)
     sizes = buffer_sizes([s.send for s in stages])
     runs = [
@@ -207,9 +218,9 @@ def _branches(program, stages, state, params, caches) -> tuple[list[Callable], d
     ]
     aval = program.avals[state.logits]
 
-    def idle(bufs, group_caches, recv, tok, pos):
+    def idle(bufs, slots, g, recv, tok, pos):
         zeros = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
-        return zeros, tuple(group_caches), jnp.zeros(aval.shape, aval.dtype)
+        return zeros, _group_blocks(slots, g), jnp.zeros(aval.shape, aval.dtype)
 
     return [*runs, idle], sizes
 
@@ -299,13 +310,10 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
             got = jax.lax.dynamic_update_index_in_dim(pending, ring_in, came.group, 0)
             pending = jnp.where(is_first & came.active, got, pending)
             inp = jnp.where(is_first, pending[g], ring_in)
-            group_caches = tuple(
-                jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in cache
-            )
             which = jnp.where(here.active, dev, p)
             recv_d = dict(zip(sizes, recv, strict=True))
             send, new, logits = jax.lax.switch(
-                which, branches, pslots, group_caches, recv_d, inp[0], inp[1]
+                which, branches, pslots, cache, g, recv_d, inp[0], inp[1]
             )
             cache = tuple(
                 jax.lax.dynamic_update_index_in_dim(x, y, g, 0)

@@ -159,6 +159,20 @@ def test_caches_stay_on_their_stage_and_nothing_is_gathered():
     assert mem.temp_size_in_bytes < 4 * group
 
 
+def test_planning_from_shapes_counts_cache_bytes_per_stage():
+    cfg = dec.DecoderConfig(layers=4, max_len=512)
+    params, cache = dec.gpt_shapes(cfg, BATCH)  # nothing allocated
+    step = dec.gpt_step(cfg)
+    # each layer's k and v: 2 × 8 rows × 512 positions × 4 heads × 8 dims × 4 bytes = 1 MiB
+    plan = autopipe.plan_generation(step, params, cache, mesh={"pp": 2}, memory_limit=8 * 2**20)
+    assert [s.cache_bytes for s in plan.stages] == [2 * 2**20, 2 * 2**20]
+    assert max(s.param_bytes for s in plan.stages) < 0.2 * 2**20
+    with pytest.raises(autopipe.PlanInfeasible):  # the parameters fit, the caches do not
+        autopipe.plan_generation(step, params, cache, mesh={"pp": 2}, memory_limit=2**20)
+    with pytest.raises(RuntimeError, match="without devices"):
+        plan.generate(params, cache, np.zeros((BATCH, 2), np.int32), max_new_tokens=1)
+
+
 def _decoding(plan):
     from autopipe.passes.emit_generate import Decoding
 
