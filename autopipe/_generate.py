@@ -501,16 +501,23 @@ def _planning_front(front: Front, state: DecodeState) -> Front:
 
 def _search(front: Front, state: DecodeState, groups: int, memory_limit: float | None):
     """(stage layouts, layer boundaries, per-stage tick seconds) from the stage DP, pricing
-    each stage with its caches for all groups instead of the forward plan's batch inputs."""
+    each stage with its caches for all groups instead of the forward plan's batch inputs, and
+    each tick with the copies of the group's cache blocks (`passes.emit_generate`)."""
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = layers_for(front, front.num_stages)
     problem = layer_problem(front, layers, limit)
     one_group = sum(front.program.nbytes(v) for v in state.cache_in)
-    cache_table = additive_segment_memory(
-        cache_layer_bytes(front.program, front.split, layers, state, groups)
+    per_layer = cache_layer_bytes(front.program, front.split, layers, state, groups)
+    memory = problem.segment_memory - groups * one_group + additive_segment_memory(per_layer)
+    hw = front.hardware
+    # every tick the program copies the group's block of each cache out and back in
+    copies = 2 * per_layer / groups / (hw.memory_bandwidth * hw.bandwidth_efficiency)
+    problem = dataclasses.replace(
+        problem,
+        layer_time=tuple(t + c for t, c in zip(problem.layer_time, copies, strict=True)),
+        segment_memory=memory,
+        num_microbatches=ROUNDS,
     )
-    memory = problem.segment_memory - groups * one_group + cache_table
-    problem = dataclasses.replace(problem, segment_memory=memory, num_microbatches=ROUNDS)
     solution = solve_stages(problem)
     bounds = tuple(layers[k] for k in solution.boundaries)
     layouts = stage_layouts(front.program, front.split, bounds)
