@@ -285,6 +285,19 @@ def test_request_past_the_cache_is_refused_in_serving(small_plan):
         list(plan.serve(params, cache, [(np.ones(3), 2), (np.ones(4), 8)]))
 
 
+def test_cache_leaf_read_by_two_stages_is_refused():
+    step, params, cache = _plain(GPT)
+
+    def peeks(params, caches, tokens, positions):  # the head also reads layer 0's cache
+        logits, new = step(params, caches, tokens, positions)
+        return logits + 0 * caches[0]["k"].sum(axis=(1, 2, 3))[:, None], new
+
+    with pytest.raises(
+        ValueError, match=r"cache\[0\]\['k'\] is read or written by stages \[0, 1\]"
+    ):
+        autopipe.plan_generation(peeks, params, cache, mesh=_mesh((2, 1)))
+
+
 def test_groups_that_do_not_divide_the_batch_are_refused():
     step, params, cache = _plain(GPT)
     with pytest.raises(ValueError, match=r"8 rows .* into 3 request groups.*\[1, 2, 4, 8\]"):
