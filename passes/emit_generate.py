@@ -310,11 +310,12 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
             got = jax.lax.dynamic_update_index_in_dim(pending, ring_in, came.group, 0)
             pending = jnp.where(is_first & came.active, got, pending)
             inp = jnp.where(is_first, pending[g], ring_in)
-            which = jnp.where(here.active, dev, p)
             recv_d = dict(zip(sizes, recv, strict=True))
-            send, new, logits = jax.lax.switch(
-                which, branches, pslots, cache, g, recv_d, inp[0], inp[1]
-            )
+            args = (pslots, cache, g, recv_d, inp[0], inp[1])
+            if p == 1:  # one stage, busy every tick: no conditional (it would copy the blocks)
+                send, new, logits = branches[0](*args)
+            else:
+                send, new, logits = jax.lax.switch(jnp.where(here.active, dev, p), branches, *args)
             cache = tuple(
                 jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
                 for x, y in zip(cache, new, strict=True)
