@@ -18,6 +18,10 @@ from autopipe._executable import TrainState as TrainState
 from autopipe._factorize import Factorization as Factorization
 from autopipe._factorize import factorizations as factorizations
 from autopipe._factorize import search_factorizations as search_factorizations
+from autopipe._generate import Generation as Generation
+from autopipe._generate import GenerationPlan as GenerationPlan
+from autopipe._generate import generate as generate
+from autopipe._generate import plan_generation as plan_generation
 from autopipe._plan import PlanRecord as PlanRecord
 from autopipe._plan import Predicted as Predicted
 from autopipe._plan import Stage as Stage
@@ -41,6 +45,8 @@ __all__ = [
     "Calibration",
     "ConstantKeyWarning",
     "Factorization",
+    "Generation",
+    "GenerationPlan",
     "Hardware",
     "Lowered",
     "PRESETS",
@@ -56,11 +62,13 @@ __all__ = [
     "chrome_trace",
     "compare_schedules",
     "factorizations",
+    "generate",
     "initialize",
     "load_hardware",
     "microbatch_reference",
     "parallelize",
     "plan",
+    "plan_generation",
     "plot_schedule",
     "restore_checkpoint",
     "save_checkpoint",

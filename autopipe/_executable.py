@@ -151,23 +151,10 @@ class Executable:
     def place_params(self, params: Sequence[Any]) -> tuple[Any, ...]:
         """Packs flat parameter leaves into the per-stage buffers, each stage on its devices
         (and each tensor-parallel device holding only its shard)."""
-        rt = self._runtime
         prog = self.program
         raw = dict(zip(prog.param_invars, params, strict=True)) | dict(prog.consts)
-        per_stage = {}
-        for s, (pack, ids) in enumerate(rt.packers):
-            # only stages with a device in this process (all of them in a single process)
-            local = _distributed.local_devices(_stage_devices(self.mesh, self.pipeline_axis, s))
-            if local:
-                per_stage[s] = pack(*[jax.device_put(raw[v], local[0]) for v in ids])
-        out = []
-        for k, buf in enumerate(rt.emitted.buffers):
-            arrays = [
-                jax.device_put(per_stage[idx[0].start or 0][k][(slice(None), *idx[1:])], d)
-                for d, idx in buf.sharding.addressable_devices_indices_map(buf.shape).items()
-            ]
-            out.append(jax.make_array_from_single_device_arrays(buf.shape, buf.sharding, arrays))
-        return tuple(out)
+        rt = self._runtime
+        return place_buffers(rt.packers, rt.emitted.buffers, raw, self.mesh, self.pipeline_axis)
 
     # --- training ---------------------------------------------------------------------------
 
@@ -296,6 +283,27 @@ class TrainState:
     params: tuple[jax.Array, ...]
     opt_state: Any
     frozen: tuple = ()  # the non-float leaves of the parameter arguments, as given (not trained)
+
+
+def place_buffers(
+    packers: Sequence, buffers: Sequence, raw: dict, mesh: Any, axis: str
+) -> tuple[Any, ...]:
+    """The ``(p, ...)`` slot arrays of ``buffers`` filled by each stage's packer (`packers[s]`:
+    jitted pack, the raw value ids it reads from ``raw``), run on that stage's devices."""
+    per_stage = {}
+    for s, (pack, ids) in enumerate(packers):
+        # only stages with a device in this process (all of them in a single process)
+        local = _distributed.local_devices(_stage_devices(mesh, axis, s))
+        if local:
+            per_stage[s] = pack(*[jax.device_put(raw[v], local[0]) for v in ids])
+    out = []
+    for k, buf in enumerate(buffers):
+        arrays = [
+            jax.device_put(per_stage[idx[0].start or 0][k][(slice(None), *idx[1:])], d)
+            for d, idx in buf.sharding.addressable_devices_indices_map(buf.shape).items()
+        ]
+        out.append(jax.make_array_from_single_device_arrays(buf.shape, buf.sharding, arrays))
+    return tuple(out)
 
 
 def _check_leaf(fn_name: str, path: str, want: Any, x: Any) -> None:

@@ -62,3 +62,19 @@ def test_staged_example_runs():
         atol=1e-6,
     )
     assert namespace["planned"].to_json() == namespace["plan"].to_json()
+
+
+def test_generation_example_runs_and_matches_one_device():
+    from test_generate import reference
+
+    example = next(b for b in _blocks() if "autopipe.plan_generation(" in b)
+    namespace: dict = {}
+    exec(compile(example, "README generation", "exec"), namespace)
+    ns = namespace
+    want, count = reference(ns["step"], ns["params"], ns["cache"], ns["prompts"].astype(np.int32),
+                            ns["lengths"], 16)  # fmt: skip
+    np.testing.assert_array_equal(ns["out"].tokens, want)
+    np.testing.assert_array_equal(ns["out"].lengths, count)
+    assert ns["sampled"].tokens.shape == (8, 16)
+    assert sorted(ns["completions"]) == list(range(12))
+    assert [len(ns["completions"][i]) for i in range(3)] == [5, 20, 2]  # no end token given

@@ -1,0 +1,570 @@
+"""Pipelined generation: `plan_generation` plans a decode step over a mesh, and its
+``.generate(...)`` runs prefill and decoding for a batch of prompts in ONE jitted program
+(`passes.emit_generate`); `generate` is the one-call form.
+
+The decode step is ``step(params, cache, tokens, positions) -> (logits, cache)``: ``tokens``
+and ``positions`` are ``(B,)`` int32, every leaf of ``cache`` has the batch first, ``logits``
+is ``(B, vocab)``, and the step returns the cache with the same structure, shapes and dtypes
+(a linen model with a ``cache`` collection: ``model.apply(..., mutable=["cache"])``, see
+`autopipe.decoders.linen_step`). Planning traces the step at the rows of one request group,
+cuts it into stages with the stage DP (`passes.partition`) under a memory model that adds
+each stage's caches for all groups (`passes.decode_state.cache_layer_bytes`) and minimises
+the bottleneck stage (the time of one tick in steady state), and assigns each cache leaf to
+the stage that reads and updates it; that stage's devices alone hold it.
+
+Conventions (what single-device generation must do to give the same tokens):
+  - prompts are right-padded: row r's prompt is ``prompts[r, :prompt_lengths[r]]``; its token
+    at step i is fed at position i; prefill runs token by token through the step;
+  - the token after position i is ``argmax(logits)`` (greedy, ``temperature=0``), or drawn
+    with ``jax.random.categorical(fold_in(fold_in(key, r), i), logits / temperature)`` over
+    the ``top_k`` largest logits (`passes.emit_generate.pick_tokens`), r the row in the batch;
+  - a row stops after ``max_new_tokens`` tokens or the first ``end_token`` (kept); the rest of
+    its output is ``-1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from autopipe._executable import place_buffers
+from autopipe._front import Front, FrontOptions, is_concrete, make_front, mesh_axes
+from autopipe._serve import serve
+from autopipe._stage_search import layer_problem, layers_for
+from autopipe.passes.costs import operator_costs
+from autopipe.passes.decode_state import (
+    DecodeState,
+    cache_layer_bytes,
+    cache_layout,
+    find_state,
+    home_stages,
+    planning_program,
+)
+from autopipe.passes.emit_generate import Decoding, EmittedGeneration, Rows, emit_generate
+from autopipe.passes.layout import StageLayout, split_ops, stage_layouts
+from autopipe.passes.param_layout import ParamLayout, make_packers
+from autopipe.passes.partition import additive_segment_memory, solve_stages
+
+ROUNDS = 1024  # decode rounds the stage DP prices: Σt + (ROUNDS − 1)·max t ≈ the bottleneck
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GenerationStage:
+    index: int
+    layers: tuple[int, int]
+    param_bytes: int
+    cache_bytes: int  # its cache leaves, all groups, one data replica's rows
+    time: float  # predicted seconds of one tick (one group's step) on this stage
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Generation:
+    """What `GenerationPlan.generate` returns (numpy): ``tokens[r, :lengths[r]]`` are row r's
+    new tokens, the rest ``-1``."""
+
+    tokens: np.ndarray  # (B, max_new_tokens) int32
+    lengths: np.ndarray  # (B,) int32
+
+
+@dataclasses.dataclass
+class _Runtime:
+    """Mutable call-time state behind a frozen plan: compiled programs per static shape."""
+
+    compiled: dict = dataclasses.field(default_factory=dict)  # Decoding -> (emitted, compiled)
+    packers: list | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, eq=False)
+class GenerationPlan:
+    """A decode step planned for pipelined generation (see the module docstring)."""
+
+    fn_name: str
+    batch_size: int
+    cache_length: int
+    num_groups: int
+    stages: tuple[GenerationStage, ...]
+    predicted_tokens_per_second: float
+    predicted_token_latency: float  # seconds between a row's tokens in steady state
+    front: Front = dataclasses.field(repr=False)
+    state: DecodeState = dataclasses.field(repr=False)
+    layouts: tuple[StageLayout, ...] = dataclasses.field(repr=False)
+    caches: ParamLayout = dataclasses.field(repr=False)
+    mesh: Any = dataclasses.field(repr=False)
+    pipeline_axis: str = "pp"
+    data_axis: str | None = None
+    _runtime: _Runtime = dataclasses.field(default_factory=_Runtime, repr=False)
+
+    @property
+    def num_stages(self) -> int:
+        return len(self.stages)
+
+    @property
+    def rows(self) -> int:
+        """Rows of one request group on one data replica (the traced step's batch)."""
+        return self.front.traced.microbatch_size
+
+    def summary(self) -> str:
+        rows = [f"{'stage':>5} {'layers':>9} {'param MB':>9} {'cache MB':>9} {'tick ms':>8}"]
+        for s in self.stages:
+            lo, hi = s.layers
+            rows.append(
+                f"{s.index:>5} {f'{lo}-{hi}':>9} {s.param_bytes / 1e6:>9.3f} "
+                f"{s.cache_bytes / 1e6:>9.3f} {s.time * 1e3:>8.3f}"
+            )
+        rows.append(
+            f"groups {self.num_groups}, predicted {self.predicted_tokens_per_second:.4g} "
+            f"tokens/s, {self.predicted_token_latency * 1e3:.4g} ms per token"
+        )
+        return "\n".join(rows)
+
+    def lower(self, decoding: Decoding) -> tuple[EmittedGeneration, Any]:
+        """The emitted and compiled program for one static shape (cached)."""
+        self._require_devices()
+        rt = self._runtime
+        if decoding not in rt.compiled:
+            em = emit_generate(
+                self.front.program,
+                self.layouts,
+                self.state,
+                self.caches,
+                decoding,
+                mesh=self.mesh,
+                axis=self.pipeline_axis,
+                data_axis=self.data_axis,
+            )
+            avals = _call_avals(em, decoding, self.batch_size)
+            rt.compiled[decoding] = (em, em.run.lower(*avals).compile())
+        return rt.compiled[decoding]
+
+    def _require_devices(self) -> None:
+        if not is_concrete(self.mesh):
+            raise RuntimeError(
+                f"this generation plan for {self.fn_name} was made for mesh axes "
+                f"{dict(self.front.mesh_axes)} without devices; plan again with a concrete "
+                "jax.sharding.Mesh to generate."
+            )
+
+    def generate(
+        self,
+        params: Any,
+        cache: Any,
+        prompts: Any,
+        prompt_lengths: Any = None,
+        *,
+        max_new_tokens: int,
+        end_token: int | None = None,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        key: Any = None,
+    ) -> Generation:
+        """Generates up to ``max_new_tokens`` tokens after each prompt (see the conventions in
+        the module docstring). ``cache`` is the initial cache (zeros), copied onto the stages
+        (the given arrays are not changed)."""
+        self._require_devices()
+        prompts = np.asarray(prompts, np.int32)
+        lengths = self._check_prompts(prompts, prompt_lengths, max_new_tokens)
+        sampling = _check_sampling(temperature, top_k, self._vocab)
+        key_data, impl = _key_data(key)
+        decoding = Decoding(
+            groups=self.num_groups,
+            rows=self.rows,
+            prompt_len=prompts.shape[1],
+            max_new_tokens=int(max_new_tokens),
+            greedy=sampling is None,
+            top_k=top_k,
+            key_impl=impl,
+        )
+        param_leaves = self._leaves(params, 0, "params")
+        cache_leaves = self._leaves(cache, 1, "cache")
+        em, compiled = self.lower(decoding)
+        rows, pending = fresh_rows(prompts, lengths, decoding.max_new_tokens)
+        caches = self._place_cache(em, cache_leaves)
+        params = self._place_params(em, param_leaves)
+        rows, _ = self._call(
+            em, compiled, params, caches, rows, pending, key_data, sampling, end_token
+        )
+        return Generation(tokens=rows.out, lengths=rows.count)
+
+    def _call(self, em, compiled, params, caches, rows: Rows, pending, key_data, temperature, end):
+        """One call of the program on host row state (``(B, ...)`` numpy); returns the new row
+        state (numpy) and the caches (on the devices, for the next call)."""
+        g = self.num_groups
+
+        def grouped(x, sharding):
+            return jax.device_put(np.asarray(x).reshape(g, -1, *np.shape(x)[1:]), sharding)
+
+        placed = jax.tree.map(lambda x: grouped(x, em.row_sharding), rows)
+        pend = np.asarray(pending).reshape(2, g, -1).transpose(1, 0, 2)
+        out, caches = compiled(
+            params,
+            caches,
+            placed,
+            jax.device_put(pend, em.pending_sharding),
+            key_data,
+            jnp.float32(temperature or 1.0),
+            jnp.int32(-1 if end is None else end),
+        )
+        last = self.num_stages - 1
+        host = jax.tree.map(
+            lambda x: np.asarray(x)[last].reshape(self.batch_size, *x.shape[3:]), out
+        )
+        return host, caches
+
+    @property
+    def _vocab(self) -> int:
+        return int(self.front.program.avals[self.state.logits].shape[-1])
+
+    def _check_prompts(self, prompts, prompt_lengths, max_new_tokens) -> np.ndarray:
+        b = self.batch_size
+        if prompts.ndim != 2 or prompts.shape[0] != b:
+            raise ValueError(
+                f"{self.fn_name}: prompts must be a (batch, length) int array with the "
+                f"planned batch of {b} rows; got shape {prompts.shape}."
+            )
+        width = prompts.shape[1]
+        lengths = np.full((b,), width, np.int32) if prompt_lengths is None else prompt_lengths
+        lengths = np.asarray(lengths, np.int32)
+        if lengths.shape != (b,) or lengths.min() < 1 or lengths.max() > width:
+            raise ValueError(
+                f"{self.fn_name}: prompt_lengths must be {b} lengths in [1, {width}] (the "
+                f"prompts' width); got {lengths.tolist()}."
+            )
+        self._check_fits(int(lengths.max()), max_new_tokens, f"row {int(lengths.argmax())}")
+        return lengths
+
+    def _check_fits(self, length: int, max_new_tokens: int, where: str) -> None:
+        """A prompt of ``length`` tokens and ``max_new_tokens`` fit the cache."""
+        s, need = self.cache_length, length + max_new_tokens - 1
+        if max_new_tokens < 1:
+            raise ValueError(f"{self.fn_name}: max_new_tokens={max_new_tokens}; ask for ≥ 1.")
+        if length > s:
+            raise ValueError(
+                f"{self.fn_name}: a prompt of {length} tokens ({where}) is longer than the cache "
+                f"({s} positions). Plan with a cache of at least {need} positions, or shorten "
+                "the prompt."
+            )
+        if need > s:
+            raise ValueError(
+                f"{self.fn_name}: a prompt of {length} tokens ({where}) plus max_new_tokens="
+                f"{max_new_tokens} needs {need} cache positions (the last new token is not fed "
+                f"back), but the cache has {s}. Use max_new_tokens ≤ {s - length + 1}, or plan "
+                f"with a cache of {need}."
+            )
+
+    serve = serve  # continuous batching (`autopipe._serve.serve`), a method
+
+    def _place_params(self, em: EmittedGeneration, leaves: list) -> tuple:
+        prog, rt = self.front.program, self._runtime
+        if rt.packers is None:
+            rt.packers = make_packers(prog, self.front.split, em.params)
+        raw = dict(zip(prog.param_invars, leaves, strict=True)) | dict(prog.consts)
+        return place_buffers(rt.packers, em.param_buffers, raw, self.mesh, self.pipeline_axis)
+
+    def _place_cache(self, em: EmittedGeneration, leaves: list) -> tuple:
+        """Each cache leaf on its stage's devices, rows as ``(G, rows · dp)``."""
+        by_value = dict(zip(self.state.cache_in, leaves, strict=True))
+        out = []
+        for slot, aval in zip(self.caches.slots, em.cache_buffers, strict=True):
+            host = [None if v is None else np.asarray(by_value[v]) for v in slot.values]
+
+            def block(index, host=host, aval=aval):
+                s = index[0].start or 0
+                shape = (1, *aval.shape[1:])
+                if host[s] is None:
+                    return np.zeros(shape, aval.dtype)[(slice(None), *index[1:])]
+                return host[s].reshape(shape)[(slice(None), *index[1:])]
+
+            out.append(jax.make_array_from_callback(aval.shape, aval.sharding, block))
+        return tuple(out)
+
+    def _leaves(self, tree: Any, arg: int, name: str) -> list:
+        spec = self.front.traced.spec
+        index = spec.arg_leaves()[arg]
+        leaves, treedef = jax.tree.flatten(tree)
+        want = jax.tree.structure(jax.tree.unflatten(spec.in_tree, range(len(spec.in_avals)))[arg])
+        if treedef != want:
+            raise ValueError(
+                f"{self.fn_name}: the {name} has structure {treedef}, but the plan was made for "
+                f"{want}. Pass the {name} the plan was made with (or plan again)."
+            )
+        for i, x in zip(index, leaves, strict=True):
+            a = spec.in_avals[i]
+            got = (tuple(x.shape), np.dtype(x.dtype))
+            if got != (tuple(a.shape), np.dtype(a.dtype)):
+                path = spec.in_paths[i].replace(f"args[{arg}]", name, 1)
+                raise ValueError(
+                    f"{self.fn_name}: {path} has shape {got[0]} {got[1]}, but the plan was made "
+                    f"for {tuple(a.shape)} {a.dtype} (batch {self.batch_size}, cache length "
+                    f"{self.cache_length}). Pass a {name} of the planned shapes, or plan again "
+                    "with this one."
+                )
+        return leaves
+
+
+def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:
+    """Host row state of a new batch of prompts (row r has id r), and each row's first input
+    (its first prompt token at position 0) as ``(2, B)``."""
+    b = len(lengths)
+    rows = Rows(
+        ids=np.arange(b, dtype=np.int32),
+        prompts=prompts,
+        lengths=lengths,
+        budget=np.full((b,), n, np.int32),
+        base=np.zeros((b,), np.int32),
+        out=np.full((b, n), -1, np.int32),
+        count=np.zeros((b,), np.int32),
+        done=np.zeros((b,), bool),
+    )
+    return rows, np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
+
+
+def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
+    g, n = d.groups, d.max_new_tokens
+
+    def rows(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((g, batch // g, *shape), dtype, sharding=em.row_sharding)
+
+    state = Rows(
+        ids=rows(),
+        prompts=rows(d.prompt_len),
+        lengths=rows(),
+        budget=rows(),
+        base=rows(),
+        out=rows(n),
+        count=rows(),
+        done=rows(dtype=bool),
+    )
+    pending = jax.ShapeDtypeStruct((g, 2, batch // g), jnp.int32, sharding=em.pending_sharding)
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=d.key_impl)))
+    scalar = jax.sharding.NamedSharding(em.mesh, jax.sharding.PartitionSpec())
+    return (
+        em.param_buffers,
+        em.cache_buffers,
+        state,
+        pending,
+        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=scalar),
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+    )
+
+
+def _check_sampling(temperature: float, top_k: int | None, vocab: int) -> float | None:
+    """The temperature to sample at, or None for greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive number.")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k}; use None or an integer in [1, {vocab}] (the vocab).")
+    if top_k is not None and temperature == 0:
+        raise ValueError("top_k needs sampling: pass a temperature > 0 (temperature=0 is greedy).")
+    return None if temperature == 0 else float(temperature)
+
+
+def _key_data(key: Any) -> tuple[Any, str]:
+    """(raw key data, implementation name) of a typed or raw PRNG key (None: key 0)."""
+    if key is None:
+        key = jax.random.key(0)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), str(jax.random.key_impl(key))
+    return jnp.asarray(key, jnp.uint32), "threefry2x32"
+
+
+# --- planning ---------------------------------------------------------------------------------
+
+
+def plan_generation(
+    step: Callable,
+    params: Any,
+    cache: Any,
+    *,
+    mesh: Any,
+    num_groups: int | None = None,
+    cache_length: int | None = None,
+    pipeline_axis: str = "pp",
+    data_axis: str = "dp",
+    hardware: Any = None,
+    memory_limit: float | None = None,
+) -> GenerationPlan:
+    """Plans ``step(params, cache, tokens, positions) -> (logits, cache)`` for pipelined
+    generation over ``mesh`` (a ``jax.sharding.Mesh`` with a pipeline axis and optionally a
+    data axis: each data replica generates its rows). The batch is ``cache``'s leading axis.
+
+    Args:
+      num_groups: request groups in flight per data replica; None = one per stage (the least
+        that keeps every stage busy). 1 is the naive pipeline (one group, fill and drain).
+      cache_length: positions the cache holds; None = the axis 1 every cache leaf shares.
+      memory_limit: bytes per device (parameters + caches + buffers); None = the hardware's.
+    """
+    axes = dict(mesh_axes(mesh, pipeline_axis))
+    fn_name = getattr(step, "__qualname__", repr(step))
+    _check_axes(axes, pipeline_axis, data_axis, fn_name)
+    cache_leaves = jax.tree.leaves(cache)
+    batch = _batch_of(cache_leaves, fn_name)
+    dp = axes.get(data_axis, 1)
+    g = _groups(num_groups, batch, dp, axes[pipeline_axis], fn_name)
+    length = _cache_length(cache_leaves, cache_length, fn_name)
+    rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    opts = FrontOptions(
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        num_microbatches=g,
+        batch_argnums=(1, 2, 3),
+        hardware=hardware,
+        data_axis=data_axis,
+    )
+    front = make_front(step, (params, cache, rows, rows), opts)
+    spec = front.traced.spec
+    state = find_state(spec, front.traced.out_tree, front.program, spec.fn_name)
+    front = _planning_front(front, state)
+    layouts, bounds, times = _search(front, state, g, memory_limit)
+    homes = home_stages(front.program, layouts, state, spec.fn_name)
+    caches = cache_layout(front.program, state, homes, front.num_stages)
+    stages = _stage_records(front, state, layouts, homes, bounds, times, g)
+    tick, c = max(times), max(g, front.num_stages)
+    return GenerationPlan(
+        fn_name=spec.fn_name,
+        batch_size=batch,
+        cache_length=length,
+        num_groups=g,
+        stages=stages,
+        predicted_tokens_per_second=batch / (c * tick) if tick > 0 else 0.0,
+        predicted_token_latency=c * tick,
+        front=front,
+        state=state,
+        layouts=layouts,
+        caches=caches,
+        mesh=mesh,
+        pipeline_axis=pipeline_axis,
+        data_axis=front.data_axis,
+    )
+
+
+def generate(
+    step: Callable,
+    params: Any,
+    cache: Any,
+    prompts: Any,
+    prompt_lengths: Any = None,
+    *,
+    mesh: Any,
+    max_new_tokens: int,
+    end_token: int | None = None,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    key: Any = None,
+    num_groups: int | None = None,
+    cache_length: int | None = None,
+) -> Generation:
+    """``plan_generation(step, params, cache, mesh=mesh).generate(params, cache, prompts, ...)``."""
+    plan = plan_generation(
+        step, params, cache, mesh=mesh, num_groups=num_groups, cache_length=cache_length
+    )
+    return plan.generate(
+        params,
+        cache,
+        prompts,
+        prompt_lengths,
+        max_new_tokens=max_new_tokens,
+        end_token=end_token,
+        temperature=temperature,
+        top_k=top_k,
+        key=key,
+    )
+
+
+def _stage_records(front, state, layouts, homes, bounds, times, groups):
+    """Per stage: its layers, parameter and cache bytes (all groups), predicted tick."""
+    owned = list(zip(state.cache_in, homes, strict=True))
+    return tuple(
+        GenerationStage(
+            index=s,
+            layers=(bounds[s], bounds[s + 1]),
+            param_bytes=lay.param_bytes,
+            cache_bytes=groups * sum(front.program.nbytes(v) for v, h in owned if h == s),
+            time=times[s],
+        )
+        for s, lay in enumerate(layouts)
+    )
+
+
+def _planning_front(front: Front, state: DecodeState) -> Front:
+    """The front with the logits as the program's only output (`planning_program`)."""
+    program = planning_program(front.program, state)
+    split = split_ops(program)
+    costs = operator_costs(program, split, front.hardware)
+    return dataclasses.replace(front, program=program, split=split, costs=costs)
+
+
+def _search(front: Front, state: DecodeState, groups: int, memory_limit: float | None):
+    """(stage layouts, layer boundaries, per-stage tick seconds) from the stage DP, pricing
+    each stage with its caches for all groups instead of the forward plan's batch inputs, and
+    each tick with the copies of the group's cache blocks (`passes.emit_generate`)."""
+    limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
+    layers = layers_for(front, front.num_stages)
+    problem = layer_problem(front, layers, limit)
+    one_group = sum(front.program.nbytes(v) for v in state.cache_in)
+    per_layer = cache_layer_bytes(front.program, front.split, layers, state, groups)
+    memory = problem.segment_memory - groups * one_group + additive_segment_memory(per_layer)
+    hw = front.hardware
+    # every tick the program copies the group's block of each cache out and back in
+    copies = 2 * per_layer / groups / (hw.memory_bandwidth * hw.bandwidth_efficiency)
+    problem = dataclasses.replace(
+        problem,
+        layer_time=tuple(t + c for t, c in zip(problem.layer_time, copies, strict=True)),
+        segment_memory=memory,
+        num_microbatches=ROUNDS,
+    )
+    solution = solve_stages(problem)
+    bounds = tuple(layers[k] for k in solution.boundaries)
+    layouts = stage_layouts(front.program, front.split, bounds)
+    return layouts, solution.boundaries, solution.stage_times
+
+
+def _check_axes(axes: dict, pipeline_axis: str, data_axis: str, fn_name: str) -> None:
+    other = {n: k for n, k in axes.items() if n not in (pipeline_axis, data_axis) and k > 1}
+    if other:
+        raise ValueError(
+            f"{fn_name}: generation runs over a pipeline axis ({pipeline_axis!r}) and a data "
+            f"axis ({data_axis!r}) only; the mesh also has {other}. Tensor-parallel generation "
+            "is not supported yet: use a mesh without those axes."
+        )
+
+
+def _batch_of(leaves: list, fn_name: str) -> int:
+    sizes = {int(x.shape[0]) if len(x.shape) else None for x in leaves}
+    if not leaves or len(sizes) != 1 or None in sizes:
+        raise ValueError(
+            f"{fn_name}: every cache leaf must have the batch on its leading axis, the same for "
+            f"all; got leading sizes {sorted(map(str, sizes))}."
+        )
+    return sizes.pop()
+
+
+def _groups(num_groups: int | None, batch: int, dp: int, p: int, fn_name: str) -> int:
+    g = p if num_groups is None else int(num_groups)
+    if batch % dp or (batch // dp) % g or g < 1:
+        local = batch // dp if batch % dp == 0 else 0
+        fits = [k for k in range(1, local + 1) if local % k == 0]
+        raise ValueError(
+            f"{fn_name}: the batch of {batch} rows over {dp} data replica(s) cannot be split "
+            f"into {g} request groups of equal size (num_groups={num_groups}, {p} stages). "
+            f"Use num_groups in {fits} (≥ {p} keeps every stage busy), or a batch that is a "
+            f"multiple of {dp * g}."
+        )
+    return g
+
+
+def _cache_length(leaves: list, given: int | None, fn_name: str) -> int:
+    if given is not None:
+        return int(given)
+    lengths = {int(x.shape[1]) for x in leaves if len(x.shape) >= 2}
+    if len(lengths) != 1:
+        raise ValueError(
+            f"{fn_name}: cannot tell the cache length from the cache leaves (axis 1 sizes "
+            f"{sorted(lengths)}); pass cache_length=... (positions the cache holds)."
+        )
+    return lengths.pop()

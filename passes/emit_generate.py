@@ -1,0 +1,337 @@
+"""Emit pass for generation: stage layouts + cache slots → ONE ``jax.jit(jax.shard_map(...))``
+program that runs prefill and decoding for a whole batch of prompts.
+
+The batch is split into G request groups (per data-parallel replica), which rotate through the
+p stages: with C = max(G, p), at tick t stage s works on group g = (t − s) mod C at step
+i = (t − s) div C (idle when g ≥ G, i < 0 or i ≥ T, T = `Decoding.steps` per call). A row
+at its own step j = base + i (``Rows.base``: 0 for a fresh request, more when a serving loop
+carries it over from the call before) feeds one token at position j: its prompt's token j
+while the prompt lasts (prefill, token by token), then the token the step before picked. The
+last stage picks the next token from the logits (greedy, or sampled, see `pick_tokens`),
+records it, and sends ``(next token, next position)`` back to
+stage 0 on the ring (one ``ppermute`` (s → s+1 mod p) per tick, which also carries each
+group's token and position forward to the stages after the first); stage 0 keeps the pairs of
+the groups not yet due in a small pending buffer. Activations go to the next stage with one
+``ppermute`` per boundary dtype, as in `passes.emit`. With G ≥ p every stage is busy every tick
+in steady state; G = 1 is the naive pipeline (one group in flight, fill and drain per token).
+
+Per device the program holds:
+  - its stage's parameters in the slots of a `ParamLayout` (read whole, in place);
+  - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`): slot k
+    is ``(1, G, rows, ...)`` locally, the scan carry; each tick the stage's branch reads the
+    group's block of its slots (given whole and read-only: a conditional copies an operand it
+    updates), runs the step on it, and returns the new blocks, which are written back with
+    ``dynamic_update_index_in_dim`` after the branch (the slots are donated: in place);
+  - per group the rows' state (`Rows`: prompts, lengths, budgets, steps, output tokens,
+    counts, done flags), updated by the last stage and returned with the caches.
+
+A row stops when it has its budget of new tokens or picks ``end_token``; after that its
+position stays where it was (the step keeps rewriting one cache entry of a finished row, which
+nothing reads). Collectives never run inside a stage's branch (see `passes.emit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from autopipe.passes.decode_state import DecodeState
+from autopipe.passes.emit import auto_mesh
+from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.layout import StageLayout, buffer_sizes
+from autopipe.passes.param_layout import (
+    ParamLayout,
+    pack_flat,
+    param_layout,
+    read_params,
+    unpack_flat,
+)
+from autopipe.passes.trace import is_key_dtype
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Decoding:
+    """The static shape of one generation program."""
+
+    groups: int  # G: request groups per data-parallel replica
+    rows: int  # rows per group per replica (the traced step's batch)
+    prompt_len: int  # L: width of the (right-padded) prompt array
+    max_new_tokens: int  # N
+    greedy: bool = True
+    top_k: int | None = None
+    key_impl: str = "threefry2x32"
+    num_steps: int | None = None  # steps per call; None: L + N − 1 (a whole generation)
+
+    @property
+    def steps(self) -> int:
+        """T: steps per group in one call; by default what a row of the longest prompt takes
+        (its L prompt tokens, N − 1 more)."""
+        if self.num_steps is not None:
+            return self.num_steps
+        return self.prompt_len + self.max_new_tokens - 1
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EmittedGeneration:
+    run: Callable  # jitted (params, caches, rows, pending, key, temperature, end) -> (rows, caches)
+    param_buffers: tuple[jax.ShapeDtypeStruct, ...]
+    cache_buffers: tuple[jax.ShapeDtypeStruct, ...]
+    params: ParamLayout
+    caches: ParamLayout
+    row_sharding: NamedSharding  # `Rows` leaves (G, rows · dp, ...): rows over the data axis
+    pending_sharding: NamedSharding  # (G, 2, rows · dp)
+    mesh: Any
+    num_ticks: int
+
+
+def pick_tokens(logits, key, rows, steps, temperature, *, greedy: bool, top_k: int | None):
+    """The next token of each row. Greedy: ``argmax``. Sampled: row r at step i draws from
+    ``softmax(logits / temperature)`` (only its ``top_k`` largest logits, if given) with the key
+    ``fold_in(fold_in(key, r), i)``, r its id (its row in the prompt batch; in serving, the
+    request's index), i the position of the token it was just fed."""
+    if greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def one(z, r, i):
+        k = jax.random.fold_in(jax.random.fold_in(key, r), i)
+        z = z.astype(jnp.float32) / temperature
+        if top_k is not None:
+            z = jnp.where(z < jax.lax.top_k(z, top_k)[0][-1], -jnp.inf, z)
+        return jax.random.categorical(k, z).astype(jnp.int32)
+
+    return jax.vmap(one)(logits, rows, steps)
+
+
+def cache_avals(layout: ParamLayout, mesh: Any, axis: str, data_axis: str | None, groups: int):
+    """The cache slots as global ``(p, G, rows · dp, ...)`` arrays with their shardings."""
+    dp = mesh.shape[data_axis] if data_axis else 1
+    sharding = NamedSharding(mesh, P(axis, None, data_axis))
+    return tuple(
+        jax.ShapeDtypeStruct(
+            (layout.num_devices, groups, dp * s.shape[0], *s.shape[1:]), s.dtype, sharding=sharding
+        )
+        for s in layout.slots
+    )
+
+
+def emit_generate(
+    program: Program,
+    stages: Sequence[StageLayout],
+    state: DecodeState,
+    caches: ParamLayout,
+    decoding: Decoding,
+    *,
+    mesh: Any,
+    axis: str,
+    data_axis: str | None = None,
+) -> EmittedGeneration:
+    """The generation program over ``mesh`` (manual over ``axis`` and ``data_axis``)."""
+    mesh = auto_mesh(mesh)
+    p = len(stages)
+    params = param_layout(program, [st.params for st in stages])
+    body = _body(program, stages, state, params, caches, decoding, axis, data_axis)
+    stacked = P(axis, None, data_axis)
+    per_row = P(None, data_axis)
+    smap = jax.shard_map(
+        body,
+        mesh=mesh,
+        in_specs=(
+            tuple(P(axis) for _ in params.slots) + tuple(P(axis) for _ in params.rest_sizes),
+            tuple(stacked for _ in caches.slots),
+            Rows(**{f: per_row for f in Rows.__dataclass_fields__}),
+            P(None, None, data_axis),  # pending (G, 2, b): each row's next token and position
+            P(),
+            P(),
+            P(),
+        ),
+        out_specs=(
+            Rows(**{f: stacked for f in Rows.__dataclass_fields__}),
+            tuple(stacked for _ in caches.slots),
+        ),
+        axis_names={axis, data_axis} if data_axis else {axis},
+        check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
+    )
+    c = max(decoding.groups, p)
+    return EmittedGeneration(
+        run=jax.jit(smap, donate_argnums=(1,)),
+        param_buffers=params.avals(mesh, axis, None),
+        cache_buffers=cache_avals(caches, mesh, axis, data_axis, decoding.groups),
+        params=params,
+        caches=caches,
+        row_sharding=NamedSharding(mesh, P(None, data_axis)),
+        pending_sharding=NamedSharding(mesh, P(None, None, data_axis)),
+        mesh=mesh,
+        num_ticks=decoding.steps * c + p - 1,
+    )
+
+
+def _group_blocks(slots, g) -> tuple:
+    """Group ``g``'s block of every local ``(G, rows, ...)`` cache slot."""
+    return tuple(jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in slots)
+
+
+def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes):
+    """Stage ``layout`` on ``device``: ``run(param_bufs, cache_slots, g, recv, tok, pos) ->
+    (send, new group blocks, logits)``. The slots come in whole and read-only (a conditional
+    copies operands it updates); the stage reads group g's block of its own slots and returns
+    their new blocks, zeros for the slots it holds nothing in (padding on this device)."""
+    key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
+    out_of = state.out_of()
+    mine = caches.on(device)
+    logits_aval = program.avals[state.logits]
+
+    def run(bufs, slots, g, recv, tok, pos):
+        env: dict = dict(key_consts)
+        unpack_flat(env, layout.recv, recv)
+        env[state.tokens], env[state.positions] = tok, pos
+        env.update(
+            (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, keepdims=False)) for k, v in mine
+        )
+        env.update(read_params(program, params, device, bufs))
+        for i in layout.ops:
+            op = program.ops[i]
+            outs = apply_op(op, [read_atom(env, a) for a in op.invars])
+            env.update(zip(op.outvars, outs, strict=True))
+        new = [jnp.zeros(x.shape[1:], x.dtype) for x in slots]
+        for k, v in mine:
+            new[k] = env[out_of[v]]
+        logits = env[state.logits] if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
+        return pack_flat(env, layout.send, sizes), tuple(new), logits
+
+    return run
+
+
+def _branches(program, stages, state, params, caches) -> tuple[list[Callable], dict]:
+    """One branch per stage, then the idle branch (sends zeros, returns the blocks as they
+    are)."""
+    p = len(stages)
+    sizes = buffer_sizes([s.send for s in stages])
+    runs = [
+        _stage_fn(program, st, state, params, caches, s, last=s == p - 1, sizes=sizes)
+        for s, st in enumerate(stages)
+    ]
+    aval = program.avals[state.logits]
+
+    def idle(bufs, slots, g, recv, tok, pos):
+        zeros = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
+        return zeros, _group_blocks(slots, g), jnp.zeros(aval.shape, aval.dtype)
+
+    return [*runs, idle], sizes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Tick:
+    """Where a device is at one tick: its group, step and whether it works."""
+
+    group: Any  # clamped to [0, G)
+    step: Any
+    active: Any
+
+
+def _where_at(t, dev, d: Decoding, c: int) -> _Tick:
+    rel = t - dev
+    g, i = jnp.remainder(rel, c), jnp.floor_divide(rel, c)
+    active = (rel >= 0) & (i < d.steps) & (g < d.groups)
+    return _Tick(group=jnp.minimum(g, d.groups - 1), step=i, active=active)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Rows:
+    """Per-row state of one group (or, stacked, of all groups): what the program reads and
+    returns, so that a serving loop can carry it from one call to the next."""
+
+    ids: Any  # (b,) int32: the row's id in the sampling key convention (`pick_tokens`)
+    prompts: Any  # (b, L) int32, right-padded
+    lengths: Any  # (b,) prompt lengths
+    budget: Any  # (b,) new tokens the row may make (≤ N)
+    base: Any  # (b,) the row's step at the call's first step (0: a fresh request)
+    out: Any  # (b, N) its new tokens so far (-1 after them)
+    count: Any  # (b,) how many
+    done: Any  # (b,) bool
+
+
+jax.tree_util.register_dataclass(Rows, data_fields=list(Rows.__dataclass_fields__), meta_fields=[])
+
+
+def _advance(rows: Rows, logits, key, step, pos, temperature, end, d: Decoding, live):
+    """The last stage's work on one group's step: record the picked tokens of the rows whose
+    prompt is consumed, stop rows, and the next (token, position) of every row."""
+    at = rows.base + step  # each row's own step (= the position it was just fed at)
+    picked = pick_tokens(logits, key, rows.ids, at, temperature, greedy=d.greedy, top_k=d.top_k)
+    emit = live & (at >= rows.lengths - 1) & ~rows.done
+    hit = emit[:, None] & (jnp.arange(d.max_new_tokens)[None, :] == rows.count[:, None])
+    count = rows.count + emit.astype(jnp.int32)
+    done = rows.done | (emit & ((picked == end) | (count >= rows.budget)))
+    nxt = at + 1
+    idx = jnp.minimum(nxt, d.prompt_len - 1)[:, None]
+    from_prompt = jnp.take_along_axis(rows.prompts, idx, axis=1)[:, 0]
+    next_tok = jnp.where(nxt < rows.lengths, from_prompt, picked)
+    changed = dataclasses.replace(
+        rows, out=jnp.where(hit, picked[:, None], rows.out), count=count, done=done
+    )
+    return changed, jnp.stack([next_tok, jnp.where(done, pos, nxt)])
+
+
+def _group(rows: Rows, g) -> Rows:
+    return jax.tree.map(lambda x: x[g], rows)
+
+
+def _set_group(rows: Rows, g, new: Rows) -> Rows:
+    return jax.tree.map(lambda x, y: x.at[g].set(y), rows, new)
+
+
+def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) -> Callable:
+    p, b = len(stages), d.rows
+    c = max(d.groups, p)
+    branches, sizes = _branches(program, stages, state, params, caches)
+    forward = [(s, s + 1) for s in range(p - 1)]
+    ring = [(s, (s + 1) % p) for s in range(p)]
+    num_ticks = d.steps * c + p - 1
+
+    def body(pslots, cslots, rows, pending, key_data, temperature, end):
+        dev = jax.lax.axis_index(axis)
+        key = jax.random.wrap_key_data(key_data, impl=d.key_impl)
+        is_first, is_last = dev == 0, dev == p - 1
+        pending = jnp.concatenate([pending, jnp.zeros((c - d.groups, 2, b), jnp.int32)])
+        recv0 = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
+        init = (tuple(x[0] for x in cslots), recv0, jnp.zeros((2, b), jnp.int32), pending, rows)
+
+        def tick(carry, t):
+            cache, recv, ring_in, pending, rows = carry
+            here = _where_at(t, dev, d, c)
+            came = _where_at(t - 1, p - 1, d, c)  # what the last stage worked on last tick
+            g = here.group
+            got = jax.lax.dynamic_update_index_in_dim(pending, ring_in, came.group, 0)
+            pending = jnp.where(is_first & came.active, got, pending)
+            inp = jnp.where(is_first, pending[g], ring_in)
+            recv_d = dict(zip(sizes, recv, strict=True))
+            args = (pslots, cache, g, recv_d, inp[0], inp[1])
+            if p == 1:  # one stage, busy every tick: no conditional (it would copy the blocks)
+                send, new, logits = branches[0](*args)
+            else:
+                send, new, logits = jax.lax.switch(jnp.where(here.active, dev, p), branches, *args)
+            cache = tuple(
+                jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
+                for x, y in zip(cache, new, strict=True)
+            )
+            live = here.active & is_last
+            mine, nxt = _advance(
+                _group(rows, g), logits, key, here.step, inp[1], temperature, end, d, live
+            )
+            rows = _set_group(rows, g, mine)
+            ring_out = jnp.where(is_last, nxt, inp)
+            recv = tuple(jax.lax.ppermute(x, axis, forward) for x in send)
+            ring_in = jax.lax.ppermute(ring_out, axis, ring)
+            return (cache, recv, ring_in, pending, rows), None
+
+        final, _ = jax.lax.scan(tick, init, jnp.arange(num_ticks))
+        cache, rows = final[0], final[4]
+        return jax.tree.map(lambda x: x[None], rows), tuple(x[None] for x in cache)
+
+    return body
