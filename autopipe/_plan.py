@@ -182,7 +182,7 @@ class PlanRecord:
             "layer_boundaries": list(self.layer_boundaries),
             "stage_boundaries": list(self.stage_boundaries),
             "stages": [dataclasses.asdict(s) for s in self.stages],
-            "predicted": dataclasses.asdict(self.predicted),
+            "predicted": _predicted_dict(self.predicted),
             "hardware": self.hardware.to_dict(),
         } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
              if self.shared_params else {}) | (
@@ -233,6 +233,15 @@ class PlanRecord:
             shared_params=tuple((a, tuple(b)) for a, b in saved.get("shared_params", ())),
             zero_stage=saved.get("zero_stage", 0),
         )
+
+
+def _predicted_dict(predicted: Predicted) -> dict:
+    """The predicted costs; ``unsharded_primitives`` only when some are (plans without a
+    tensor axis, and the saved plans before it existed, have none)."""
+    out = dataclasses.asdict(predicted)
+    if not out["unsharded_primitives"]:
+        del out["unsharded_primitives"]
+    return out
 
 
 def _stage_from_dict(d: dict) -> Stage:
