@@ -34,7 +34,8 @@ import numpy as np
 
 from autopipe._executable import place_buffers
 from autopipe._front import Front, FrontOptions, is_concrete, make_front, mesh_axes
-from autopipe._serve import serve
+from autopipe._generate_checks import batch_of, cache_length_of, check_axes, groups
+from autopipe._serve import check_sampling, raw_key, serve
 from autopipe._stage_search import layer_problem, layers_for
 from autopipe.passes.costs import operator_costs
 from autopipe.passes.decode_state import (
@@ -45,7 +46,13 @@ from autopipe.passes.decode_state import (
     home_stages,
     planning_program,
 )
-from autopipe.passes.emit_generate import Decoding, EmittedGeneration, Rows, emit_generate
+from autopipe.passes.emit_generate import (
+    Decoding,
+    EmittedGeneration,
+    Rows,
+    emit_generate,
+    fresh_rows,
+)
 from autopipe.passes.layout import StageLayout, split_ops, stage_layouts
 from autopipe.passes.param_layout import ParamLayout, make_packers
 from autopipe.passes.partition import additive_segment_memory, solve_stages
@@ -168,8 +175,8 @@ class GenerationPlan:
         self._require_devices()
         prompts = np.asarray(prompts, np.int32)
         lengths = self._check_prompts(prompts, prompt_lengths, max_new_tokens)
-        sampling = _check_sampling(temperature, top_k, self._vocab)
-        key_data, impl = _key_data(key)
+        sampling = check_sampling(temperature, top_k, self._vocab)
+        key_data, impl = raw_key(key)
         decoding = Decoding(
             groups=self.num_groups,
             rows=self.rows,
@@ -306,23 +313,6 @@ class GenerationPlan:
         return leaves
 
 
-def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:
-    """Host row state of a new batch of prompts (row r has id r), and each row's first input
-    (its first prompt token at position 0) as ``(2, B)``."""
-    b = len(lengths)
-    rows = Rows(
-        ids=np.arange(b, dtype=np.int32),
-        prompts=prompts,
-        lengths=lengths,
-        budget=np.full((b,), n, np.int32),
-        base=np.zeros((b,), np.int32),
-        out=np.full((b, n), -1, np.int32),
-        count=np.zeros((b,), np.int32),
-        done=np.zeros((b,), bool),
-    )
-    return rows, np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
-
-
 def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
     g, n = d.groups, d.max_new_tokens
 
@@ -353,26 +343,6 @@ def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
     )
 
 
-def _check_sampling(temperature: float, top_k: int | None, vocab: int) -> float | None:
-    """The temperature to sample at, or None for greedy."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive number.")
-    if top_k is not None and not 1 <= top_k <= vocab:
-        raise ValueError(f"top_k={top_k}; use None or an integer in [1, {vocab}] (the vocab).")
-    if top_k is not None and temperature == 0:
-        raise ValueError("top_k needs sampling: pass a temperature > 0 (temperature=0 is greedy).")
-    return None if temperature == 0 else float(temperature)
-
-
-def _key_data(key: Any) -> tuple[Any, str]:
-    """(raw key data, implementation name) of a typed or raw PRNG key (None: key 0)."""
-    if key is None:
-        key = jax.random.key(0)
-    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(key), str(jax.random.key_impl(key))
-    return jnp.asarray(key, jnp.uint32), "threefry2x32"
-
-
 # --- planning ---------------------------------------------------------------------------------
 
 
@@ -401,12 +371,12 @@ def plan_generation(
     """
     axes = dict(mesh_axes(mesh, pipeline_axis))
     fn_name = getattr(step, "__qualname__", repr(step))
-    _check_axes(axes, pipeline_axis, data_axis, fn_name)
+    check_axes(axes, pipeline_axis, data_axis, fn_name)
     cache_leaves = jax.tree.leaves(cache)
-    batch = _batch_of(cache_leaves, fn_name)
+    batch = batch_of(cache_leaves, fn_name)
     dp = axes.get(data_axis, 1)
-    g = _groups(num_groups, batch, dp, axes[pipeline_axis], fn_name)
-    length = _cache_length(cache_leaves, cache_length, fn_name)
+    g = groups(num_groups, batch, dp, axes[pipeline_axis], fn_name)
+    length = cache_length_of(cache_leaves, cache_length, fn_name)
     rows = jax.ShapeDtypeStruct((batch,), jnp.int32)
     opts = FrontOptions(
         mesh=mesh,
@@ -522,49 +492,3 @@ def _search(front: Front, state: DecodeState, groups: int, memory_limit: float |
     bounds = tuple(layers[k] for k in solution.boundaries)
     layouts = stage_layouts(front.program, front.split, bounds)
     return layouts, solution.boundaries, solution.stage_times
-
-
-def _check_axes(axes: dict, pipeline_axis: str, data_axis: str, fn_name: str) -> None:
-    other = {n: k for n, k in axes.items() if n not in (pipeline_axis, data_axis) and k > 1}
-    if other:
-        raise ValueError(
-            f"{fn_name}: generation runs over a pipeline axis ({pipeline_axis!r}) and a data "
-            f"axis ({data_axis!r}) only; the mesh also has {other}. Tensor-parallel generation "
-            "is not supported yet: use a mesh without those axes."
-        )
-
-
-def _batch_of(leaves: list, fn_name: str) -> int:
-    sizes = {int(x.shape[0]) if len(x.shape) else None for x in leaves}
-    if not leaves or len(sizes) != 1 or None in sizes:
-        raise ValueError(
-            f"{fn_name}: every cache leaf must have the batch on its leading axis, the same for "
-            f"all; got leading sizes {sorted(map(str, sizes))}."
-        )
-    return sizes.pop()
-
-
-def _groups(num_groups: int | None, batch: int, dp: int, p: int, fn_name: str) -> int:
-    g = p if num_groups is None else int(num_groups)
-    if batch % dp or (batch // dp) % g or g < 1:
-        local = batch // dp if batch % dp == 0 else 0
-        fits = [k for k in range(1, local + 1) if local % k == 0]
-        raise ValueError(
-            f"{fn_name}: the batch of {batch} rows over {dp} data replica(s) cannot be split "
-            f"into {g} request groups of equal size (num_groups={num_groups}, {p} stages). "
-            f"Use num_groups in {fits} (≥ {p} keeps every stage busy), or a batch that is a "
-            f"multiple of {dp * g}."
-        )
-    return g
-
-
-def _cache_length(leaves: list, given: int | None, fn_name: str) -> int:
-    if given is not None:
-        return int(given)
-    lengths = {int(x.shape[1]) for x in leaves if len(x.shape) >= 2}
-    if len(lengths) != 1:
-        raise ValueError(
-            f"{fn_name}: cannot tell the cache length from the cache leaves (axis 1 sizes "
-            f"{sorted(lengths)}); pass cache_length=... (positions the cache holds)."
-        )
-    return lengths.pop()

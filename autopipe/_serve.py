@@ -19,6 +19,8 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from autopipe.passes.emit_generate import Decoding, Rows
@@ -46,11 +48,10 @@ def serve(
     """Continuous batching over ``plan``'s batch rows as slots (`GenerationPlan.serve`): yields
     a `Completion` per ``(prompt, max_new_tokens)`` request as it finishes, refilling its slot
     between calls of one compiled program; ``progress``: a status line on stderr."""
-    from autopipe._generate import _check_sampling, _key_data
 
     s, b = plan.cache_length, plan.batch_size
-    sampling = _check_sampling(temperature, top_k, plan._vocab)
-    key_data, impl = _key_data(key)
+    sampling = check_sampling(temperature, top_k, plan._vocab)
+    key_data, impl = raw_key(key)
     decoding = Decoding(
         groups=plan.num_groups,
         rows=plan.rows,
@@ -130,3 +131,23 @@ def _carry(out: Rows, steps: int) -> Rows:
     rows = Rows(**{f.name: np.array(getattr(out, f.name)) for f in dataclasses.fields(Rows)})
     rows.base[~rows.done] += steps
     return rows
+
+
+def check_sampling(temperature: float, top_k: int | None, vocab: int) -> float | None:
+    """The temperature to sample at, or None for greedy."""
+    if temperature < 0:
+        raise ValueError(f"temperature={temperature}; use 0 (greedy) or a positive number.")
+    if top_k is not None and not 1 <= top_k <= vocab:
+        raise ValueError(f"top_k={top_k}; use None or an integer in [1, {vocab}] (the vocab).")
+    if top_k is not None and temperature == 0:
+        raise ValueError("top_k needs sampling: pass a temperature > 0 (temperature=0 is greedy).")
+    return None if temperature == 0 else float(temperature)
+
+
+def raw_key(key: Any) -> tuple[Any, str]:
+    """(raw key data, implementation name) of a typed or raw PRNG key (None: key 0)."""
+    if key is None:
+        key = jax.random.key(0)
+    if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+        return jax.random.key_data(key), str(jax.random.key_impl(key))
+    return jnp.asarray(key, jnp.uint32), "threefry2x32"

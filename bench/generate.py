@@ -102,7 +102,7 @@ class _Autopipe:
         self.params = plan._place_params(self.em, plan._leaves(params, 0, "params"))
         import numpy as np
 
-        from autopipe._generate import fresh_rows
+        from autopipe.passes.emit_generate import fresh_rows
 
         self.rows = fresh_rows(_prompts(), np.full(BATCH, PROMPT, np.int32), n)
         self.key = jax.random.key_data(jax.random.key(0))

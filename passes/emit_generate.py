@@ -38,6 +38,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -335,3 +336,20 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) 
         return jax.tree.map(lambda x: x[None], rows), tuple(x[None] for x in cache)
 
     return body
+
+
+def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:
+    """Host row state of a new batch of prompts (row r has id r), and each row's first input
+    (its first prompt token at position 0) as ``(2, B)``."""
+    b = len(lengths)
+    rows = Rows(
+        ids=np.arange(b, dtype=np.int32),
+        prompts=prompts,
+        lengths=lengths,
+        budget=np.full((b,), n, np.int32),
+        base=np.zeros((b,), np.int32),
+        out=np.full((b, n), -1, np.int32),
+        count=np.zeros((b,), np.int32),
+        done=np.zeros((b,), bool),
+    )
+    return rows, np.stack([prompts[:, 0], np.zeros((b,), np.int32)])

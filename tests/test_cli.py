@@ -32,6 +32,7 @@ def test_help_explains_every_option_with_examples():
     assert _run("--help").returncode == 0
 
 
+@pytest.mark.slow  # 175B planning also runs in test_golden (fwd-gpt3_175b-pp16-h100)
 def test_gpt3_175b_on_1024_h100(tmp_path):
     out = tmp_path / "plan"
     result = _run(
