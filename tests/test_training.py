@@ -71,7 +71,7 @@ def _task(name):
 
 
 @functools.cache
-def _reference(name, m, dp=1):
+def _reference(name, m, dp=1, *, optimizer=OPTIMIZER, steps=STEPS):
     """Single-device training that does the pipeline's arithmetic: replica r's microbatch j
     holds rows ``(r·m + j)·mb …``; each microbatch's gradient of ``loss / (m·dp)`` is added in
     microbatch order, replicas summed after, then the same optax update. Per-step losses and
@@ -79,11 +79,11 @@ def _reference(name, m, dp=1):
     loss_fn, params, batch = _task(name)
     scale = 1.0 / (m * dp)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
-    state = OPTIMIZER.init(params)
+    state = optimizer.init(params)
     losses = []
-    for _ in range(STEPS):
+    for _ in range(steps):
         loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
-        updates, state = OPTIMIZER.update(grads, state, params)
+        updates, state = optimizer.update(grads, state, params)
         params = optax.apply_updates(params, updates)
         losses.append(loss)
     return np.array(losses), params

@@ -50,23 +50,6 @@ def _train(task: str, opt: str, m: int, dp: int, zero_stage: int, schedule="1f1b
     return plan, state, np.array(losses)
 
 
-def _reference(task: str, optimizer, m: int, dp: int):
-    """Single-device training with the pipeline's microbatch order (`conftest.microbatch_grads`)."""
-    from conftest import microbatch_grads
-
-    loss_fn, params, batch = tt._task(task)
-    scale = 1.0 / (m * dp)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
-    state = optimizer.init(params)
-    losses = []
-    for _ in range(STEPS):
-        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        losses.append(loss)
-    return params, np.array(losses)
-
-
 def _state_bytes_per_device(state) -> int:
     return sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(state.opt_state))
 
@@ -86,7 +69,7 @@ def _state_bytes_per_device(state) -> int:
 def test_zero1_equals_training_without_it_and_the_reference(task, opt, dp):
     plan, state, losses = _train(task, opt, 2, dp, zero_stage=1)
     whole_plan, whole_state, _ = _train(task, opt, 2, dp, zero_stage=0)
-    want, want_losses = _reference(task, OPTIMIZERS[opt], 2, dp)
+    want_losses, want = tt._reference(task, 2, dp, optimizer=OPTIMIZERS[opt], steps=STEPS)
     got = plan.unplace(state)
     np.testing.assert_allclose(losses, want_losses, rtol=tt.RTOL)
     jax.tree.map(
