@@ -163,6 +163,7 @@ class Case:
     optimizer: str | None
     model: ModelSpec
     unit_axes: bool = False  # the mesh also names its size-1 axes ("dp": 1, "tp": 1)
+    zero_stage: int = 0  # training: the optimizer state split over the data axis (ZeRO-1)
 
     @property
     def mesh_kind(self) -> str:
@@ -180,7 +181,7 @@ class Case:
             f"mesh pp{self.pp}×dp{self.dp}×tp{self.tp}{' (size-1 axes named)' * self.unit_axes}"
             f" m={self.m} batch={self.batch} "
             f"{mb.dtype} trunk={mb.trunk} D={mb.width} blocks={list(mb.blocks)} head={mb.head} "
-            f"side={mb.side} outputs={mb.outputs}"
+            f"side={mb.side} outputs={mb.outputs}{' zero_stage=1' * self.zero_stage}"
         )
 
 
@@ -293,9 +294,10 @@ def make_case(seed: int, index: int) -> Case:
     m = _pick(rng, ms)
     optimizer = _pick(rng, tuple(OPTIMIZERS)) if mode == "train" else None
     unit_axes = bool(rng.random() < 0.25)
-    return Case(
-        seed, index, style, mode, pp, dp, tp, m, batch, schedule, optimizer, model, unit_axes
-    )
+    # its own stream, so that adding it left every earlier draw of every case as it was
+    zero = mode == "train" and dp > 1 and np.random.default_rng([seed, index, 3]).random() < 0.5
+    fields = (seed, index, style, mode, pp, dp, tp, m, batch, schedule, optimizer, model)
+    return Case(*fields, unit_axes, zero_stage=int(zero))
 
 
 # --- layer interfaces, one per style ---------------------------------------------------------
@@ -933,6 +935,7 @@ def _train(case: Case, built: Built, plan_params) -> float:
         mesh=mesh_for(case),
         schedule=case.schedule,
         num_microbatches=case.m,
+        zero_stage=case.zero_stage,
     )
     state = plan.init(plan_params)
     losses = []
