@@ -14,6 +14,9 @@ name in `SCHEDULES`. `validate` checks any table (counts, placement, dependencie
 the first violation. `simulate` times a table event by event (each device runs its actions in
 table order as soon as their inputs are ready), which gives the bubble fractions of the
 literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1) interleaved, less for ZB-H1.
+`lockstep` times the table as the emitted SPMD program runs it: every tick lasts as long as
+its slowest device's action, so a tick where one device runs a backward and the others a
+forward costs a backward (with one action per device per tick 1F1B takes as long as GPipe).
 """
 
 from __future__ import annotations
@@ -199,6 +202,18 @@ def simulate(
             times[a] = (start, start + cost(a))
             free[d] = start + cost(a)
     return times, max(free, default=0.0)
+
+
+def lockstep(schedule: Schedule, durations: Durations, tick_overhead: float = 0.0) -> float:
+    """Seconds of the table run as ONE SPMD program (a scan over its ticks): each tick lasts as
+    long as its slowest device's action (idle: 0) plus ``tick_overhead`` (the tick's
+    ppermutes and bookkeeping). Never less than `simulate`'s makespan for the same durations:
+    an action starts no earlier there than at its tick here."""
+    cost = durations if callable(durations) else (lambda a: durations[a.kind])
+    return sum(
+        max((cost(a) for a in row if a is not None), default=0.0) + tick_overhead
+        for row in schedule.table
+    )
 
 
 # --- builders -----------------------------------------------------------------------------

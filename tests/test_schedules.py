@@ -40,6 +40,24 @@ def test_bubble_fractions_match_formulas(p, m):
     assert zb < S.one_f_one_b(p, m).bubble_fraction({"F": 1, "B": 2, "W": 0}) - 0.02
 
 
+@pytest.mark.parametrize(("p", "m"), SIZES)
+def test_lockstep_time_is_the_tick_maxima(p, m):
+    """One SPMD program: every tick as long as its slowest device; never below the event-driven
+    makespan. With F = 1, B = 2, GPipe's table costs (m+p−1)·(F+B) and 1F1B's more (its
+    mixed ticks cost a backward)."""
+    durations = {"F": 1.0, "B": 2.0, "W": 1.0}
+    for kind in KINDS:
+        s = S.make(kind, p, m, 2 if kind == "interleaved_1f1b" else 1)
+        lock = S.lockstep(s, durations)
+        assert lock >= S.simulate(s, durations)[1] - 1e-9, kind
+        assert S.lockstep(s, durations, tick_overhead=0.5) == pytest.approx(
+            lock + 0.5 * s.num_ticks
+        )
+    assert S.lockstep(S.gpipe(p, m), durations) == (m + p - 1) * 3.0
+    assert S.lockstep(S.one_f_one_b(p, m), durations) > (m + p - 1) * 3.0
+    assert S.lockstep(S.inference(p, m), durations) == m + p - 1
+
+
 def test_in_flight_microbatches_bound_activation_memory():
     p, m = 4, 8
     assert S.gpipe(p, m).in_flight() == [8, 8, 8, 8]  # GPipe: m per device
