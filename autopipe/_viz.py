@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autopipe.cost_models.durations import action_durations
 from autopipe.cost_models.rules import transfer_time
-from autopipe.passes.schedule import Action, Schedule, simulate
+from autopipe.passes.schedule import Action, Schedule, lockstep, simulate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -67,15 +67,7 @@ def timeline(
         return simulate(schedule, cost)
     if timing != "lockstep":
         raise ValueError(f"timing={timing!r} is not one of 'event', 'lockstep'.")
-    times: Times = {}
-    now = 0.0
-    for row in schedule.table:
-        tick = max((cost(a) for a in row if a is not None), default=0.0)
-        for a in row:
-            if a is not None:
-                times[a] = (now, now + cost(a))
-        now += tick
-    return times, now
+    return lockstep(schedule, cost)
 
 
 def bubble(schedule: Schedule, times: Times, makespan: float) -> float:

@@ -204,16 +204,23 @@ def simulate(
     return times, max(free, default=0.0)
 
 
-def lockstep(schedule: Schedule, durations: Durations, tick_overhead: float = 0.0) -> float:
-    """Seconds of the table run as ONE SPMD program (a scan over its ticks): each tick lasts as
-    long as its slowest device's action (idle: 0) plus ``tick_overhead`` (the tick's
-    ppermutes and bookkeeping). Never less than `simulate`'s makespan for the same durations:
-    an action starts no earlier there than at its tick here."""
+def lockstep(
+    schedule: Schedule, durations: Durations, tick_overhead: float = 0.0
+) -> tuple[dict[Action, tuple[float, float]], float]:
+    """Times of the table run as ONE SPMD program (a scan over its ticks): all devices start a
+    tick together, and it lasts as long as its slowest device's action (idle: 0) plus
+    ``tick_overhead`` (the tick's ppermutes and bookkeeping). Returns {action: (start, end)}
+    and the makespan, never less than `simulate`'s for the same durations: an action starts
+    there no later than at its tick here."""
     cost = durations if callable(durations) else (lambda a: durations[a.kind])
-    return sum(
-        max((cost(a) for a in row if a is not None), default=0.0) + tick_overhead
-        for row in schedule.table
-    )
+    times: dict[Action, tuple[float, float]] = {}
+    now = 0.0
+    for row in schedule.table:
+        for a in row:
+            if a is not None:
+                times[a] = (now, now + cost(a))
+        now += max((cost(a) for a in row if a is not None), default=0.0) + tick_overhead
+    return times, now
 
 
 # --- builders -----------------------------------------------------------------------------

@@ -48,14 +48,14 @@ def test_lockstep_time_is_the_tick_maxima(p, m):
     durations = {"F": 1.0, "B": 2.0, "W": 1.0}
     for kind in KINDS:
         s = S.make(kind, p, m, 2 if kind == "interleaved_1f1b" else 1)
-        lock = S.lockstep(s, durations)
+        lock = S.lockstep(s, durations)[1]
         assert lock >= S.simulate(s, durations)[1] - 1e-9, kind
-        assert S.lockstep(s, durations, tick_overhead=0.5) == pytest.approx(
+        assert S.lockstep(s, durations, tick_overhead=0.5)[1] == pytest.approx(
             lock + 0.5 * s.num_ticks
         )
-    assert S.lockstep(S.gpipe(p, m), durations) == (m + p - 1) * 3.0
-    assert S.lockstep(S.one_f_one_b(p, m), durations) > (m + p - 1) * 3.0
-    assert S.lockstep(S.inference(p, m), durations) == m + p - 1
+    assert S.lockstep(S.gpipe(p, m), durations)[1] == (m + p - 1) * 3.0
+    assert S.lockstep(S.one_f_one_b(p, m), durations)[1] > (m + p - 1) * 3.0
+    assert S.lockstep(S.inference(p, m), durations)[1] == m + p - 1
 
 
 def test_in_flight_microbatches_bound_activation_memory():
