@@ -1,8 +1,10 @@
 """Pipeline schedules as data: which action every device runs at every tick.
 
-A `Schedule` is a table ``table[tick][device] = Action(kind, stage, microbatch)`` or ``None``
-(idle). ``kind`` is ``"F"`` (forward), ``"B"`` (backward: input gradient, plus the weight
-gradient unless the schedule splits it off) or ``"W"`` (weight gradient, zero-bubble only).
+A `Schedule` is a table ``table[tick][device]``: an ``Action(kind, stage, microbatch)``, a
+*pair* ``(forward, backward)`` of actions the device runs in the same tick (forward first), or
+``None`` (idle); `actions(cell)` lists a cell's actions. ``kind`` is ``"F"`` (forward), ``"B"``
+(backward: input gradient, plus the weight gradient unless the schedule splits it off) or
+``"W"`` (weight gradient, zero-bubble only).
 Stage ``s`` lives on device ``s % p``; with ``v`` virtual stages per device (interleaved) there
 are ``v·p`` stages. The emitter runs any valid table with one SPMD program (a scan over ticks,
 each device looking up its own cell), so a new schedule is a new table, not new code.
@@ -15,8 +17,12 @@ the first violation. `simulate` times a table event by event (each device runs i
 table order as soon as their inputs are ready), which gives the bubble fractions of the
 literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1) interleaved, less for ZB-H1.
 `lockstep` times the table as the emitted SPMD program runs it: every tick lasts as long as
-its slowest device's action, so a tick where one device runs a backward and the others a
-forward costs a backward (with one action per device per tick 1F1B takes as long as GPipe).
+its slowest device's work, so a tick where one device runs a backward and the others a forward
+costs a backward. With one action per device per tick, 1F1B's steady state alternates F and B
+ticks, devices out of phase, and every tick costs a backward: 2·(m + p − 1) backward-long
+ticks. Its tables therefore pair each steady-state forward with a backward in one tick
+(``pair=True`` in `from_orders`): m + 2(p − 1) ticks, each one F + B long in the steady
+state — GPipe's lock-step time with 1F1B's memory.
 """
 
 from __future__ import annotations
@@ -38,7 +44,14 @@ class Action:
         return f"{self.kind}{self.stage}.{self.microbatch}"
 
 
-Cell = Action | None
+Cell = Action | tuple[Action, Action] | None
+
+
+def actions(cell: Cell) -> tuple[Action, ...]:
+    """The actions a table cell runs, in order: none, one, or a (forward, backward) pair."""
+    if cell is None:
+        return ()
+    return cell if isinstance(cell, tuple) else (cell,)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,7 +76,7 @@ class Schedule:
         return stage % self.num_devices
 
     def ticks(self) -> dict[Action, int]:
-        return {c: t for t, row in enumerate(self.table) for c in row if c is not None}
+        return {a: t for t, row in enumerate(self.table) for c in row for a in actions(c)}
 
     def tick_of(self, action: Action) -> int:
         return self.ticks()[action]
@@ -73,7 +86,7 @@ class Schedule:
         durations = durations or _UNIT
         cost = durations if callable(durations) else (lambda a: durations[a.kind])
         _, makespan = simulate(self, cost)
-        work = sum(cost(c) for row in self.table for c in row if c is not None)
+        work = sum(cost(a) for row in self.table for c in row for a in actions(c))
         return 1.0 - work / (self.num_devices * makespan) if makespan else 0.0
 
     def in_flight(self) -> list[int]:
@@ -85,12 +98,12 @@ class Schedule:
         for d in range(self.num_devices):
             live = best = 0
             for row in self.table:
-                c = row[d]
-                if c is not None and c.kind == "F":
-                    live += 1
-                elif c is not None and c.kind == ("W" if self.split_backward else "B"):
-                    live -= 1
-                best = max(best, live)
+                for a in actions(row[d]):  # a pair's forward runs before its backward
+                    if a.kind == "F":
+                        live += 1
+                    elif a.kind == ("W" if self.split_backward else "B"):
+                        live -= 1
+                    best = max(best, live)
             peak.append(best)
         return peak
 
@@ -133,31 +146,17 @@ def validate(schedule: Schedule) -> None:
     for t, row in enumerate(s.table):
         if len(row) != p:
             raise ValueError(f"schedule tick {t} has {len(row)} devices; expected {p}.")
-        for d, a in enumerate(row):
-            if a is None:
-                continue
-            if not (0 <= a.stage < s.num_stages and 0 <= a.microbatch < s.num_microbatches):
+        for d, cell in enumerate(row):
+            if isinstance(cell, tuple) and not (
+                len(cell) == 2 and cell[0].kind == "F" and cell[1].kind != "F"
+            ):
                 raise ValueError(
-                    f"tick {t}, device {d}: {a} is outside {s.num_stages} stages "
-                    f"× {s.num_microbatches} microbatches."
+                    f"tick {t}, device {d}: a cell pairs one forward with one backward (in "
+                    f"that order), not {tuple(map(str, cell))}."
                 )
-            if s.device_of(a.stage) != d:
-                raise ValueError(
-                    f"tick {t}: {a} is placed on device {d}, but stage {a.stage} "
-                    f"lives on device {s.device_of(a.stage)}."
-                )
-            if a in seen:
-                raise ValueError(f"{a} runs twice (ticks {seen[a]} and {t}).")
-            if a.kind != "F" and not s.training:
-                raise ValueError(f"tick {t}: {a} in a forward-only schedule.")
-            if a.kind == "W" and not s.split_backward:
-                raise ValueError(f"tick {t}: {a} but this schedule does not split the backward.")
-            for dep, _ in _deps(a, s):
-                ready = seen.get(dep)
-                if ready is None or ready >= t:
-                    when = "has not run" if ready is None else f"runs at tick {ready}"
-                    raise ValueError(f"tick {t}: {a} needs {dep} first, which {when}.")
-            seen[a] = t
+            for a in actions(cell):  # a pair's backward may read its forward's residuals
+                _check_action(s, seen, t, d, a, same_tick=actions(cell)[0])
+                seen[a] = t
     missing = [a for a in _expected(s) if a not in seen]
     if missing:
         raise ValueError(f"schedule never runs {missing[0]} ({len(missing)} actions missing).")
@@ -172,6 +171,34 @@ def validate(schedule: Schedule) -> None:
                 f"{late[0]} does not run on the tick after its input is sent; a "
                 "forward-only table consumes activations as they arrive."
             )
+
+
+def _check_action(
+    s: Schedule, seen: dict[Action, int], t: int, d: int, a: Action, *, same_tick: Action
+) -> None:
+    """Action ``a`` at tick ``t`` on device ``d``, given the ticks of the actions before it;
+    ``same_tick``: the action run before it in the same cell, whose results it may read."""
+    if not (0 <= a.stage < s.num_stages and 0 <= a.microbatch < s.num_microbatches):
+        raise ValueError(
+            f"tick {t}, device {d}: {a} is outside {s.num_stages} stages "
+            f"× {s.num_microbatches} microbatches."
+        )
+    if s.device_of(a.stage) != d:
+        raise ValueError(
+            f"tick {t}: {a} is placed on device {d}, but stage {a.stage} "
+            f"lives on device {s.device_of(a.stage)}."
+        )
+    if a in seen:
+        raise ValueError(f"{a} runs twice (ticks {seen[a]} and {t}).")
+    if a.kind != "F" and not s.training:
+        raise ValueError(f"tick {t}: {a} in a forward-only schedule.")
+    if a.kind == "W" and not s.split_backward:
+        raise ValueError(f"tick {t}: {a} but this schedule does not split the backward.")
+    for dep, _ in _deps(a, s):
+        ready = seen.get(dep)
+        if ready is None or (ready >= t and dep != same_tick):
+            when = "has not run" if ready is None else f"runs at tick {ready}"
+            raise ValueError(f"tick {t}: {a} needs {dep} first, which {when}.")
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -191,24 +218,26 @@ def simulate(
     times: dict[Action, tuple[float, float]] = {}
     free = [0.0] * schedule.num_devices
     for row in schedule.table:
-        for d, a in enumerate(row):
-            if a is None:
-                continue
-            deps = _deps(a, schedule)
-            ready = max(
-                (times[dep][1] + (transfer if cross else 0.0) for dep, cross in deps), default=0.0
-            )
-            start = max(free[d], ready)
-            times[a] = (start, start + cost(a))
-            free[d] = start + cost(a)
+        for d, cell in enumerate(row):
+            for a in actions(cell):
+                _start(a, d, schedule, cost, transfer, times, free)
     return times, max(free, default=0.0)
+
+
+def _start(a: Action, d: int, schedule: Schedule, cost, transfer: float, times, free) -> None:
+    """`simulate`'s step: ``a`` starts on device ``d`` once it is free and ``a``'s inputs are."""
+    deps = _deps(a, schedule)
+    ready = max((times[dep][1] + (transfer if cross else 0.0) for dep, cross in deps), default=0.0)
+    start = max(free[d], ready)
+    times[a] = (start, start + cost(a))
+    free[d] = start + cost(a)
 
 
 def lockstep(
     schedule: Schedule, durations: Durations, tick_overhead: float = 0.0
 ) -> tuple[dict[Action, tuple[float, float]], float]:
     """Times of the table run as ONE SPMD program (a scan over its ticks): all devices start a
-    tick together, and it lasts as long as its slowest device's action (idle: 0) plus
+    tick together, and it lasts as long as its slowest device's work (idle: 0) plus
     ``tick_overhead`` (the tick's ppermutes and bookkeeping). Returns {action: (start, end)}
     and the makespan, never less than `simulate`'s for the same durations: an action starts
     there no later than at its tick here."""
@@ -216,10 +245,14 @@ def lockstep(
     times: dict[Action, tuple[float, float]] = {}
     now = 0.0
     for row in schedule.table:
-        for a in row:
-            if a is not None:
-                times[a] = (now, now + cost(a))
-        now += max((cost(a) for a in row if a is not None), default=0.0) + tick_overhead
+        longest = 0.0
+        for cell in row:
+            start = now
+            for a in actions(cell):  # a pair: its forward, then its backward
+                times[a] = (start, start + cost(a))
+                start += cost(a)
+            longest = max(longest, start - now)
+        now += longest + tick_overhead
     return times, now
 
 
