@@ -32,7 +32,7 @@ from autopipe.passes.cluster import cluster
 from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 
-TRAINING_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
 
 def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:

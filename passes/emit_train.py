@@ -174,18 +174,23 @@ def _replica_sum(data_axis: str, g: jax.Array, spec: P) -> jax.Array:
     return jax.lax.psum_scatter(g, data_axis, scatter_dimension=dims[0] - 1, tiled=True)
 
 
-def _action_tables(schedule: Schedule) -> tuple[np.ndarray, np.ndarray]:
-    """Per tick and device: the stage whose forward runs (or -1), and the backward switch
-    branch: B of stage s is s, W of stage s is S + s, nothing is the last branch."""
+def _action_tables(schedule: Schedule) -> dict[str, np.ndarray]:
+    """Per tick and device: the stage whose forward runs (or -1) and the backward switch
+    branch (B of stage s is s, W of stage s is S + s, nothing is the last branch), each with
+    its microbatch: a cell may pair a forward with a backward (`schedule.actions`)."""
     S = schedule.num_stages
     idle = (2 if schedule.split_backward else 1) * S
-    fwd = [[c.stage if c and c.kind == "F" else -1 for c in row] for row in schedule.table]
     base = {"B": 0, "W": S}
-    bwd = [
-        [base[c.kind] + c.stage if c and c.kind != "F" else idle for c in row]
-        for row in schedule.table
-    ]
-    return np.array(fwd, np.int32), np.array(bwd, np.int32)
+    shape = (schedule.num_ticks, schedule.num_devices)
+    fwd, bwd = np.full(shape, -1, np.int32), np.full(shape, idle, np.int32)
+    mb_f, mb_b = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
+    for a, t in schedule.ticks().items():
+        d = schedule.device_of(a.stage)
+        if a.kind == "F":
+            fwd[t, d], mb_f[t, d] = a.stage, a.microbatch
+        else:
+            bwd[t, d], mb_b[t, d] = base[a.kind] + a.stage, a.microbatch
+    return {"fwd": fwd, "bwd": bwd, "mb_f": mb_f, "mb_b": mb_b}
 
 
 def _when(pred, action: Callable, state: ForwardState, inputs: TickInputs) -> ForwardState:
@@ -208,10 +213,8 @@ def _when(pred, action: Callable, state: ForwardState, inputs: TickInputs) -> Fo
 
 def _tables(schedule: Schedule, slots: SlotPlan) -> dict[str, np.ndarray]:
     """Every per-tick, per-device int table the scan reads: slots, actions, microbatch."""
-    fwd, bwd = _action_tables(schedule)
-    mb = [[0 if c is None else c.microbatch for c in cells] for cells in schedule.table]
     tables = {k: v for k, v in dataclasses.asdict(slots).items() if isinstance(v, np.ndarray)}
-    return tables | {"fwd": fwd, "bwd": bwd, "mb": np.array(mb, np.int32)}
+    return tables | _action_tables(schedule)
 
 
 def _backwards(acts: Actions, schedule: Schedule) -> list[Callable]:
@@ -270,10 +273,14 @@ def _pipeline(
             cell = {k: v[t] for k, v in tables.items()}
             inbox_f = tuple(map(set_row, inbox_f, [cell["act_store"]] * len(fwd_in), fwd_in))
             inbox_b = tuple(map(set_row, inbox_b, [cell["grad_store"]] * len(bwd_in), bwd_in))
+
+            def microbatch(j):  # its batch leaves, then the inputs as it sees them
+                xs = [jax.lax.dynamic_index_in_dim(b, j, 0, keepdims=False) for b in batch]
+                return xs + per_microbatch(keys, input_ids, inputs, first + j)
+
             x = TickInputs(
                 params=params,
-                xs=[jax.lax.dynamic_index_in_dim(b, cell["mb"], 0, keepdims=False) for b in batch]
-                + per_microbatch(keys, input_ids, inputs, first + cell["mb"]),
+                xs=microbatch(cell["mb_f"]),
                 act=tuple(row(b, cell["act_read"]) for b in inbox_f),
                 grad=tuple(row(b, cell["grad_read"]) for b in inbox_b),
                 slots=cell,
@@ -281,6 +288,7 @@ def _pipeline(
             state = state._replace(send_f=_zeros(acts.boundary_sizes))
             for s, forward in enumerate(forwards):
                 state = _when(cell["fwd"] == s, forward, state, x)
+            x = x._replace(xs=microbatch(cell["mb_b"]))  # a pair's backward: its own microbatch
             send_b, cot, grads = jax.lax.switch(cell["bwd"], backwards, x, state.ress, cots)
             cots = tuple(map(set_row, cots, [cell["cot_store"]] * len(cot), cot))
             gacc = tuple(a + g for a, g in zip(gacc, grads, strict=True))

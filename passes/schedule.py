@@ -11,11 +11,12 @@ each device looking up its own cell), so a new schedule is a new table, not new 
 
 Tables are built from a per-device *order* of actions by `from_orders`, which places each
 action at the first tick its inputs have arrived (a value sent at tick t arrives at t + 1).
-Builders: `inference`, `gpipe`, `one_f_one_b`, `interleaved_1f1b`, `zb_h1`; look them up by
-name in `SCHEDULES`. `validate` checks any table (counts, placement, dependencies) and names
-the first violation. `simulate` times a table event by event (each device runs its actions in
-table order as soon as their inputs are ready), which gives the bubble fractions of the
-literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1) interleaved, less for ZB-H1.
+Builders: `inference`, `gpipe`, `one_f_one_b`, `one_f_one_b_paired`, `interleaved_1f1b`,
+`zb_h1`; look them up by name in `SCHEDULES`. `validate` checks any table (counts, placement,
+dependencies) and names the first violation. `simulate` times a table event by event (each
+device runs its actions in table order as soon as their inputs are ready), which gives the
+bubble fractions of the literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1)
+interleaved, less for ZB-H1.
 `lockstep` times the table as the emitted SPMD program runs it: every tick lasts as long as
 its slowest device's work, so a tick where one device runs a backward and the others a forward
 costs a backward. With one action per device per tick, 1F1B's steady state alternates F and B
@@ -400,10 +401,48 @@ def zb_h1(p: int, m: int, v: int = 1) -> Schedule:
     return dataclasses.replace(proto, table=tuple(rows))
 
 
+def one_f_one_b_paired(p: int, m: int, v: int = 1) -> Schedule:
+    """1F1B for lock-step execution: each tick a device runs its next forward AND its next
+    backward where both are ready (a pair; the last stage's backward may read the forward of
+    the same tick), so the steady state does one F + B per device per tick. With a
+    microbatch's round trip of 2(p − 1 − d) ticks from device d to the last stage and back,
+    device d keeps up to 2(p − d) − 1 microbatches in flight (1F1B keeps p − d, GPipe m):
+    the price of never idling in the steady state. Lock-step time (m + p − 1)·(F + B), GPipe's,
+    in m + 2(p − 1) ticks."""
+    proto = Schedule(
+        kind="1f1b_paired", num_devices=p, num_stages=p, num_microbatches=m, table=(),
+        training=True,
+    )  # fmt: skip
+    done: dict[Action, int] = {}
+    count = [{"F": 0, "B": 0} for _ in range(p)]
+    rows: list[tuple[Cell, ...]] = []
+    while len(done) < 2 * p * m:
+        t = len(rows)
+        row: list[Cell] = [None] * p
+        for d in range(p):
+            n = count[d]
+            f = Action("F", d, n["F"]) if n["F"] < m and n["F"] - n["B"] < 2 * (p - d) - 1 else None
+            if f is not None and not all(done.get(x, t) < t for x, _ in _deps(f, proto)):
+                f = None
+            b = Action("B", d, n["B"]) if n["B"] < m else None
+            if b is not None and not all(done.get(x, t) < t or x == f for x, _ in _deps(b, proto)):
+                b = None
+            row[d] = (f, b) if f and b else f or b
+        if not any(row):
+            raise AssertionError(f"1f1b_paired({p}, {m}) stalls at tick {t}")
+        for d, cell in enumerate(row):
+            for a in actions(cell):
+                done[a] = t
+                count[d][a.kind] += 1
+        rows.append(tuple(row))
+    return dataclasses.replace(proto, table=tuple(rows))
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "inference": inference,
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
+    "1f1b_paired": one_f_one_b_paired,
     "interleaved_1f1b": interleaved_1f1b,
     "zb_h1": zb_h1,
 }

@@ -294,8 +294,11 @@ def make_case(seed: int, index: int) -> Case:
     m = _pick(rng, ms)
     optimizer = _pick(rng, tuple(OPTIMIZERS)) if mode == "train" else None
     unit_axes = bool(rng.random() < 0.25)
-    # its own stream, so that adding it left every earlier draw of every case as it was
-    zero = mode == "train" and dp > 1 and np.random.default_rng([seed, index, 3]).random() < 0.5
+    # their own stream, so that adding them left every earlier draw of every case as it was
+    late = np.random.default_rng([seed, index, 3])
+    zero = mode == "train" and dp > 1 and late.random() < 0.5
+    if schedule == "1f1b" and late.random() < 0.5:
+        schedule = "1f1b_paired"  # a forward and a backward per tick (lock-step tables)
     fields = (seed, index, style, mode, pp, dp, tp, m, batch, schedule, optimizer, model)
     return Case(*fields, unit_axes, zero_stage=int(zero))
 
@@ -757,10 +760,9 @@ def _backward_order(schedule) -> list[int]:
     stage accumulates in the same order, checked)."""
     kind = "W" if schedule.split_backward else "B"
     orders = {}
-    for row in schedule.table:
-        for cell in row:
-            if cell is not None and cell.kind == kind:
-                orders.setdefault(cell.stage, []).append(cell.microbatch)
+    for a in sorted(schedule.ticks().items(), key=lambda at: at[1]):
+        if a[0].kind == kind:
+            orders.setdefault(a[0].stage, []).append(a[0].microbatch)
     firsts = list(orders.values())
     assert all(o == firsts[0] for o in firsts), f"stages accumulate in different orders {orders}"
     return firsts[0]
@@ -916,10 +918,10 @@ def _tied_order(case: Case, plan) -> dict[int, list[tuple[int, int]]] | None:
         return None
     kind = "W" if plan.schedule.split_backward else "B"
     order: dict[int, list[tuple[int, int]]] = {}
-    for cells in plan.schedule.table:
-        for d, cell in enumerate(cells):
-            if cell is not None and cell.kind == kind and cell.stage in readers:
-                order.setdefault(d, []).append((readers.index(cell.stage), cell.microbatch))
+    for a, _ in sorted(plan.schedule.ticks().items(), key=lambda at: at[1]):
+        if a.kind == kind and a.stage in readers:
+            d = plan.schedule.device_of(a.stage)
+            order.setdefault(d, []).append((readers.index(a.stage), a.microbatch))
     return order
 
 

@@ -9,7 +9,7 @@ import pytest
 from autopipe.passes import schedule as S
 from autopipe.passes.schedule import Action
 
-KINDS = ["inference", "gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
+KINDS = ["inference", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"]
 SIZES = [(2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
 
 
@@ -20,7 +20,7 @@ def test_builders_make_valid_tables(kind, p, m):
     s = S.make(kind, p, m, v)
     S.validate(s)
     per_mb = {"inference": 1, "zb_h1": 3}.get(kind, 2)
-    assert sum(c is not None for row in s.table for c in row) == per_mb * m * p * v
+    assert sum(len(S.actions(c)) for row in s.table for c in row) == per_mb * m * p * v
 
 
 @pytest.mark.parametrize(("p", "m"), SIZES)
@@ -56,6 +56,23 @@ def test_lockstep_time_is_the_tick_maxima(p, m):
     assert S.lockstep(S.gpipe(p, m), durations)[1] == (m + p - 1) * 3.0
     assert S.lockstep(S.one_f_one_b(p, m), durations)[1] > (m + p - 1) * 3.0
     assert S.lockstep(S.inference(p, m), durations)[1] == m + p - 1
+    # paired 1F1B: GPipe's lock-step time in m + 2(p − 1) ticks, 2(p − d) − 1 in flight
+    paired = S.one_f_one_b_paired(p, m)
+    assert S.lockstep(paired, durations)[1] == (m + p - 1) * 3.0
+    assert paired.num_ticks == m + 2 * (p - 1) < S.one_f_one_b(p, m).num_ticks
+    assert paired.in_flight() == [min(m, 2 * (p - d) - 1) for d in range(p)]
+    assert paired.bubble_fraction(durations) == pytest.approx((p - 1) / (m + p - 1))
+
+
+def test_pairs_must_be_a_forward_then_a_backward():
+    s = S.one_f_one_b_paired(2, 4)
+    t, d = next(
+        (t, d) for t, row in enumerate(s.table) for d, c in enumerate(row) if isinstance(c, tuple)
+    )
+    rows = [list(r) for r in s.table]
+    rows[t][d] = rows[t][d][::-1]
+    with pytest.raises(ValueError, match="pairs one forward with one backward"):
+        S.validate(dataclasses.replace(s, table=tuple(map(tuple, rows))))
 
 
 def test_in_flight_microbatches_bound_activation_memory():

@@ -33,8 +33,8 @@ def _boxes(fig) -> dict[str, int]:
 def _actions(sched) -> dict[str, int]:
     out: dict[str, int] = {}
     for row in sched.table:
-        for a in row:
-            if a is not None:
+        for cell in row:
+            for a in schedules.actions(cell):
                 out[a.kind] = out.get(a.kind, 0) + 1
     return out
 
