@@ -18,7 +18,7 @@ import pathlib
 import statistics
 import time
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
 
 def _task():
