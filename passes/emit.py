@@ -160,7 +160,10 @@ def emit(
         mesh=mesh,
         in_specs=(tuple(a.sharding.spec for a in layout.avals(mesh, axis, tensor_axis)), rows, P()),
         out_specs=tuple(out_rows for _ in program.outvars),
-        axis_names={a for a in (axis, data_axis, tensor_axis) if a},
+        # manual over every axis, also those of size 1 or that only replicate the pipeline:
+        # nothing is left to XLA's partitioner, which aborted on a bf16 plan with a size-1 data
+        # axis ("Invalid binary instruction opcode copy", tests.random_models seed 0 case 567)
+        axis_names=set(mesh.axis_names),
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
