@@ -33,7 +33,7 @@ nothing reads). Collectives never run inside a stage's branch (see `passes.emit`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +53,7 @@ from autopipe.passes.param_layout import (
     read_params,
     unpack_flat,
 )
+from autopipe.passes.tensor_local import LocalEnv, TensorPlan
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -131,19 +132,26 @@ def emit_generate(
     mesh: Any,
     axis: str,
     data_axis: str | None = None,
+    tensor: TensorPlan | None = None,
+    dims: Mapping[int, int | None] | None = None,
 ) -> EmittedGeneration:
-    """The generation program over ``mesh`` (manual over ``axis`` and ``data_axis``)."""
+    """The generation program over ``mesh``, manual over ``axis``, ``data_axis`` and the
+    tensor axis of ``tensor`` (each operator runs its planned strategy on this device's shards,
+    parameters split as ``dims`` says, `passes.tensor_local`; the caches are whole on every
+    device of the tensor axis)."""
     mesh = auto_mesh(mesh)
     p = len(stages)
-    params = param_layout(program, [st.params for st in stages])
-    body = _body(program, stages, state, params, caches, decoding, axis, data_axis)
+    tensor_axis = tensor.axis if tensor is not None else None
+    params = param_layout(program, [st.params for st in stages], dims=dims if tensor else None)
+    body = _body(program, stages, state, params, caches, decoding, axis, data_axis, tensor)
     stacked = P(axis, None, data_axis)
     per_row = P(None, data_axis)
+    param_avals = params.avals(mesh, axis, tensor_axis)
     smap = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(
-            tuple(P(axis) for _ in params.slots) + tuple(P(axis) for _ in params.rest_sizes),
+            tuple(a.sharding.spec for a in param_avals),
             tuple(stacked for _ in caches.slots),
             Rows(**{f: per_row for f in Rows.__dataclass_fields__}),
             P(None, None, data_axis),  # pending (G, 2, b): each row's next token and position
@@ -155,13 +163,13 @@ def emit_generate(
             Rows(**{f: stacked for f in Rows.__dataclass_fields__}),
             tuple(stacked for _ in caches.slots),
         ),
-        axis_names={axis, data_axis} if data_axis else {axis},
+        axis_names={a for a in (axis, data_axis, tensor_axis) if a},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
     c = max(decoding.groups, p)
     return EmittedGeneration(
         run=jax.jit(smap, donate_argnums=(1,)),
-        param_buffers=params.avals(mesh, axis, None),
+        param_buffers=param_avals,
         cache_buffers=cache_avals(caches, mesh, axis, data_axis, decoding.groups),
         params=params,
         caches=caches,
@@ -177,15 +185,31 @@ def _group_blocks(slots, g) -> tuple:
     return tuple(jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in slots)
 
 
-def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes):
+def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes, tensor):
     """Stage ``layout`` on ``device``: ``run(param_bufs, cache_slots, g, recv, tok, pos) ->
     (send, new group blocks, logits)``. The slots come in whole and read-only (a conditional
     copies operands it updates); the stage reads group g's block of its own slots and returns
-    their new blocks, zeros for the slots it holds nothing in (padding on this device)."""
+    their new blocks, zeros for the slots it holds nothing in (padding on this device). With a
+    tensor axis (``tensor``) every operator runs on this device's shards under its planned
+    strategy; values (caches included) arrive and leave whole."""
     key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
     out_of = state.out_of()
     mine = caches.on(device)
     logits_aval = program.avals[state.logits]
+    split = {v: s.dim for s in params.slots if s.dim is not None for v in s.values}
+
+    def evaluate(env):
+        """Runs the stage's operators on ``env``; returns how to read a value whole."""
+        if tensor is None:
+            for i in layout.ops:
+                op = program.ops[i]
+                outs = apply_op(op, [read_atom(env, a) for a in op.invars])
+                env.update(zip(op.outvars, outs, strict=True))
+            return env.__getitem__
+        local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+        for i in layout.ops:
+            local.run(program, i)
+        return lambda v: local.get(v, None)
 
     def run(bufs, slots, g, recv, tok, pos):
         env: dict = dict(key_consts)
@@ -195,26 +219,26 @@ def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, la
             (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, keepdims=False)) for k, v in mine
         )
         env.update(read_params(program, params, device, bufs))
-        for i in layout.ops:
-            op = program.ops[i]
-            outs = apply_op(op, [read_atom(env, a) for a in op.invars])
-            env.update(zip(op.outvars, outs, strict=True))
+        whole = evaluate(env)
         new = [jnp.zeros(x.shape[1:], x.dtype) for x in slots]
         for k, v in mine:
-            new[k] = env[out_of[v]]
-        logits = env[state.logits] if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
-        return pack_flat(env, layout.send, sizes), tuple(new), logits
+            new[k] = whole(out_of[v])
+        logits = whole(state.logits) if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
+        sent = {v: whole(v) for v in layout.send.values()}
+        return pack_flat(sent, layout.send, sizes), tuple(new), logits
 
     return run
 
 
-def _branches(program, stages, state, params, caches) -> tuple[list[Callable], dict]:
+def _branches(program, stages, state, params, caches, tensor) -> tuple[list[Callable], dict]:
     """One branch per stage, then the idle branch (sends zeros, returns the blocks as they
     are)."""
     p = len(stages)
     sizes = buffer_sizes([s.send for s in stages])
     runs = [
-        _stage_fn(program, st, state, params, caches, s, last=s == p - 1, sizes=sizes)
+        _stage_fn(
+            program, st, state, params, caches, s, last=s == p - 1, sizes=sizes, tensor=tensor
+        )
         for s, st in enumerate(stages)
     ]
     aval = program.avals[state.logits]
@@ -287,10 +311,10 @@ def _set_group(rows: Rows, g, new: Rows) -> Rows:
     return jax.tree.map(lambda x, y: x.at[g].set(y), rows, new)
 
 
-def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) -> Callable:
+def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, tensor) -> Callable:
     p, b = len(stages), d.rows
     c = max(d.groups, p)
-    branches, sizes = _branches(program, stages, state, params, caches)
+    branches, sizes = _branches(program, stages, state, params, caches, tensor)
     forward = [(s, s + 1) for s in range(p - 1)]
     ring = [(s, (s + 1) % p) for s in range(p)]
     num_ticks = d.steps * c + p - 1

@@ -8,6 +8,9 @@ fed one token per step at position = step, greedy ``argmax`` or a draw with
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -15,6 +18,7 @@ import pytest
 
 import autopipe
 from autopipe import decoders as dec
+from autopipe.cost_models.hardware import get_hardware
 
 BATCH, WIDTH = 8, 8
 GPT = dec.DecoderConfig(layers=4, max_len=48, init_scale=1.0)
@@ -83,17 +87,32 @@ FORMS = {
 
 
 def _mesh(shape):
-    pp, dp = shape
-    return jax.make_mesh((pp, dp), ("pp", "dp"), devices=jax.devices()[: pp * dp])
+    """(pp, dp) or (pp, dp, tp)."""
+    names = ("pp", "dp", "tp")[: len(shape)]
+    return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
 
 
-def _check(form, shape, n, **sampling):
+# Free launches and messages make tensor splitting pay on these tiny models (tests/test_tp_models)
+SPLIT_PAYS = dataclasses.replace(
+    get_hardware("h100"), name="h100-no-latency", op_overhead=0.0, link_latency=0.0
+)
+
+
+def _check(form, shape, n, hardware=None, **sampling):
     step, params, cache = FORMS[form]()
     cfg = LLAMA if "llama" in form else GPT
     prompts, lengths = _prompts(cfg)
     want, count = reference(step, params, cache, prompts, lengths, n, **sampling)
     got = autopipe.generate(
-        step, params, cache, prompts, lengths, mesh=_mesh(shape), max_new_tokens=n, **sampling
+        step,
+        params,
+        cache,
+        prompts,
+        lengths,
+        mesh=_mesh(shape),
+        max_new_tokens=n,
+        hardware=hardware,
+        **sampling,
     )
     np.testing.assert_array_equal(got.tokens, want)
     np.testing.assert_array_equal(got.lengths, count)
@@ -157,6 +176,55 @@ def test_caches_stay_on_their_stage_and_nothing_is_gathered():
     # written back), not of all groups
     group = max(s.cache_bytes for s in plan.stages) / plan.num_groups
     assert mem.temp_size_in_bytes < 4 * group
+
+
+# --- a tensor axis ----------------------------------------------------------------------------
+
+
+def _collectives(hlo: str) -> list[tuple[str, str]]:
+    """(kind, replica groups or source-target pairs) of every collective in ``hlo``."""
+    kinds = "all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute"
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(rf" ({kinds})(?:-start)?\(", line)
+        if m:
+            g = re.search(r"(?:replica_groups|source_target_pairs)=(\{[\{\}0-9,]*\})", line)
+            found.append((m.group(1), g.group(1) if g else "?"))
+    return found
+
+
+@pytest.mark.parametrize("form", ["linen_gpt", "plain_llama"])
+def test_pp2_tp2_greedy_equals_single_device_and_collectives_stay_on_the_tensor_axis(form):
+    """pp 2 × tp 2: the tied-head GPT and the Llama (grouped k/v heads, rotary) under the
+    planned tensor strategies; every tensor collective inside a stage's tensor group."""
+    step, params, cache = FORMS[form]()
+    cfg = LLAMA if "llama" in form else GPT
+    prompts, lengths = _prompts(cfg)
+    mesh = _mesh((2, 1, 2))
+    plan = autopipe.plan_generation(step, params, cache, mesh=mesh, hardware=SPLIT_PAYS)
+    assert plan.tensor_degree == 2 and plan.split_values > 0
+    names = {s.name for s in plan.shardings.op_strategies.values()}
+    assert {"column", "row"} <= names  # the matmuls really run split (else this proves nothing)
+    assert "kept whole" in plan.cache_placement and "tensor axis" in plan.summary()
+    want, count = reference(step, params, cache, prompts, lengths, 32)
+    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=32)
+    np.testing.assert_array_equal(got.tokens, want)
+    np.testing.assert_array_equal(got.lengths, count)
+    _, compiled = plan.lower(_decoding(plan))
+    tp_groups = "{{0,1},{2,3}}"  # mesh (pp 2, dp 1, tp 2): devices 2s, 2s+1 form stage s
+    found = _collectives(compiled.as_text())
+    assert any(k == "all-reduce" for k, _ in found)  # row-parallel partial sums
+    for kind, groups in found:
+        if kind == "collective-permute":  # the ring and the activations: pp neighbours only
+            assert groups in ("{{0,2},{1,3}}", "{{0,2},{2,0},{1,3},{3,1}}"), groups
+        else:  # nothing gathered, reduced or moved over the pipeline axis
+            assert groups == tp_groups, (kind, groups)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["plain_gpt", "linen_llama"])
+def test_pp2_dp2_tp2_greedy_equals_single_device(form):
+    _check(form, (2, 2, 2), 32, hardware=SPLIT_PAYS)
 
 
 def test_planning_from_shapes_counts_cache_bytes_per_stage():
