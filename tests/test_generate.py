@@ -78,11 +78,16 @@ def _plain(cfg):
     return dec.gpt_step(cfg), params, cache
 
 
+def _nnx(cfg):
+    return dec.nnx_init(cfg, BATCH)
+
+
 FORMS = {
     "linen_gpt": lambda: _linen(GPT),
     "plain_gpt": lambda: _plain(GPT),
     "linen_llama": lambda: _linen(LLAMA),
     "plain_llama": lambda: _plain(LLAMA),
+    "nnx_gpt": lambda: _nnx(GPT),
 }
 
 
@@ -120,6 +125,7 @@ def _check(form, shape, n, hardware=None, **sampling):
 
 
 DEFAULT = [("linen_gpt", (2, 1)), ("plain_llama", (8, 1)), ("linen_llama", (2, 2))]
+NNX = [("nnx_gpt", s) for s in [(1, 1), (2, 1), (2, 2)]]
 GRID = [(f, s) for f in FORMS for s in [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2)]]
 
 
@@ -129,8 +135,15 @@ def test_greedy_equals_single_device(form, shape):
     assert len(np.unique(want)) > 8  # the reference is not degenerate: many different tokens
 
 
+@pytest.mark.parametrize(("form", "shape"), NNX)
+def test_nnx_decoder_greedy_equals_single_device(form, shape):
+    """An ``nnx.Module`` whose ``nnx.Cache`` variables each call rewrites, as a pure step
+    (`decoders.nnx_step`: split, merge, call, the caches' new state)."""
+    _check(form, shape, 32)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("form", "shape"), [c for c in GRID if c not in DEFAULT])
+@pytest.mark.parametrize(("form", "shape"), [c for c in GRID if c not in DEFAULT + NNX])
 def test_greedy_equals_single_device_grid(form, shape):
     _check(form, shape, 32)
 
