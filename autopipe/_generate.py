@@ -12,9 +12,10 @@ each stage's caches for all groups (`passes.decode_state.cache_layer_bytes`) and
 the bottleneck stage (the time of one tick in steady state), and assigns each cache leaf to
 the stage that reads and updates it; that stage's devices alone hold it. On a mesh with a
 tensor axis each stage's operators run the strategies of the forward plan's sharding pass
-(`passes.tensor_parallel`, evaluated on local shards by `passes.tensor_local`); the caches,
-inputs of the step, stay whole on every device of the tensor axis
-(`GenerationPlan.cache_placement`).
+(`passes.tensor_parallel`, evaluated on local shards by `passes.tensor_local`); a cache leaf
+whose reader the plan splits by heads is split on that dim like a split parameter (each device
+holds, updates and reads its shard, never gathered), the others stay whole on every device of
+the tensor axis (`GenerationPlan.cache_placement` says which).
 
 Conventions (what single-device generation must do to give the same tokens):
   - prompts are right-padded: row r's prompt is ``prompts[r, :prompt_lengths[r]]``; its token
@@ -114,15 +115,27 @@ class GenerationPlan:
         return 0 if sh is None else sum(d is not None for d in sh.dims.values())
 
     @property
+    def split_caches(self) -> tuple[str, ...]:
+        """Paths of the cache leaves split over the tensor axis (by heads, as the plan splits
+        the attention that reads them)."""
+        dims = {} if self.shardings is None else self.shardings.dims
+        pairs = zip(self.state.cache_in, self.state.paths, strict=True)
+        return tuple(p for v, p in pairs if dims.get(v) is not None)
+
+    @property
     def cache_placement(self) -> str:
         """Where the caches live, in words."""
-        where = "on its stage's devices only, rows split over the data axis"
+        where = "each cache leaf on its stage's devices only, rows split over the data axis"
         if self.tensor_degree == 1:
-            return f"each cache leaf {where}"
+            return where
+        n, tp, axis = len(self.state.cache_in), self.tensor_degree, self.tensor_axis
+        split = len(self.split_caches)
+        if split == n:
+            return f"{where}, and split over the tensor axis {axis!r} ({tp} shards) by heads"
         return (
-            f"each cache leaf {where}, kept whole on each of the {self.tensor_degree} devices "
-            f"of the tensor axis {self.tensor_axis!r} (not split by heads; the attention "
-            "reads its heads' part of it locally)"
+            f"{where}; {split} of {n} split over the tensor axis {axis!r} ({tp} shards) by "
+            f"heads, the other {n - split} kept whole on each of its {tp} devices (the plan "
+            "does not split the attention reading them)"
         )
 
     @property
@@ -394,7 +407,8 @@ def plan_generation(
     generation over ``mesh`` (a ``jax.sharding.Mesh`` with a pipeline axis and optionally a
     data axis, each data replica generating its rows, and a tensor axis, over which each
     stage's operators run the tensor strategies the sharding pass picks, as in a forward plan;
-    the caches stay whole on the tensor axis). The batch is ``cache``'s leading axis.
+    caches split by heads where the plan splits their attention). The batch is ``cache``'s
+    leading axis.
 
     Args:
       num_groups: request groups in flight per data replica; None = one per stage (the least
@@ -426,8 +440,8 @@ def plan_generation(
     front = planning_front(front, state)
     layouts, bounds, times, shardings = search(front, state, g, memory_limit)
     homes = home_stages(front.program, layouts, state, spec.fn_name)
-    caches = cache_layout(front.program, state, homes, front.num_stages)
-    stages = stage_records(front, state, layouts, homes, bounds, times, g)
+    caches = cache_layout(front.program, state, homes, front.num_stages, shardings.dims)
+    stages = stage_records(front, state, layouts, homes, bounds, times, g, shardings)
     tick, c = max(times), max(g, front.num_stages)
     return GenerationPlan(
         fn_name=spec.fn_name,

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import autopipe
 from autopipe import decoders as dec
@@ -207,9 +208,11 @@ def _collectives(hlo: str) -> list[tuple[str, str]]:
 
 
 @pytest.mark.parametrize("form", ["linen_gpt", "plain_llama"])
-def test_pp2_tp2_greedy_equals_single_device_and_collectives_stay_on_the_tensor_axis(form):
+def test_pp2_tp2_greedy_equals_single_device_with_caches_split_by_heads(form):
     """pp 2 × tp 2: the tied-head GPT and the Llama (grouped k/v heads, rotary) under the
-    planned tensor strategies; every tensor collective inside a stage's tensor group."""
+    planned tensor strategies, each KV cache split by (k/v) heads over the tensor axis like a
+    split parameter and updated on its shard; every tensor collective inside a stage's tensor
+    group, none of a cache."""
     step, params, cache = FORMS[form]()
     cfg = LLAMA if "llama" in form else GPT
     prompts, lengths = _prompts(cfg)
@@ -218,20 +221,76 @@ def test_pp2_tp2_greedy_equals_single_device_and_collectives_stay_on_the_tensor_
     assert plan.tensor_degree == 2 and plan.split_values > 0
     names = {s.name for s in plan.shardings.op_strategies.values()}
     assert {"column", "row"} <= names  # the matmuls really run split (else this proves nothing)
-    assert "kept whole" in plan.cache_placement and "tensor axis" in plan.summary()
+    assert plan.split_caches == plan.state.paths  # every k and v, on its kv-heads dim
+    assert {s.dim for s in plan.caches.slots} == {2}  # (rows, positions, kv heads, head dim)
+    assert "by heads" in plan.cache_placement and "tensor axis" in plan.summary()
     want, count = reference(step, params, cache, prompts, lengths, 32)
     got = plan.generate(params, cache, prompts, lengths, max_new_tokens=32)
     np.testing.assert_array_equal(got.tokens, want)
     np.testing.assert_array_equal(got.lengths, count)
     _, compiled = plan.lower(_decoding(plan))
+    # per device: its stage's caches once, split in 2 (the donated, aliased arguments)
+    mem = compiled.memory_analysis()
+    own = max(s.device_cache_bytes for s in plan.stages)
+    assert own == max(s.cache_bytes for s in plan.stages) // 2
+    assert own <= mem.alias_size_in_bytes <= 1.10 * own
     tp_groups = "{{0,1},{2,3}}"  # mesh (pp 2, dp 1, tp 2): devices 2s, 2s+1 form stage s
-    found = _collectives(compiled.as_text())
+    hlo = compiled.as_text()
+    found = _collectives(hlo)
+    whole = (BATCH // plan.num_groups, *jax.tree.leaves(cache)[0].shape[1:])  # a group's block
+    gathered = rf"= f32\[{','.join(map(str, whole))}\]\S* (all-gather|all-to-all|all-reduce)"
+    assert not re.search(gathered, hlo)  # no cache is ever made whole
     assert any(k == "all-reduce" for k, _ in found)  # row-parallel partial sums
     for kind, groups in found:
         if kind == "collective-permute":  # the ring and the activations: pp neighbours only
             assert groups in ("{{0,2},{1,3}}", "{{0,2},{2,0},{1,3},{3,1}}"), groups
         else:  # nothing gathered, reduced or moved over the pipeline axis
             assert groups == tp_groups, (kind, groups)
+
+
+def test_cache_write_strategies_run_on_shards_and_equal_the_whole_write():
+    """The scatter of a KV-cache write (``vmap`` of ``dynamic_update_slice``, `decoders._write`)
+    under each of its split strategies (`sharding_rules._scatter_rule`), on shards with the
+    updates split alike, equals the write on whole values."""
+    from autopipe.passes.graph import build_program
+    from autopipe.passes.sharding import strategies
+    from autopipe.passes.tensor_local import reshard, run_local
+    from autopipe.passes.trace import trace
+
+    rng = np.random.default_rng(0)
+    args = (
+        jnp.asarray(rng.normal(size=(4, 6, 4, 8)), jnp.float32),
+        jnp.asarray(rng.normal(size=(4, 4, 8)), jnp.float32),
+        jnp.asarray([0, 5, 2, 7], jnp.int32),  # 7: past the cache, clamped as on one device
+    )
+    traced = trace(dec._write, args, batch_argnums=(0, 1, 2), num_microbatches=1)
+    prog = build_program(traced.jaxpr, traced.spec.batch_leaves)
+    (i,) = [i for i, op in enumerate(prog.ops) if op.primitive == "scatter"]
+    op, want = prog.ops[i], jax.jit(dec._write)(*args)
+    env = {v: x for v, x in zip(prog.invars, args, strict=True)}
+    split = [s for s in strategies(prog, i, 2) if s.name == "scatter"]
+    assert {s.outs for s in split} == {(2,), (3,)}  # heads, head dim (written whole)
+    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    for s in split:
+
+        def local(operand, indices, updates, s=s):
+            xs = [
+                reshard(x, None, d, "tp", 2)
+                for x, d in zip((operand, indices, updates), s.ins, strict=True)
+            ]
+            (y,) = run_local(op, s, xs, [want.shape], "tp", 2)
+            return reshard(y, s.outs[0], None, "tp", 2)
+
+        smap = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 3, out_specs=P(), check_vma=False)
+        got = jax.jit(smap)(*_operands(prog, i, env))  # the indices: made from the positions
+        np.testing.assert_array_equal(got, want, err_msg=str(s))
+
+
+def _operands(prog, i, env):
+    from autopipe.passes.ir import eval_ops, read_atom
+
+    eval_ops(prog, range(i), env)
+    return [read_atom(env, a) for a in prog.ops[i].invars]
 
 
 @pytest.mark.slow
