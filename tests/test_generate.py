@@ -333,10 +333,12 @@ def _alone(step, params, cache, prompt, n, index, **sampling):
     return want[0, : count[0]]
 
 
-def _serve_check(cfg, slots, shape, requests, steps_per_call, **sampling):
+def _serve_check(cfg, slots, shape, requests, steps_per_call, hardware=None, **sampling):
     params, cache = dec.init_gpt(cfg, slots)
     step = dec.gpt_step(cfg)
-    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh(shape))
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh(shape), hardware=hardware)
+    if len(shape) == 3:  # a tensor axis: the caches really are split
+        assert len(plan.split_caches) == len(jax.tree.leaves(cache))
     got = plan.serve(params, cache, requests, steps_per_call=steps_per_call, **sampling)
     done = {c.index: c.tokens for c in got}
     assert sorted(done) == list(range(len(requests)))
@@ -358,6 +360,11 @@ def test_continuous_batching_equals_each_request_alone():
     cfg = dec.DecoderConfig(layers=4, max_len=40, init_scale=1.0)
     requests = _requests(10, (2, 12), (1, 20))
     _serve_check(cfg, 4, (2, 1), requests, 4, temperature=0.9, key=jax.random.key(5))
+
+
+def test_continuous_batching_on_a_tensor_axis_equals_each_request_alone():
+    cfg = dec.DecoderConfig(layers=4, max_len=40, init_scale=1.0)
+    _serve_check(cfg, 4, (2, 1, 2), _requests(6, (2, 12), (1, 20)), 4, hardware=SPLIT_PAYS)
 
 
 @pytest.mark.slow
