@@ -144,12 +144,17 @@ class GenerationPlan:
         return self.front.traced.microbatch_size
 
     def summary(self) -> str:
-        rows = [f"{'stage':>5} {'layers':>9} {'param MB':>9} {'cache MB':>9} {'tick ms':>8}"]
+        """Per stage: layers, parameter and cache MB (the stage's; per device of its tensor
+        group when they differ), predicted tick."""
+        tp = self.tensor_degree > 1
+        head = f"{'stage':>5} {'layers':>9} {'param MB':>9} {'cache MB':>9}"
+        rows = [head + (f" {'dev cache MB':>12}" if tp else "") + f" {'tick ms':>8}"]
         for s in self.stages:
             lo, hi = s.layers
+            dev = f" {s.device_cache_bytes / 1e6:>12.3f}" if tp else ""
             rows.append(
                 f"{s.index:>5} {f'{lo}-{hi}':>9} {s.param_bytes / 1e6:>9.3f} "
-                f"{s.cache_bytes / 1e6:>9.3f} {s.time * 1e3:>8.3f}"
+                f"{s.cache_bytes / 1e6:>9.3f}{dev} {s.time * 1e3:>8.3f}"
             )
         if self.tensor_degree > 1:
             rows.append(
