@@ -299,6 +299,19 @@ def test_pp2_dp2_tp2_greedy_equals_single_device(form):
     _check(form, (2, 2, 2), 32, hardware=SPLIT_PAYS)
 
 
+@pytest.mark.slow
+def test_pp2_tp4_llama_keeps_caches_whole_when_its_2_kv_heads_cannot_split_4_ways():
+    step, params, cache = FORMS["plain_llama"]()
+    prompts, lengths = _prompts(LLAMA)
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh((2, 1, 4)), hardware=SPLIT_PAYS)
+    assert plan.split_values > 0 and plan.split_caches == ()
+    assert "8 kept whole on each of its 4 devices" in plan.cache_placement
+    want, count = reference(step, params, cache, prompts, lengths, 16)
+    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=16)
+    np.testing.assert_array_equal(got.tokens, want)
+    np.testing.assert_array_equal(got.lengths, count)
+
+
 def test_planning_from_shapes_counts_cache_bytes_per_stage():
     cfg = dec.DecoderConfig(layers=4, max_len=512)
     params, cache = dec.gpt_shapes(cfg, BATCH)  # nothing allocated
