@@ -10,7 +10,12 @@ is ``(B, vocab)``, and the step returns the cache with the same structure, shape
 cuts it into stages with the stage DP (`passes.partition`) under a memory model that adds
 each stage's caches for all groups (`passes.decode_state.cache_layer_bytes`) and minimises
 the bottleneck stage (the time of one tick in steady state), and assigns each cache leaf to
-the stage that reads and updates it; that stage's devices alone hold it.
+the stage that reads and updates it; that stage's devices alone hold it. On a mesh with a
+tensor axis each stage's operators run the strategies of the forward plan's sharding pass
+(`passes.tensor_parallel`, evaluated on local shards by `passes.tensor_local`); a cache leaf
+whose reader the plan splits by heads is split on that dim like a split parameter (each device
+holds, updates and reads its shard, never gathered), the others stay whole on every device of
+the tensor axis (`GenerationPlan.cache_placement` says which).
 
 Conventions (what single-device generation must do to give the same tokens):
   - prompts are right-padded: row r's prompt is ``prompts[r, :prompt_lengths[r]]``; its token
@@ -35,16 +40,13 @@ import numpy as np
 from autopipe._executable import place_buffers
 from autopipe._front import Front, FrontOptions, is_concrete, make_front, mesh_axes
 from autopipe._generate_checks import batch_of, cache_length_of, check_axes, groups
+from autopipe._generate_search import GenerationStage, planning_front, search, stage_records
 from autopipe._serve import check_sampling, raw_key, serve
-from autopipe._stage_search import layer_problem, layers_for
-from autopipe.passes.costs import operator_costs
 from autopipe.passes.decode_state import (
     DecodeState,
-    cache_layer_bytes,
     cache_layout,
     find_state,
     home_stages,
-    planning_program,
 )
 from autopipe.passes.emit_generate import (
     Decoding,
@@ -53,20 +55,10 @@ from autopipe.passes.emit_generate import (
     emit_generate,
     fresh_rows,
 )
-from autopipe.passes.layout import StageLayout, split_ops, stage_layouts
+from autopipe.passes.layout import StageLayout
 from autopipe.passes.param_layout import ParamLayout, make_packers
-from autopipe.passes.partition import additive_segment_memory, solve_stages
-
-ROUNDS = 1024  # decode rounds the stage DP prices: Σt + (ROUNDS − 1)·max t ≈ the bottleneck
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class GenerationStage:
-    index: int
-    layers: tuple[int, int]
-    param_bytes: int
-    cache_bytes: int  # its cache leaves, all groups, one data replica's rows
-    time: float  # predicted seconds of one tick (one group's step) on this stage
+from autopipe.passes.tensor_local import TensorPlan
+from autopipe.passes.tensor_parallel import LayerShardings
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -104,6 +96,8 @@ class GenerationPlan:
     mesh: Any = dataclasses.field(repr=False)
     pipeline_axis: str = "pp"
     data_axis: str | None = None
+    tensor_axis: str | None = None  # a mesh axis of size > 1 that splits operators
+    shardings: LayerShardings | None = dataclasses.field(default=None, repr=False)
     _runtime: _Runtime = dataclasses.field(default_factory=_Runtime, repr=False)
 
     @property
@@ -111,17 +105,61 @@ class GenerationPlan:
         return len(self.stages)
 
     @property
+    def tensor_degree(self) -> int:
+        return self.shardings.tp if self.shardings is not None else 1
+
+    @property
+    def split_values(self) -> int:
+        """How many values (parameters and activations) the plan splits over the tensor axis."""
+        sh = self.shardings
+        return 0 if sh is None else sum(d is not None for d in sh.dims.values())
+
+    @property
+    def split_caches(self) -> tuple[str, ...]:
+        """Paths of the cache leaves split over the tensor axis (by heads, as the plan splits
+        the attention that reads them)."""
+        dims = {} if self.shardings is None else self.shardings.dims
+        pairs = zip(self.state.cache_in, self.state.paths, strict=True)
+        return tuple(p for v, p in pairs if dims.get(v) is not None)
+
+    @property
+    def cache_placement(self) -> str:
+        """Where the caches live, in words."""
+        where = "each cache leaf on its stage's devices only, rows split over the data axis"
+        if self.tensor_degree == 1:
+            return where
+        n, tp, axis = len(self.state.cache_in), self.tensor_degree, self.tensor_axis
+        split = len(self.split_caches)
+        if split == n:
+            return f"{where}, and split over the tensor axis {axis!r} ({tp} shards) by heads"
+        return (
+            f"{where}; {split} of {n} split over the tensor axis {axis!r} ({tp} shards) by "
+            f"heads, the other {n - split} kept whole on each of its {tp} devices (the plan "
+            "does not split the attention reading them)"
+        )
+
+    @property
     def rows(self) -> int:
         """Rows of one request group on one data replica (the traced step's batch)."""
         return self.front.traced.microbatch_size
 
     def summary(self) -> str:
-        rows = [f"{'stage':>5} {'layers':>9} {'param MB':>9} {'cache MB':>9} {'tick ms':>8}"]
+        """Per stage: layers, parameter and cache MB (the stage's; per device of its tensor
+        group when they differ), predicted tick."""
+        tp = self.tensor_degree > 1
+        head = f"{'stage':>5} {'layers':>9} {'param MB':>9} {'cache MB':>9}"
+        rows = [head + (f" {'dev cache MB':>12}" if tp else "") + f" {'tick ms':>8}"]
         for s in self.stages:
             lo, hi = s.layers
+            dev = f" {s.device_cache_bytes / 1e6:>12.3f}" if tp else ""
             rows.append(
                 f"{s.index:>5} {f'{lo}-{hi}':>9} {s.param_bytes / 1e6:>9.3f} "
-                f"{s.cache_bytes / 1e6:>9.3f} {s.time * 1e3:>8.3f}"
+                f"{s.cache_bytes / 1e6:>9.3f}{dev} {s.time * 1e3:>8.3f}"
+            )
+        if self.tensor_degree > 1:
+            rows.append(
+                f"tensor axis {self.tensor_axis!r} × {self.tensor_degree}: "
+                f"{self.split_values} values split; {self.cache_placement}"
             )
         rows.append(
             f"groups {self.num_groups}, predicted {self.predicted_tokens_per_second:.4g} "
@@ -143,10 +181,20 @@ class GenerationPlan:
                 mesh=self.mesh,
                 axis=self.pipeline_axis,
                 data_axis=self.data_axis,
+                tensor=self._tensor_plan(),
+                dims=self.shardings.dims if self.shardings is not None else None,
             )
             avals = _call_avals(em, decoding, self.batch_size)
             rt.compiled[decoding] = (em, em.run.lower(*avals).compile())
         return rt.compiled[decoding]
+
+    def _tensor_plan(self) -> TensorPlan | None:
+        sh = self.shardings
+        if self.tensor_axis is None or sh is None or sh.tp == 1:
+            return None
+        return TensorPlan(
+            axis=self.tensor_axis, tp=sh.tp, strategies=dict(sh.op_strategies), whole=sh.whole
+        )
 
     def _require_devices(self) -> None:
         if not is_concrete(self.mesh):
@@ -356,12 +404,16 @@ def plan_generation(
     cache_length: int | None = None,
     pipeline_axis: str = "pp",
     data_axis: str = "dp",
+    tensor_axis: str = "tp",
     hardware: Any = None,
     memory_limit: float | None = None,
 ) -> GenerationPlan:
     """Plans ``step(params, cache, tokens, positions) -> (logits, cache)`` for pipelined
     generation over ``mesh`` (a ``jax.sharding.Mesh`` with a pipeline axis and optionally a
-    data axis: each data replica generates its rows). The batch is ``cache``'s leading axis.
+    data axis, each data replica generating its rows, and a tensor axis, over which each
+    stage's operators run the tensor strategies the sharding pass picks, as in a forward plan;
+    caches split by heads where the plan splits their attention). The batch is ``cache``'s
+    leading axis.
 
     Args:
       num_groups: request groups in flight per data replica; None = one per stage (the least
@@ -371,7 +423,7 @@ def plan_generation(
     """
     axes = dict(mesh_axes(mesh, pipeline_axis))
     fn_name = getattr(step, "__qualname__", repr(step))
-    check_axes(axes, pipeline_axis, data_axis, fn_name)
+    check_axes(axes, pipeline_axis, data_axis, tensor_axis, fn_name)
     cache_leaves = jax.tree.leaves(cache)
     batch = batch_of(cache_leaves, fn_name)
     dp = axes.get(data_axis, 1)
@@ -385,15 +437,16 @@ def plan_generation(
         batch_argnums=(1, 2, 3),
         hardware=hardware,
         data_axis=data_axis,
+        tensor_axis=tensor_axis,
     )
     front = make_front(step, (params, cache, rows, rows), opts)
     spec = front.traced.spec
     state = find_state(spec, front.traced.out_tree, front.program, spec.fn_name)
-    front = _planning_front(front, state)
-    layouts, bounds, times = _search(front, state, g, memory_limit)
+    front = planning_front(front, state)
+    layouts, bounds, times, shardings = search(front, state, g, memory_limit)
     homes = home_stages(front.program, layouts, state, spec.fn_name)
-    caches = cache_layout(front.program, state, homes, front.num_stages)
-    stages = _stage_records(front, state, layouts, homes, bounds, times, g)
+    caches = cache_layout(front.program, state, homes, front.num_stages, shardings.dims)
+    stages = stage_records(front, state, layouts, homes, bounds, times, g, shardings)
     tick, c = max(times), max(g, front.num_stages)
     return GenerationPlan(
         fn_name=spec.fn_name,
@@ -410,6 +463,8 @@ def plan_generation(
         mesh=mesh,
         pipeline_axis=pipeline_axis,
         data_axis=front.data_axis,
+        tensor_axis=front.tensor_axis,
+        shardings=shardings,
     )
 
 
@@ -428,10 +483,17 @@ def generate(
     key: Any = None,
     num_groups: int | None = None,
     cache_length: int | None = None,
+    hardware: Any = None,
 ) -> Generation:
     """``plan_generation(step, params, cache, mesh=mesh).generate(params, cache, prompts, ...)``."""
     plan = plan_generation(
-        step, params, cache, mesh=mesh, num_groups=num_groups, cache_length=cache_length
+        step,
+        params,
+        cache,
+        mesh=mesh,
+        num_groups=num_groups,
+        cache_length=cache_length,
+        hardware=hardware,
     )
     return plan.generate(
         params,
@@ -444,51 +506,3 @@ def generate(
         top_k=top_k,
         key=key,
     )
-
-
-def _stage_records(front, state, layouts, homes, bounds, times, groups):
-    """Per stage: its layers, parameter and cache bytes (all groups), predicted tick."""
-    owned = list(zip(state.cache_in, homes, strict=True))
-    return tuple(
-        GenerationStage(
-            index=s,
-            layers=(bounds[s], bounds[s + 1]),
-            param_bytes=lay.param_bytes,
-            cache_bytes=groups * sum(front.program.nbytes(v) for v, h in owned if h == s),
-            time=times[s],
-        )
-        for s, lay in enumerate(layouts)
-    )
-
-
-def _planning_front(front: Front, state: DecodeState) -> Front:
-    """The front with the logits as the program's only output (`planning_program`)."""
-    program = planning_program(front.program, state)
-    split = split_ops(program)
-    costs = operator_costs(program, split, front.hardware)
-    return dataclasses.replace(front, program=program, split=split, costs=costs)
-
-
-def _search(front: Front, state: DecodeState, groups: int, memory_limit: float | None):
-    """(stage layouts, layer boundaries, per-stage tick seconds) from the stage DP, pricing
-    each stage with its caches for all groups instead of the forward plan's batch inputs, and
-    each tick with the copies of the group's cache blocks (`passes.emit_generate`)."""
-    limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
-    layers = layers_for(front, front.num_stages)
-    problem = layer_problem(front, layers, limit)
-    one_group = sum(front.program.nbytes(v) for v in state.cache_in)
-    per_layer = cache_layer_bytes(front.program, front.split, layers, state, groups)
-    memory = problem.segment_memory - groups * one_group + additive_segment_memory(per_layer)
-    hw = front.hardware
-    # every tick the program copies the group's block of each cache out and back in
-    copies = 2 * per_layer / groups / (hw.memory_bandwidth * hw.bandwidth_efficiency)
-    problem = dataclasses.replace(
-        problem,
-        layer_time=tuple(t + c for t, c in zip(problem.layer_time, copies, strict=True)),
-        segment_memory=memory,
-        num_microbatches=ROUNDS,
-    )
-    solution = solve_stages(problem)
-    bounds = tuple(layers[k] for k in solution.boundaries)
-    layouts = stage_layouts(front.program, front.split, bounds)
-    return layouts, solution.boundaries, solution.stage_times

@@ -4,13 +4,17 @@ cache length, each a clear error naming the numbers and the fix."""
 from __future__ import annotations
 
 
-def check_axes(axes: dict, pipeline_axis: str, data_axis: str, fn_name: str) -> None:
-    other = {n: k for n, k in axes.items() if n not in (pipeline_axis, data_axis) and k > 1}
+def check_axes(
+    axes: dict, pipeline_axis: str, data_axis: str, tensor_axis: str, fn_name: str
+) -> None:
+    named = (pipeline_axis, data_axis, tensor_axis)
+    other = {n: k for n, k in axes.items() if n not in named and k > 1}
     if other:
         raise ValueError(
-            f"{fn_name}: generation runs over a pipeline axis ({pipeline_axis!r}) and a data "
-            f"axis ({data_axis!r}) only; the mesh also has {other}. Tensor-parallel generation "
-            "is not supported yet: use a mesh without those axes."
+            f"{fn_name}: generation runs over a pipeline axis ({pipeline_axis!r}), a data axis "
+            f"({data_axis!r}) and a tensor axis ({tensor_axis!r}); the mesh also has {other}. "
+            "Name those axes with pipeline_axis=/data_axis=/tensor_axis=, or use a mesh "
+            "without them."
         )
 
 

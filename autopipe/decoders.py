@@ -3,10 +3,14 @@
 Every model here is a decode step ``step(params, cache, tokens, positions) -> (logits, cache)``:
 ``tokens`` and ``positions`` are ``(B,)`` int32 (each row at its own position), ``cache`` holds
 one ``(B, max_len, kv_heads, head_dim)`` key and value array per layer, and the step writes row
-r's key and value at ``positions[r]`` and attends to positions ``<= positions[r]``. Three forms:
+r's key and value at ``positions[r]`` and attends to positions ``<= positions[r]``. Four forms:
 
 - `LinenDecoder`: a linen module whose caches live in the ``cache`` collection; `linen_step`
   turns it into a step (``apply(..., mutable=["cache"])``);
+- `NNXDecoder`: an ``nnx.Module`` whose caches are ``nnx.Cache`` variables that each call
+  rewrites; `nnx_step` turns it into a pure step with NNX's functional API (``nnx.split`` into
+  graph, parameters and caches; the step ``nnx.merge``s them, calls the module, and splits the
+  changed caches back out);
 - `gpt_step` / `init_gpt`: a plain function over a params dict and a list of per-layer caches;
 - ``DecoderConfig(kv_heads < heads, rotary=True)``: a Llama-style decoder (grouped key/value
   heads, rotary positions, RMSNorm, SwiGLU), in both forms.
@@ -25,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -181,6 +186,81 @@ def linen_step(model: nn.Module) -> Callable:
         variables = {"params": params, "cache": cache}
         logits, changed = model.apply(variables, tokens, positions, mutable=["cache"])
         return logits, changed["cache"]
+
+    return step
+
+
+# --- NNX, caches as nnx.Cache variables ------------------------------------------------------
+
+
+class _NNXBlock(nnx.Module):
+    def __init__(self, cfg: DecoderConfig, batch: int, rngs: nnx.Rngs):
+        d, kv, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp_ratio * cfg.d_model
+        init = nnx.initializers.normal(cfg.init_scale)
+        self.cfg = cfg
+        for name, shape in [("wq", (d, d)), ("wk", (d, kv)), ("wv", (d, kv)), ("wo", (d, d))]:
+            setattr(self, name, nnx.Param(init(rngs.params(), shape, cfg.dtype)))
+        for name, shape in [("w_in", (d, f)), ("w_gate", (d, f)), ("w_out", (f, d))]:
+            setattr(self, name, nnx.Param(init(rngs.params(), shape, cfg.dtype)))
+        self.ln1, self.ln2 = nnx.Param(jnp.ones((d,))), nnx.Param(jnp.ones((d,)))
+        self.ln1_b, self.ln2_b = nnx.Param(jnp.zeros((d,))), nnx.Param(jnp.zeros((d,)))
+        self.k = nnx.Cache(jnp.zeros(cfg.cache_shape(batch), cfg.dtype))
+        self.v = nnx.Cache(jnp.zeros(cfg.cache_shape(batch), cfg.dtype))
+
+    def __call__(self, x, positions):
+        cfg = self.cfg
+        h = _norm(x, self.ln1[...], self.ln1_b[...], cfg)
+        q, k, v = _qkv(h, self.wq[...], self.wk[...], self.wv[...], positions, cfg)
+        self.k[...] = _write(self.k[...], k, positions)
+        self.v[...] = _write(self.v[...], v, positions)
+        x = x + _attend(q, self.k[...], self.v[...], positions, cfg) @ self.wo[...]
+        h = _norm(x, self.ln2[...], self.ln2_b[...], cfg)
+        return x + _mlp(h, self.w_in[...], self.w_gate[...], self.w_out[...], cfg)
+
+
+class NNXDecoder(nnx.Module):
+    """A decoder whose per-layer caches are ``nnx.Cache`` variables (for ``batch`` rows), which
+    each call writes; the head is tied to the embedding."""
+
+    def __init__(self, cfg: DecoderConfig, batch: int, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed = nnx.Param(
+            nnx.initializers.normal(1.0)(rngs.params(), (cfg.vocab, cfg.d_model))
+        )
+        init = nnx.initializers.normal(cfg.init_scale)
+        self.pos = nnx.Param(init(rngs.params(), (cfg.max_len, cfg.d_model)))
+        self.blocks = nnx.List([_NNXBlock(cfg, batch, rngs) for _ in range(cfg.layers)])
+        self.ln_f = nnx.Param(jnp.ones((cfg.d_model,)))
+        self.ln_f_b = nnx.Param(jnp.zeros((cfg.d_model,)))
+
+    def __call__(self, tokens, positions):
+        cfg, embed = self.cfg, self.embed[...]
+        x = embed[tokens]
+        if not cfg.rotary:
+            x = x + self.pos[...][positions]
+        for block in self.blocks:
+            x = block(x, positions)
+        return _norm(x, self.ln_f[...], self.ln_f_b[...], cfg) @ embed.T
+
+
+def nnx_init(cfg: DecoderConfig, batch: int, seed: int = 0) -> tuple[Callable, Any, Any]:
+    """(step, params, zero caches) of an `NNXDecoder` for ``batch`` rows: ``nnx.split`` of the
+    module into its graph, its ``nnx.Param`` state and its ``nnx.Cache`` state."""
+    graphdef, params, cache = nnx.split(
+        NNXDecoder(cfg, batch, rngs=nnx.Rngs(seed)), nnx.Param, nnx.Cache
+    )
+    return nnx_step(graphdef), params, cache
+
+
+def nnx_step(graphdef: Any) -> Callable:
+    """``step(params, cache, tokens, positions) -> (logits, cache)`` of an NNX module split as
+    ``nnx.split(module, nnx.Param, nnx.Cache)``: merge, call (the module rewrites its caches),
+    return the caches' new state."""
+
+    def step(params, cache, tokens, positions):
+        module = nnx.merge(graphdef, params, cache)
+        logits = module(tokens, positions)
+        return logits, nnx.state(module, nnx.Cache)
 
     return step
 

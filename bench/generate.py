@@ -139,8 +139,13 @@ def _prompts():
 
 
 def worker(kind: str, reps: int) -> dict:
-    if kind == "gpt3":  # 8 H100: pp 8; 64 H100: pp 8 × dp 8 (each replica 16 sequences)
-        return {"gpt3_8": plan_gpt3(8, 8, 16), "gpt3_64": plan_gpt3(64, 8, 128)}
+    if kind == "gpt3":  # 8 H100: pp 8; 64 H100: pp 8 × dp 8 (each replica 16 sequences), and
+        # pp 8 × tp 8 (16 sequences, caches split by heads)
+        return {
+            "gpt3_8": plan_gpt3({"pp": 8, "dp": 1}, 16),
+            "gpt3_64": plan_gpt3({"pp": 8, "dp": 8}, 128),
+            "gpt3_64_tp": plan_gpt3({"pp": 8, "tp": 8}, 16),
+        }
     makers = {
         "single": {"jit": lambda n: _Plain(n), "autopipe_pp1": lambda n: _Autopipe(1, None, n)},
         "pp2": {
@@ -162,14 +167,13 @@ GPT3 = dict(vocab=50257, d_model=12288, heads=96, kv_heads=96, layers=96, max_le
             dtype="bfloat16")  # fmt: skip
 
 
-def plan_gpt3(devices: int, pp: int, batch: int) -> dict:
-    """GPT-3 175B planned for generation from shapes on ``devices`` H100s (nothing allocated)."""
+def plan_gpt3(mesh: dict, batch: int) -> dict:
+    """GPT-3 175B planned for generation from shapes on a mesh of H100s (nothing allocated)."""
     import autopipe
     from autopipe import decoders as dec
 
     cfg = dec.DecoderConfig(**GPT3)
     params, cache = dec.gpt_shapes(cfg, batch)
-    mesh = {"pp": pp, "dp": devices // pp}
     t = time.perf_counter()
     gen = autopipe.plan_generation(dec.gpt_step(cfg), params, cache, mesh=mesh, hardware="h100")
     return {
@@ -178,8 +182,10 @@ def plan_gpt3(devices: int, pp: int, batch: int) -> dict:
         "cache_length": cfg.max_len,
         "planning_s": time.perf_counter() - t,
         "stage_layers": [s.layers for s in gen.stages],
-        "param_GB_per_device": [s.param_bytes / 1e9 for s in gen.stages],
-        "cache_GB_per_device": [s.cache_bytes / 1e9 for s in gen.stages],
+        "param_GB_per_stage": [s.param_bytes / 1e9 for s in gen.stages],
+        "param_GB_per_device": [lay.device_param_bytes / 1e9 for lay in gen.layouts],
+        "cache_GB_per_stage": [s.cache_bytes / 1e9 for s in gen.stages],
+        "cache_GB_per_device": [s.device_cache_bytes / 1e9 for s in gen.stages],
         "predicted_tokens_per_s": gen.predicted_tokens_per_second,
         "predicted_ms_per_token": gen.predicted_token_latency * 1e3,
         "summary": gen.summary(),

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -155,18 +155,30 @@ def home_stages(
 
 
 def cache_layout(
-    program: Program, state: DecodeState, homes: Sequence[int], num_stages: int
+    program: Program,
+    state: DecodeState,
+    homes: Sequence[int],
+    num_stages: int,
+    dims: Mapping[int, int | None] | None = None,
 ) -> ParamLayout:
-    """Slots of the cache leaves (one group's rows each), aligned by shape across stages."""
+    """Slots of the cache leaves (one group's rows each), aligned by shape (and by the dim
+    ``dims`` splits over the tensor axis) across stages."""
     pairs = list(zip(state.cache_in, homes, strict=True))
     groups = [[v for v, h in pairs if h == s] for s in range(num_stages)]
-    return param_layout(program, groups, by="shape", budget=None)
+    dims = {v: d for v, d in (dims or {}).items() if v in state.cache_in and d is not None}
+    return param_layout(program, groups, by="shape", budget=None, dims=dims)
 
 
 def cache_layer_bytes(
-    program: Program, split: Split, layers: Sequence[int], state: DecodeState, groups: int
+    program: Program,
+    split: Split,
+    layers: Sequence[int],
+    state: DecodeState,
+    groups: int,
+    scale: Mapping[int, float] | None = None,
 ) -> np.ndarray:
-    """Per layer: bytes of the cache leaves its operators read first, for all ``groups``."""
+    """Per layer: bytes of the cache leaves its operators read first, for all ``groups``, a
+    leaf's bytes times ``scale[leaf]`` (1/tp for a leaf split over the tensor axis)."""
     out = np.zeros(len(layers) - 1)
     first: dict[int, int] = {}
     for k, i in enumerate(split.pipeline):
@@ -175,5 +187,5 @@ def cache_layer_bytes(
                 first.setdefault(a, k)
     for v, k in first.items():
         layer = next(j for j, (a, b) in enumerate(itertools.pairwise(layers)) if a <= k < b)
-        out[layer] += groups * program.nbytes(v)
+        out[layer] += groups * program.nbytes(v) * (scale or {}).get(v, 1.0)
     return out

@@ -17,7 +17,8 @@ in steady state; G = 1 is the naive pipeline (one group in flight, fill and drai
 
 Per device the program holds:
   - its stage's parameters in the slots of a `ParamLayout` (read whole, in place);
-  - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`): slot k
+  - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`), with a
+    tensor axis split on the dim the plan splits (heads) or whole: slot k
     is ``(1, G, rows, ...)`` locally, the scan carry; each tick the stage's branch reads the
     group's block of its slots (given whole and read-only: a conditional copies an operand it
     updates), runs the step on it, and returns the new blocks, which are written back with
@@ -33,7 +34,7 @@ nothing reads). Collectives never run inside a stage's branch (see `passes.emit`
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -53,6 +54,7 @@ from autopipe.passes.param_layout import (
     read_params,
     unpack_flat,
 )
+from autopipe.passes.tensor_local import LocalEnv, TensorPlan
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -109,13 +111,28 @@ def pick_tokens(logits, key, rows, steps, temperature, *, greedy: bool, top_k: i
     return jax.vmap(one)(logits, rows, steps)
 
 
-def cache_avals(layout: ParamLayout, mesh: Any, axis: str, data_axis: str | None, groups: int):
+def cache_spec(slot: Any, axis: str, data_axis: str | None, tensor_axis: str | None) -> P:
+    """A cache slot's ``(p, G, rows · dp, ...)`` layout: stages, groups, rows over the data
+    axis, and the dim the plan splits (heads) over the tensor axis."""
+    rest = [tensor_axis if d == slot.dim else None for d in range(1, len(slot.shape))]
+    return P(axis, None, data_axis, *rest)
+
+
+def cache_avals(
+    layout: ParamLayout,
+    mesh: Any,
+    axis: str,
+    data_axis: str | None,
+    groups: int,
+    tensor_axis: str | None = None,
+):
     """The cache slots as global ``(p, G, rows · dp, ...)`` arrays with their shardings."""
     dp = mesh.shape[data_axis] if data_axis else 1
-    sharding = NamedSharding(mesh, P(axis, None, data_axis))
     return tuple(
         jax.ShapeDtypeStruct(
-            (layout.num_devices, groups, dp * s.shape[0], *s.shape[1:]), s.dtype, sharding=sharding
+            (layout.num_devices, groups, dp * s.shape[0], *s.shape[1:]),
+            s.dtype,
+            sharding=NamedSharding(mesh, cache_spec(s, axis, data_axis, tensor_axis)),
         )
         for s in layout.slots
     )
@@ -131,20 +148,28 @@ def emit_generate(
     mesh: Any,
     axis: str,
     data_axis: str | None = None,
+    tensor: TensorPlan | None = None,
+    dims: Mapping[int, int | None] | None = None,
 ) -> EmittedGeneration:
-    """The generation program over ``mesh`` (manual over ``axis`` and ``data_axis``)."""
+    """The generation program over ``mesh``, manual over ``axis``, ``data_axis`` and the
+    tensor axis of ``tensor`` (each operator runs its planned strategy on this device's shards,
+    parameters split as ``dims`` says, `passes.tensor_local`; a cache slot with a ``dim`` holds
+    this device's shard, whole otherwise)."""
     mesh = auto_mesh(mesh)
     p = len(stages)
-    params = param_layout(program, [st.params for st in stages])
-    body = _body(program, stages, state, params, caches, decoding, axis, data_axis)
+    tensor_axis = tensor.axis if tensor is not None else None
+    params = param_layout(program, [st.params for st in stages], dims=dims if tensor else None)
+    body = _body(program, stages, state, params, caches, decoding, axis, data_axis, tensor)
     stacked = P(axis, None, data_axis)
     per_row = P(None, data_axis)
+    param_avals = params.avals(mesh, axis, tensor_axis)
+    cache_specs = tuple(cache_spec(s, axis, data_axis, tensor_axis) for s in caches.slots)
     smap = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(
-            tuple(P(axis) for _ in params.slots) + tuple(P(axis) for _ in params.rest_sizes),
-            tuple(stacked for _ in caches.slots),
+            tuple(a.sharding.spec for a in param_avals),
+            cache_specs,
             Rows(**{f: per_row for f in Rows.__dataclass_fields__}),
             P(None, None, data_axis),  # pending (G, 2, b): each row's next token and position
             P(),
@@ -153,16 +178,16 @@ def emit_generate(
         ),
         out_specs=(
             Rows(**{f: stacked for f in Rows.__dataclass_fields__}),
-            tuple(stacked for _ in caches.slots),
+            cache_specs,
         ),
-        axis_names={axis, data_axis} if data_axis else {axis},
+        axis_names={a for a in (axis, data_axis, tensor_axis) if a},
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
     c = max(decoding.groups, p)
     return EmittedGeneration(
         run=jax.jit(smap, donate_argnums=(1,)),
-        param_buffers=params.avals(mesh, axis, None),
-        cache_buffers=cache_avals(caches, mesh, axis, data_axis, decoding.groups),
+        param_buffers=param_avals,
+        cache_buffers=cache_avals(caches, mesh, axis, data_axis, decoding.groups, tensor_axis),
         params=params,
         caches=caches,
         row_sharding=NamedSharding(mesh, P(None, data_axis)),
@@ -177,15 +202,33 @@ def _group_blocks(slots, g) -> tuple:
     return tuple(jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in slots)
 
 
-def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes):
+def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes, tensor):
     """Stage ``layout`` on ``device``: ``run(param_bufs, cache_slots, g, recv, tok, pos) ->
     (send, new group blocks, logits)``. The slots come in whole and read-only (a conditional
     copies operands it updates); the stage reads group g's block of its own slots and returns
-    their new blocks, zeros for the slots it holds nothing in (padding on this device)."""
+    their new blocks, zeros for the slots it holds nothing in (padding on this device). With a
+    tensor axis (``tensor``) every operator runs on this device's shards under its planned
+    strategy; activations arrive and leave whole, a split cache leaf as this device's shard
+    (its new value made on the same dim: pinned by the plan, `_generate_search`)."""
     key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
     out_of = state.out_of()
     mine = caches.on(device)
     logits_aval = program.avals[state.logits]
+    split = {v: s.dim for s in params.slots if s.dim is not None for v in s.values}
+    split |= {v: s.dim for s in caches.slots if s.dim is not None for v in s.values}
+
+    def evaluate(env):
+        """Runs the stage's operators on ``env``; returns how to read a value whole."""
+        if tensor is None:
+            for i in layout.ops:
+                op = program.ops[i]
+                outs = apply_op(op, [read_atom(env, a) for a in op.invars])
+                env.update(zip(op.outvars, outs, strict=True))
+            return env.__getitem__, None
+        local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+        for i in layout.ops:
+            local.run(program, i)
+        return (lambda v: local.get(v, None)), local.get
 
     def run(bufs, slots, g, recv, tok, pos):
         env: dict = dict(key_consts)
@@ -195,26 +238,26 @@ def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, la
             (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, keepdims=False)) for k, v in mine
         )
         env.update(read_params(program, params, device, bufs))
-        for i in layout.ops:
-            op = program.ops[i]
-            outs = apply_op(op, [read_atom(env, a) for a in op.invars])
-            env.update(zip(op.outvars, outs, strict=True))
+        whole, held = evaluate(env)
         new = [jnp.zeros(x.shape[1:], x.dtype) for x in slots]
-        for k, v in mine:
-            new[k] = env[out_of[v]]
-        logits = env[state.logits] if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
-        return pack_flat(env, layout.send, sizes), tuple(new), logits
+        for k, v in mine:  # a split cache leaf's new value stays on this device's shard
+            new[k] = whole(out_of[v]) if tensor is None else held(out_of[v], split.get(v))
+        logits = whole(state.logits) if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
+        sent = {v: whole(v) for v in layout.send.values()}
+        return pack_flat(sent, layout.send, sizes), tuple(new), logits
 
     return run
 
 
-def _branches(program, stages, state, params, caches) -> tuple[list[Callable], dict]:
+def _branches(program, stages, state, params, caches, tensor) -> tuple[list[Callable], dict]:
     """One branch per stage, then the idle branch (sends zeros, returns the blocks as they
     are)."""
     p = len(stages)
     sizes = buffer_sizes([s.send for s in stages])
     runs = [
-        _stage_fn(program, st, state, params, caches, s, last=s == p - 1, sizes=sizes)
+        _stage_fn(
+            program, st, state, params, caches, s, last=s == p - 1, sizes=sizes, tensor=tensor
+        )
         for s, st in enumerate(stages)
     ]
     aval = program.avals[state.logits]
@@ -287,10 +330,10 @@ def _set_group(rows: Rows, g, new: Rows) -> Rows:
     return jax.tree.map(lambda x, y: x.at[g].set(y), rows, new)
 
 
-def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis) -> Callable:
+def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, tensor) -> Callable:
     p, b = len(stages), d.rows
     c = max(d.groups, p)
-    branches, sizes = _branches(program, stages, state, params, caches)
+    branches, sizes = _branches(program, stages, state, params, caches, tensor)
     forward = [(s, s + 1) for s in range(p - 1)]
     ring = [(s, (s + 1) % p) for s in range(p)]
     num_ticks = d.steps * c + p - 1

@@ -214,6 +214,21 @@ def _gather_rule(view: OpView) -> Iterable[Strategy]:
             yield view.split("gather", (d, None), (o,))
 
 
+@register_strategy_rule("scatter")
+def _scatter_rule(view: OpView) -> Iterable[Strategy]:
+    """An operand dim the update window covers whole (the heads of a KV-cache row written at
+    each row's position: ``vmap`` of ``dynamic_update_slice``) stays split on the operand, its
+    window dim of the updates and the result; its start index is clamped to 0 on every device,
+    which the shard's window covers too. Indices stay replicated."""
+    dn = view.params["dimension_numbers"]
+    operand, updates = view.in_shapes[0], view.in_shapes[2]
+    skipped = {*dn.inserted_window_dims, *getattr(dn, "operand_batching_dims", ())}
+    window = [d for d in range(len(operand)) if d not in skipped]
+    for d, u in zip(window, dn.update_window_dims, strict=True):
+        if updates[u] == operand[d]:
+            yield view.split("scatter", (d, None, int(u)), (d,))
+
+
 @register_strategy_rule("reduce_window_sum", "reduce_window_max", "reduce_window_min")
 def _reduce_window_rule(view: OpView) -> Iterable[Strategy]:
     """Dims the window does not touch (size 1, stride 1, no padding or dilation) stay split."""

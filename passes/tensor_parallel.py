@@ -127,9 +127,15 @@ def sharding_segments(
     return [*bounds, n]
 
 
-def _fixed(program: Program, per_segment: Sequence[Sequence[int]]) -> list[dict[int, None]]:
+def _fixed(
+    program: Program,
+    per_segment: Sequence[Sequence[int]],
+    free: frozenset[int] = frozenset(),
+    pinned: Mapping[int, Any] | None = None,
+) -> list[dict[int, Any]]:
     """Per segment, the values it must see replicated: everything it shares with another
-    segment, batch inputs and program outputs."""
+    segment, batch inputs (but those in ``free``, whose split the solver chooses as for a
+    parameter) and program outputs; and the values of ``pinned`` on their given Dim."""
     made: dict[int, int] = {}
     used: dict[int, set[int]] = {}
     for k, ops in enumerate(per_segment):
@@ -138,16 +144,20 @@ def _fixed(program: Program, per_segment: Sequence[Sequence[int]]) -> list[dict[
             for a in program.ops[i].invars:
                 if isinstance(a, int):
                     used.setdefault(a, set()).add(k)
-    fixed: list[dict[int, None]] = [{} for _ in per_segment]
+    fixed: list[dict[int, Any]] = [{} for _ in per_segment]
     for v, segs in used.items():
         home = made.get(v)
         touching = segs | ({home} if home is not None else set())
-        if len(touching) > 1 or (v in program.batch_dependent and home is None):
+        batch_input = v in program.batch_dependent and home is None and v not in free
+        if len(touching) > 1 or batch_input:
             for k in touching:
                 fixed[k][v] = None
     for a in program.outvars:
         if isinstance(a, int) and a in made:
             fixed[made[a]][a] = None
+    for v, dim in (pinned or {}).items():
+        for k in used.get(v, set()) | ({made[v]} if v in made else set()):
+            fixed[k][v] = dim
     return fixed
 
 
@@ -205,6 +215,9 @@ def shard_layers(
     tensor_axis: str | None,
     cache: ShardingCache | None = None,
     lean: bool = False,
+    *,
+    free: frozenset[int] = frozenset(),
+    pinned: Mapping[int, Any] | None = None,
 ) -> LayerShardings:
     """Every operator's sharding for the tensor axis of `mesh_axes` (tp = 1 without one), and
     the resulting per-layer costs. ``cache``: a `ShardingCache` shared by calls on the same
@@ -214,7 +227,12 @@ def shard_layers(
     would cost more communication than compute it saves. ``lean`` adds a memory price: holding
     a byte of parameter on a device costs the time to send that byte over the tensor link, so
     a weight is split whenever the communication its split causes per microbatch is smaller
-    than the weight itself (big matmul weights are, small norms and biases are not)."""
+    than the weight itself (big matmul weights are, small norms and biases are not).
+
+    ``free``: batch inputs whose split the solver chooses, as for a parameter (a decode step's
+    caches); ``pinned``: values held on a given Dim (value → Dim; a cache and its new value on
+    one). Both enter the segments' fixed values, so a ``cache`` must not be shared with calls
+    that pass others."""
     mesh_axes = tuple(mesh_axes)
     tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
     cache = ShardingCache() if cache is None else cache
@@ -236,8 +254,8 @@ def shard_layers(
         )
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
-    dims, chosen, charged, unruled = _solve_segments(program, split, price, lean)
-    whole = frozenset(v for _, fixed, _ in cache.segments for v in fixed)
+    dims, chosen, charged, unruled = _solve_segments(program, split, price, lean, free, pinned)
+    whole = frozenset(v for _, fixed, _ in cache.segments for v, d in fixed.items() if d is None)
     times, colls = [], []
     for ops in per_layer:
         layer_colls = [c for i in ops for c in charged.get(i, ())]
@@ -265,7 +283,9 @@ def shard_layers(
     )
 
 
-def _segments(program: Program, split: Split, cache: ShardingCache) -> list[Segment]:
+def _segments(
+    program: Program, split: Split, cache: ShardingCache, free=frozenset(), pinned=None
+) -> list[Segment]:
     if cache.live is None:
         cache.live = live_across(program, split)
     if cache.segments is None:
@@ -273,19 +293,21 @@ def _segments(program: Program, split: Split, cache: ShardingCache) -> list[Segm
         per_seg = layer_ops(program, split, bounds, cache)
         cache.segments = [
             (ops, fixed, sharding.signature(program, ops, fixed))
-            for ops, fixed in zip(per_seg, _fixed(program, per_seg), strict=True)
+            for ops, fixed in zip(per_seg, _fixed(program, per_seg, free, pinned), strict=True)
         ]
     return cache.segments
 
 
-def _solve_segments(program: Program, split: Split, price: _Pricing, lean: bool):
+def _solve_segments(
+    program: Program, split: Split, price: _Pricing, lean: bool, free=frozenset(), pinned=None
+):
     """(value → split dim, op → strategy, op → its collectives) over every sharding segment,
     each structure solved once (`ShardingCache.solved`)."""
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
     unruled: set[str] = set()
-    for ops, fixed, signature in _segments(program, split, price.cache):
+    for ops, fixed, signature in _segments(program, split, price.cache, free, pinned):
         key = SolvedKey(
             signature=signature,
             tp=price.tp,

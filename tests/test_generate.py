@@ -8,13 +8,18 @@ fed one token per step at position = step, greedy ``argmax`` or a draw with
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 import autopipe
 from autopipe import decoders as dec
+from autopipe.cost_models.hardware import get_hardware
 
 BATCH, WIDTH = 8, 8
 GPT = dec.DecoderConfig(layers=4, max_len=48, init_scale=1.0)
@@ -74,26 +79,46 @@ def _plain(cfg):
     return dec.gpt_step(cfg), params, cache
 
 
+def _nnx(cfg):
+    return dec.nnx_init(cfg, BATCH)
+
+
 FORMS = {
     "linen_gpt": lambda: _linen(GPT),
     "plain_gpt": lambda: _plain(GPT),
     "linen_llama": lambda: _linen(LLAMA),
     "plain_llama": lambda: _plain(LLAMA),
+    "nnx_gpt": lambda: _nnx(GPT),
 }
 
 
 def _mesh(shape):
-    pp, dp = shape
-    return jax.make_mesh((pp, dp), ("pp", "dp"), devices=jax.devices()[: pp * dp])
+    """(pp, dp) or (pp, dp, tp)."""
+    names = ("pp", "dp", "tp")[: len(shape)]
+    return jax.make_mesh(shape, names, devices=jax.devices()[: int(np.prod(shape))])
 
 
-def _check(form, shape, n, **sampling):
+# Free launches and messages make tensor splitting pay on these tiny models (tests/test_tp_models)
+SPLIT_PAYS = dataclasses.replace(
+    get_hardware("h100"), name="h100-no-latency", op_overhead=0.0, link_latency=0.0
+)
+
+
+def _check(form, shape, n, hardware=None, **sampling):
     step, params, cache = FORMS[form]()
     cfg = LLAMA if "llama" in form else GPT
     prompts, lengths = _prompts(cfg)
     want, count = reference(step, params, cache, prompts, lengths, n, **sampling)
     got = autopipe.generate(
-        step, params, cache, prompts, lengths, mesh=_mesh(shape), max_new_tokens=n, **sampling
+        step,
+        params,
+        cache,
+        prompts,
+        lengths,
+        mesh=_mesh(shape),
+        max_new_tokens=n,
+        hardware=hardware,
+        **sampling,
     )
     np.testing.assert_array_equal(got.tokens, want)
     np.testing.assert_array_equal(got.lengths, count)
@@ -101,6 +126,7 @@ def _check(form, shape, n, **sampling):
 
 
 DEFAULT = [("linen_gpt", (2, 1)), ("plain_llama", (8, 1)), ("linen_llama", (2, 2))]
+NNX = [("nnx_gpt", s) for s in [(1, 1), (2, 1), (2, 2)]]
 GRID = [(f, s) for f in FORMS for s in [(1, 1), (2, 1), (4, 1), (8, 1), (2, 2)]]
 
 
@@ -110,8 +136,15 @@ def test_greedy_equals_single_device(form, shape):
     assert len(np.unique(want)) > 8  # the reference is not degenerate: many different tokens
 
 
+@pytest.mark.parametrize(("form", "shape"), NNX)
+def test_nnx_decoder_greedy_equals_single_device(form, shape):
+    """An ``nnx.Module`` whose ``nnx.Cache`` variables each call rewrites, as a pure step
+    (`decoders.nnx_step`: split, merge, call, the caches' new state)."""
+    _check(form, shape, 32)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("form", "shape"), [c for c in GRID if c not in DEFAULT])
+@pytest.mark.parametrize(("form", "shape"), [c for c in GRID if c not in DEFAULT + NNX])
 def test_greedy_equals_single_device_grid(form, shape):
     _check(form, shape, 32)
 
@@ -159,6 +192,126 @@ def test_caches_stay_on_their_stage_and_nothing_is_gathered():
     assert mem.temp_size_in_bytes < 4 * group
 
 
+# --- a tensor axis ----------------------------------------------------------------------------
+
+
+def _collectives(hlo: str) -> list[tuple[str, str]]:
+    """(kind, replica groups or source-target pairs) of every collective in ``hlo``."""
+    kinds = "all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute"
+    found = []
+    for line in hlo.splitlines():
+        m = re.search(rf" ({kinds})(?:-start)?\(", line)
+        if m:
+            g = re.search(r"(?:replica_groups|source_target_pairs)=(\{[\{\}0-9,]*\})", line)
+            found.append((m.group(1), g.group(1) if g else "?"))
+    return found
+
+
+@pytest.mark.parametrize("form", ["linen_gpt", "plain_llama"])
+def test_pp2_tp2_greedy_equals_single_device_with_caches_split_by_heads(form):
+    """pp 2 × tp 2: the tied-head GPT and the Llama (grouped k/v heads, rotary) under the
+    planned tensor strategies, each KV cache split by (k/v) heads over the tensor axis like a
+    split parameter and updated on its shard; every tensor collective inside a stage's tensor
+    group, none of a cache."""
+    step, params, cache = FORMS[form]()
+    cfg = LLAMA if "llama" in form else GPT
+    prompts, lengths = _prompts(cfg)
+    mesh = _mesh((2, 1, 2))
+    plan = autopipe.plan_generation(step, params, cache, mesh=mesh, hardware=SPLIT_PAYS)
+    assert plan.tensor_degree == 2 and plan.split_values > 0
+    names = {s.name for s in plan.shardings.op_strategies.values()}
+    assert {"column", "row"} <= names  # the matmuls really run split (else this proves nothing)
+    assert plan.split_caches == plan.state.paths  # every k and v, on its kv-heads dim
+    assert {s.dim for s in plan.caches.slots} == {2}  # (rows, positions, kv heads, head dim)
+    assert "by heads" in plan.cache_placement and "tensor axis" in plan.summary()
+    want, count = reference(step, params, cache, prompts, lengths, 32)
+    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=32)
+    np.testing.assert_array_equal(got.tokens, want)
+    np.testing.assert_array_equal(got.lengths, count)
+    _, compiled = plan.lower(_decoding(plan))
+    # per device: its stage's caches once, split in 2 (the donated, aliased arguments)
+    mem = compiled.memory_analysis()
+    own = max(s.device_cache_bytes for s in plan.stages)
+    assert own == max(s.cache_bytes for s in plan.stages) // 2
+    assert own <= mem.alias_size_in_bytes <= 1.10 * own
+    tp_groups = "{{0,1},{2,3}}"  # mesh (pp 2, dp 1, tp 2): devices 2s, 2s+1 form stage s
+    hlo = compiled.as_text()
+    found = _collectives(hlo)
+    whole = (BATCH // plan.num_groups, *jax.tree.leaves(cache)[0].shape[1:])  # a group's block
+    gathered = rf"= f32\[{','.join(map(str, whole))}\]\S* (all-gather|all-to-all|all-reduce)"
+    assert not re.search(gathered, hlo)  # no cache is ever made whole
+    assert any(k == "all-reduce" for k, _ in found)  # row-parallel partial sums
+    for kind, groups in found:
+        if kind == "collective-permute":  # the ring and the activations: pp neighbours only
+            assert groups in ("{{0,2},{1,3}}", "{{0,2},{2,0},{1,3},{3,1}}"), groups
+        else:  # nothing gathered, reduced or moved over the pipeline axis
+            assert groups == tp_groups, (kind, groups)
+
+
+def test_cache_write_strategies_run_on_shards_and_equal_the_whole_write():
+    """The scatter of a KV-cache write (``vmap`` of ``dynamic_update_slice``, `decoders._write`)
+    under each of its split strategies (`sharding_rules._scatter_rule`), on shards with the
+    updates split alike, equals the write on whole values."""
+    from autopipe.passes.graph import build_program
+    from autopipe.passes.sharding import strategies
+    from autopipe.passes.tensor_local import reshard, run_local
+    from autopipe.passes.trace import trace
+
+    rng = np.random.default_rng(0)
+    args = (
+        jnp.asarray(rng.normal(size=(4, 6, 4, 8)), jnp.float32),
+        jnp.asarray(rng.normal(size=(4, 4, 8)), jnp.float32),
+        jnp.asarray([0, 5, 2, 7], jnp.int32),  # 7: past the cache, clamped as on one device
+    )
+    traced = trace(dec._write, args, batch_argnums=(0, 1, 2), num_microbatches=1)
+    prog = build_program(traced.jaxpr, traced.spec.batch_leaves)
+    (i,) = [i for i, op in enumerate(prog.ops) if op.primitive == "scatter"]
+    op, want = prog.ops[i], jax.jit(dec._write)(*args)
+    env = {v: x for v, x in zip(prog.invars, args, strict=True)}
+    split = [s for s in strategies(prog, i, 2) if s.name == "scatter"]
+    assert {s.outs for s in split} == {(2,), (3,)}  # heads, head dim (written whole)
+    mesh = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+    for s in split:
+
+        def local(operand, indices, updates, s=s):
+            xs = [
+                reshard(x, None, d, "tp", 2)
+                for x, d in zip((operand, indices, updates), s.ins, strict=True)
+            ]
+            (y,) = run_local(op, s, xs, [want.shape], "tp", 2)
+            return reshard(y, s.outs[0], None, "tp", 2)
+
+        smap = jax.shard_map(local, mesh=mesh, in_specs=(P(),) * 3, out_specs=P(), check_vma=False)
+        got = jax.jit(smap)(*_operands(prog, i, env))  # the indices: made from the positions
+        np.testing.assert_array_equal(got, want, err_msg=str(s))
+
+
+def _operands(prog, i, env):
+    from autopipe.passes.ir import eval_ops, read_atom
+
+    eval_ops(prog, range(i), env)
+    return [read_atom(env, a) for a in prog.ops[i].invars]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["plain_gpt", "linen_llama"])
+def test_pp2_dp2_tp2_greedy_equals_single_device(form):
+    _check(form, (2, 2, 2), 32, hardware=SPLIT_PAYS)
+
+
+@pytest.mark.slow
+def test_pp2_tp4_llama_keeps_caches_whole_when_its_2_kv_heads_cannot_split_4_ways():
+    step, params, cache = FORMS["plain_llama"]()
+    prompts, lengths = _prompts(LLAMA)
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh((2, 1, 4)), hardware=SPLIT_PAYS)
+    assert plan.split_values > 0 and plan.split_caches == ()
+    assert "8 kept whole on each of its 4 devices" in plan.cache_placement
+    want, count = reference(step, params, cache, prompts, lengths, 16)
+    got = plan.generate(params, cache, prompts, lengths, max_new_tokens=16)
+    np.testing.assert_array_equal(got.tokens, want)
+    np.testing.assert_array_equal(got.lengths, count)
+
+
 def test_planning_from_shapes_counts_cache_bytes_per_stage():
     cfg = dec.DecoderConfig(layers=4, max_len=512)
     params, cache = dec.gpt_shapes(cfg, BATCH)  # nothing allocated
@@ -193,10 +346,12 @@ def _alone(step, params, cache, prompt, n, index, **sampling):
     return want[0, : count[0]]
 
 
-def _serve_check(cfg, slots, shape, requests, steps_per_call, **sampling):
+def _serve_check(cfg, slots, shape, requests, steps_per_call, hardware=None, **sampling):
     params, cache = dec.init_gpt(cfg, slots)
     step = dec.gpt_step(cfg)
-    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh(shape))
+    plan = autopipe.plan_generation(step, params, cache, mesh=_mesh(shape), hardware=hardware)
+    if len(shape) == 3:  # a tensor axis: the caches really are split
+        assert len(plan.split_caches) == len(jax.tree.leaves(cache))
     got = plan.serve(params, cache, requests, steps_per_call=steps_per_call, **sampling)
     done = {c.index: c.tokens for c in got}
     assert sorted(done) == list(range(len(requests)))
@@ -218,6 +373,11 @@ def test_continuous_batching_equals_each_request_alone():
     cfg = dec.DecoderConfig(layers=4, max_len=40, init_scale=1.0)
     requests = _requests(10, (2, 12), (1, 20))
     _serve_check(cfg, 4, (2, 1), requests, 4, temperature=0.9, key=jax.random.key(5))
+
+
+def test_continuous_batching_on_a_tensor_axis_equals_each_request_alone():
+    cfg = dec.DecoderConfig(layers=4, max_len=40, init_scale=1.0)
+    _serve_check(cfg, 4, (2, 1, 2), _requests(6, (2, 12), (1, 20)), 4, hardware=SPLIT_PAYS)
 
 
 @pytest.mark.slow

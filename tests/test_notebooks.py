@@ -15,7 +15,11 @@ NOTEBOOKS = sorted(EXAMPLES.glob("*.ipynb"))
 
 def test_there_are_notebooks():
     names = {p.name for p in NOTEBOOKS}
-    assert {"plan_175b_on_a_laptop.ipynb", "schedules_compared.ipynb"} <= names
+    assert {
+        "plan_175b_on_a_laptop.ipynb",
+        "schedules_compared.ipynb",
+        "generation.ipynb",
+    } <= names
 
 
 @pytest.mark.parametrize(
