@@ -180,7 +180,7 @@ def emit_generate(
             Rows(**{f: stacked for f in Rows.__dataclass_fields__}),
             cache_specs,
         ),
-        axis_names={a for a in (axis, data_axis, tensor_axis) if a},
+        axis_names=set(mesh.axis_names),  # every axis manual, size-1 ones too (see passes.emit)
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
     c = max(decoding.groups, p)
