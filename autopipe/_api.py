@@ -100,6 +100,7 @@ def train(
     batch_argnums: Sequence[int] = (1,),
     pipeline_axis: str = "pp",
     data_axis: str = "dp",
+    tensor_axis: str = "tp",
     hardware: str | Hardware | Any | None = None,
     memory_limit: float | None = None,
     remat: bool | None = None,
@@ -138,6 +139,7 @@ def train(
         num_microbatches=num_microbatches,
         pipeline_axis=pipeline_axis,
         data_axis=data_axis,
+        tensor_axis=tensor_axis,
         training=True,
         virtual_stages=v,
     )

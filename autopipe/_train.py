@@ -19,7 +19,8 @@ import optax
 
 from autopipe._front import Front
 from autopipe._plan import Predicted, Stage
-from autopipe._stage_search import make_stage
+from autopipe._stage_search import count_strategies, make_stage, shard, sum_collectives
+from autopipe.cost_models import comm
 from autopipe.cost_models.durations import (
     BACKWARD_FACTOR,
     action_durations,
@@ -31,6 +32,7 @@ from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
 from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
+from autopipe.passes.tensor_parallel import LayerShardings
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
 
@@ -66,9 +68,14 @@ def _zero_replicas(front: Front, zero_stage: int) -> int:
     return front.axis_size(front.data_axis)
 
 
-def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
+def _problem(
+    front: Front, layers, sh: LayerShardings, *, limit, in_flight, opt_factor, remat
+) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
-    training memory model (`training_segment_memory`)."""
+    training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
+    layer's compute is its planned strategies' and its tensor collectives run twice (the
+    forward's, and their conjugates in the backward: Megatron's f/g pairs), three times under
+    remat; parameters, gradients and optimizer state count one shard per device."""
     c, hw = front.costs, front.hardware
     mem = training_segment_memory(
         c,
@@ -77,12 +84,18 @@ def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> St
         optimizer_factor=opt_factor,
         in_flight=in_flight,
         remat=remat,
+        param_scale=sh.param_scale(sh.dims) if sh.tp > 1 else None,
     )
     scale = training_stage_scale(remat)
-    t = tuple(
-        scale * float(sum(c.op_times[a:b])) for a, b in zip(layers[:-1], layers[1:], strict=True)
-    )
     cut = tuple(2 * transfer_time(c.cut_bytes[k], hw) for k in layers[1:-1])
+    if sh.tp == 1:
+        t = tuple(
+            scale * float(sum(c.op_times[a:b]))
+            for a, b in zip(layers[:-1], layers[1:], strict=True)
+        )
+    else:
+        t = tuple(_tensor_layer_time(front, sh, k, scale, remat) for k in range(len(sh.times)))
+        cut = tuple(x + g for x, g in zip(cut, sh.cut_times, strict=True))  # forward gathers
     return StageProblem(
         layer_time=t,
         cut_time=cut,
@@ -91,6 +104,15 @@ def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> St
         num_stages=front.num_stages,
         num_microbatches=front.num_microbatches,
     )
+
+
+def _tensor_layer_time(front: Front, sh: LayerShardings, k: int, scale: float, remat: bool):
+    """Layer k's training seconds: its sharded compute × ``scale``, its collectives × 2 (+1)."""
+    colls = sum(
+        comm.collective_time(kind, b, front.tensor_axis, front.mesh_axes, front.hardware)
+        for kind, b in sh.collectives[k]
+    )
+    return scale * (sh.times[k] - colls) + (3 if remat else 2) * colls
 
 
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
@@ -174,6 +196,7 @@ class TrainingSearch:
     predicted: Predicted
     remat: tuple[bool, ...]
     shared: tuple[tuple[str, tuple[int, ...]], ...]  # leaves read by stages on several devices
+    shardings: LayerShardings  # the tensor strategies (tp = 1 without a tensor axis)
 
 
 def check_schedule(schedule: str, virtual_stages: int | None) -> int:
@@ -209,15 +232,18 @@ def search_training(
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
+    sh = shard(front, layers)  # the forward's tensor strategies (tp = 1 without a tensor axis)
     problems = {
         r: _problem(
-            front, layers, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
+            front, layers, sh, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
         )
         for r in ([remat] if remat is not None else [False, True])
     }
     bounds, times, mems, remat_stages = _solve(problems, remat, S, limit / v)
     op_bounds = tuple(layers[b] for b in bounds)
-    layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
+    layouts = list(
+        stage_layouts(front.program, front.split, op_bounds, training=True, dims=sh.dims, tp=sh.tp)
+    )
     owner = _raw_owner(front, layouts, p)
     _check_stacked(front, owner)
     layouts = tuple(_with_orphans(front, layouts, owner))
@@ -230,6 +256,7 @@ def search_training(
             lay,
             time=times[s],
             memory=mems[s],
+            **_tensor_facts(sh, lay, bounds[s], bounds[s + 1]),
         )
         for s, lay in enumerate(layouts)
     )
@@ -242,6 +269,18 @@ def search_training(
         predicted=_predict(front, sched, stages, p, remat=remat_stages),
         remat=remat_stages,
         shared=shared_params(front, layouts, p),
+        shardings=sh,
+    )
+
+
+def _tensor_facts(sh: LayerShardings, lay: StageLayout, lo: int, hi: int) -> dict:
+    """A tensor-parallel stage's record: shard bytes, strategies and forward collectives."""
+    if sh.tp == 1:
+        return {}
+    return dict(
+        device_param_bytes=lay.device_param_bytes,
+        strategies=count_strategies(sh.strategies[lo:hi]),
+        collectives=sum_collectives(sh.collectives[lo:hi]),
     )
 
 
