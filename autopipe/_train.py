@@ -30,8 +30,9 @@ from autopipe.cost_models.rules import transfer_time
 from autopipe.cost_models.stage_memory import training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.layout import StageLayout, stage_layouts
+from autopipe.passes.layout import StageLayout, placed_sources, stage_layouts
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
+from autopipe.passes.sharding import strategies as strategies_of
 from autopipe.passes.tensor_parallel import LayerShardings
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
@@ -104,6 +105,63 @@ def _problem(
         num_stages=front.num_stages,
         num_microbatches=front.num_microbatches,
     )
+
+
+_VIEWS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "transpose"})
+
+
+def _held_split(front: Front, sh: LayerShardings) -> LayerShardings:
+    """The forward's shardings with parameters held split where all their readers read them
+    split. The forward prices taking a block of a whole parameter as free (a local slice), but
+    in training its backward gathers the blocks' gradients whole on every device (an all-gather
+    per such parameter and microbatch: a column-parallel bias reshaped for broadcasting, for
+    instance). So, from the last operator back: a replicated view of a parameter (reshape,
+    broadcast, cast) whose results every reader takes split on one dim runs split instead (its
+    rule's strategy with that result dim), and a parameter every reader takes split on one dim
+    is held split: no reshard, no gather, 1/tp of the memory."""
+    if sh.tp == 1:
+        return sh
+    prog = front.program
+    strategies = dict(sh.op_strategies)
+    readers: dict[int, list[int]] = {}
+    for i, op in enumerate(prog.ops):
+        for a in op.invars:
+            if isinstance(a, int):
+                readers.setdefault(a, []).append(i)
+
+    def wanted(v: int) -> set:
+        out = set()
+        for i in readers.get(v, ()):
+            s = strategies.get(i)
+            out |= {s.ins[k] if s else None for k, a in enumerate(prog.ops[i].invars) if a == v}
+        return out
+
+    derived = set(placed_sources(prog, front.split, training=True))
+    views = []
+    for i, op in enumerate(prog.ops):  # views of placed values, in program order
+        ins = [a for a in op.invars if isinstance(a, int)]
+        if op.primitive in _VIEWS and len(op.outvars) == 1 and ins and set(ins) <= derived:
+            derived.add(op.outvars[0])
+            views.append(i)
+    for i in reversed(views):
+        s, (w,) = strategies.get(i), prog.ops[i].outvars
+        ds = wanted(w)
+        if (s and any(d is not None for d in (*s.ins, *s.outs))) or w in sh.whole:
+            continue
+        if len(ds) == 1 and None not in ds:
+            got = [c for c in strategies_of(prog, i, sh.tp) if c.outs == tuple(ds)]
+            if got:
+                strategies[i] = got[0]
+    dims = dict(sh.dims)
+    for v in sorted(placed_sources(prog, front.split, training=True)):
+        ds = wanted(v)
+        if dims.get(v) is None and len(ds) == 1 and None not in ds:
+            dims[v] = next(iter(ds))
+    for i in views:  # the split views' results are held as they are made
+        s = strategies.get(i)
+        if s is not None:
+            dims.update((w, d) for w, d in zip(prog.ops[i].outvars, s.outs, strict=True))
+    return dataclasses.replace(sh, dims=dims, op_strategies=strategies)
 
 
 def _tensor_layer_time(front: Front, sh: LayerShardings, k: int, scale: float, remat: bool):
@@ -232,7 +290,7 @@ def search_training(
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
-    sh = shard(front, layers)  # the forward's tensor strategies (tp = 1 without a tensor axis)
+    sh = _held_split(front, shard(front, layers))  # the forward's tensor strategies
     problems = {
         r: _problem(
             front, layers, sh, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
