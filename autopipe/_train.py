@@ -378,9 +378,23 @@ def _predict(front: Front, sched: schedules.Schedule, stages, p: int, *, remat: 
     _, makespan = schedules.simulate(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]
     return Predicted(
-        step_time=makespan,
+        step_time=makespan + _replica_sum_time(front, stages, p),
         bubble_fraction=sched.bubble_fraction(duration),
         memory_per_device=tuple(per_device),
         bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,
+    )
+
+
+def _replica_sum_time(front: Front, stages, p: int) -> float:
+    """Seconds of the data-axis gradient all-reduce after the pipeline (ZeRO-1's reduce-scatter
+    and all-gather move the same bytes): the device holding most gradient bytes (its shards)."""
+    if front.data_axis is None:
+        return 0.0
+    held = [
+        sum(s.device_param_bytes if s.device_param_bytes >= 0 else s.param_bytes for s in mine)
+        for mine in (stages[d::p] for d in range(p))
+    ]
+    return comm.collective_time(
+        "all_reduce", float(max(held)), front.data_axis, front.mesh_axes, front.hardware
     )

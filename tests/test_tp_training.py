@@ -229,3 +229,25 @@ def test_parameters_and_optimizer_state_are_held_as_shards(tp):
     batch = 2 * BATCH * 32 * 4
     largest = max(s.param_bytes for s in plan.stages)
     assert args - batch <= 1.10 * 3 * largest / tp, (args - batch, 3 * largest / tp)
+
+
+@pytest.mark.slow
+def test_mesh_8_searches_the_factorizations_for_training():
+    """``mesh=8``: every pp × dp × tp layout is planned by the training planner (forward and
+    backward tensor collectives, the data-axis gradient all-reduce), the fastest compiled;
+    it trains like the reference for the layout it chose."""
+    loss_fn, params, batch = _task("gpt2")
+    plan = autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=8, hardware=SPLIT_PAYS)
+    priced = {(f.pp, f.dp, f.tp) for f in plan.factorizations}
+    assert {(2, 2, 2), (1, 1, 8), (8, 1, 1), (2, 1, 4)} <= priced
+    best = plan.factorizations[0]
+    assert dict(plan.mesh_axes) == {"pp": best.pp, "dp": best.dp, "tp": best.tp}
+    state = plan.init(params)
+    losses = []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+    want_losses, want = _reference("gpt2", plan.num_microbatches, best.dp)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
+    for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
