@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+import test_inputs
 from test_tp_models import SPLIT_PAYS, UserGPT2, _tokens
 
 import autopipe
@@ -122,6 +123,48 @@ def _grid():
 @pytest.mark.parametrize(("name", "schedule", "factors"), list(_grid()))
 def test_training_with_a_tensor_axis_equals_the_reference(name, schedule, factors):
     _check(name, schedule, factors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("schedule", "m", "remat"), [("interleaved_1f1b", 4, False), ("gpipe", 2, True)]
+)
+def test_other_schedules_and_remat_with_a_tensor_axis(schedule, m, remat):
+    _check("llama", schedule, (2, 1, 2), m=m, remat=remat)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "schedule", "factors", "remat"),
+    [("dropout_gpt2", "gpipe", (2, 1, 4), True), ("bert", "zb_h1", (2, 2, 2), True)],
+)
+def test_masks_dropout_and_keys_with_a_tensor_axis(name, schedule, factors, remat):
+    """tests/test_inputs.py's tasks (a BERT with bool padding masks and int token types crossing
+    stages; a GPT-2 with dropout drawing from a per-step key) on a tensor axis: the dropout
+    masks are drawn whole on every device of the tensor group (one key) and sliced."""
+    loss_fn, params, batch, keyed = test_inputs._task(name)
+    pp, dp, tp = factors
+    plan = autopipe.train(
+        loss_fn,
+        test_inputs.OPTIMIZER,
+        params,
+        batch,
+        *((jax.random.key(0),) if keyed else ()),
+        mesh=mesh(pp, dp=dp, tp=tp),
+        schedule=schedule,
+        num_microbatches=2,
+        hardware=SPLIT_PAYS,
+        remat=remat,
+    )
+    assert _split_ops(plan) > 0
+    state, losses = plan.init(params), []
+    for key in test_inputs._step_keys():
+        state, loss = plan.step(state, batch, *((key,) if keyed else ()))
+        losses.append(float(loss))
+    want_losses, want = test_inputs._reference(name, 2, dp)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
+    for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
