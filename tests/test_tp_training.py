@@ -171,7 +171,8 @@ def test_masks_dropout_and_keys_with_a_tensor_axis(name, schedule, factors, rema
 def test_global_norm_counts_split_and_replicated_leaves_once():
     """clip_by_global_norm over shards: the update runs on the global slots, so a split leaf's
     squares are summed over its shards once and a replicated leaf's once (not tp times). The
-    clip threshold is below the gradient norm, so a wrong count changes every step."""
+    clip threshold (0.05) is far below the gradient norm (0.49 at the first step), so a wrong
+    count changes every step."""
     clipped = optax.chain(optax.clip_by_global_norm(0.05), OPTIMIZER)
     plan = _check("gpt2", "1f1b", (2, 1, 4), optimizer=clipped)
     assert plan.emitted.optimizer_mode == "global"
@@ -182,6 +183,32 @@ def test_zero1_with_a_tensor_axis_equals_the_reference():
     """ZeRO-1 over the data axis on top of tensor shards: each state leaf is split over the
     data axis along a dimension the tensor axis leaves whole."""
     _check("llama", "1f1b", (2, 2, 2), zero_stage=1)
+
+
+def test_the_training_planner_prices_the_tensor_strategies():
+    """Planned from shapes (no compile): at tp = 4 each device holds a quarter of the split
+    parameters with their gradients and Adam state, so the predicted memory per device drops;
+    the stages record their strategies and the forward collectives, whose backward conjugates
+    the stage times also count."""
+    loss_fn, params, batch = _task("llama")
+
+    def planned(tp):
+        return autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh={"pp": 2, "dp": 1, "tp": tp},
+            num_microbatches=2,
+            hardware=SPLIT_PAYS,
+            compile=False,
+        )
+
+    one, four = planned(1), planned(4)
+    assert _split_ops(four) > 0 and _split_ops(one) == 0
+    assert all(dict(s.collectives).get("all_reduce", 0) > 0 for s in four.stages)
+    assert max(four.predicted.memory_per_device) < max(one.predicted.memory_per_device)
+    assert [s.device_param_bytes < s.param_bytes for s in four.stages] == [True, True]
 
 
 # --- the compiled step: Megatron's collectives, shard-sized memory ----------------------------
