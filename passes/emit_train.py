@@ -2,8 +2,16 @@
 
 The step is ``jit(train_step)`` with parameters and optimizer state donated:
 
-    grads, loss = shard_map(pipeline)(slots, microbatches)      # manual over 'pp'
+    grads, loss = shard_map(pipeline)(slots, microbatches)      # manual over every axis
     slots, opt_state = optimizer_step.update(grads, opt_state, slots)
+
+With a tensor axis, tensor-split slots are ``(p, *shape)`` arrays sharded over the pipeline
+axis and over the tensor axis on their split dimension: each device holds its shard of the
+parameter, its gradient and its optimizer state (adam's moments follow the slots' specs); the
+stages run their planned strategies with Megatron's conjugate collectives
+(`passes.train_actions`). The update runs on the global slots, the tensor axis left to XLA's
+partitioner (elementwise updates stay local; a global norm or a per-leaf statistic sums over
+the whole leaf once, so both stay exact).
 
 Parameters, gradients and optimizer state all live in the same layout: the slots of a
 `ParamLayout` built by size where the optimizer reads no shapes (`optimizer_exact.shape_free`)

@@ -1,7 +1,17 @@
 """The actions of a training table, per stage: F (forward under ``jax.vjp``, residuals written
 into their slots in place), B (input gradient, and the weight gradient unless W is split off)
 and W (weight gradient from the stored cotangent). See `passes.emit_train` for how a tick runs
-them; parameters are read whole from the device's rows of the slots of a `ParamLayout`.
+them; parameters are read from the device's rows of the slots of a `ParamLayout`.
+
+With a tensor axis every operator of a stage runs its planned strategy on this device's shards
+(`passes.tensor_local.LocalEnv` with ``conjugate=True``), inside ``jax.vjp``: tensor-split
+parameters enter as shards and their gradients come out as shards of the same layout, received
+values enter whole and the values a stage sends (or its loss) leave whole. Megatron's conjugate
+collectives make the gradients taken inside the manual region exact: a whole value read by
+split operators is all-reduced once in the backward (its readers' partial cotangents summed
+first), a row-parallel psum passes the whole cotangent on, a gather hands each device its block.
+The collectives run inside the stage's action, which every device of its tensor group runs in
+the same tick (never a pipeline collective: those run after the switch).
 """
 
 from __future__ import annotations
