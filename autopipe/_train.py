@@ -79,7 +79,7 @@ def _problem(
     remat; parameters, gradients and optimizer state count one shard per device."""
     c, hw = front.costs, front.hardware
     mem = training_segment_memory(
-        c,
+        _split_activations(front, sh),
         layers,
         front.program.nbytes,
         optimizer_factor=opt_factor,
@@ -162,6 +162,25 @@ def _held_split(front: Front, sh: LayerShardings) -> LayerShardings:
         if s is not None:
             dims.update((w, d) for w, d in zip(prog.ops[i].outvars, s.outs, strict=True))
     return dataclasses.replace(sh, dims=dims, op_strategies=strategies)
+
+
+def _split_activations(front: Front, sh: LayerShardings):
+    """The operator costs with each operator's results counted as one device holds them (a
+    result its strategy splits: 1/tp), so residuals and working sets count shards."""
+    if sh.tp == 1:
+        return front.costs
+    prog, c = front.program, front.costs
+    acts = []
+    for k, i in enumerate(front.split.pipeline):
+        s = sh.op_strategies.get(i)
+        outs = s.outs if s is not None else (None,) * len(prog.ops[i].outvars)
+        whole = sum(prog.nbytes(v) for v in prog.ops[i].outvars) or 1
+        held = sum(
+            prog.nbytes(v) / (sh.tp if d is not None else 1)
+            for v, d in zip(prog.ops[i].outvars, outs, strict=True)
+        )
+        acts.append(int(c.act_bytes[k] * held / whole))
+    return dataclasses.replace(c, act_bytes=tuple(acts))
 
 
 def _tensor_layer_time(front: Front, sh: LayerShardings, k: int, scale: float, remat: bool):
