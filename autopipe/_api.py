@@ -19,6 +19,7 @@ from autopipe._front import check_reduction
 from autopipe._planned import Plan
 from autopipe._staged import trace
 from autopipe._train import check_schedule
+from autopipe._train_factorize import train_on_devices
 from autopipe.cost_models.hardware import Hardware
 
 
@@ -100,6 +101,7 @@ def train(
     batch_argnums: Sequence[int] = (1,),
     pipeline_axis: str = "pp",
     data_axis: str = "dp",
+    tensor_axis: str = "tp",
     hardware: str | Hardware | Any | None = None,
     memory_limit: float | None = None,
     remat: bool | None = None,
@@ -129,15 +131,49 @@ def train(
     (ZeRO-1) splits the optimizer state over the data replicas: each keeps 1/dp of it (of every
     state leaf along its first dimension that dp divides), gradients are reduce-scattered and
     the updated parameters all-gathered; the memory model counts the split.
+    A mesh axis named ``tensor_axis`` splits operators as the forward planner does (Megatron's
+    column/row-parallel matmuls, heads, ...): every stage's forward and backward run their
+    planned strategies on shards with Megatron's conjugate collectives; split parameters, their
+    gradients and optimizer state stay split; ``unplace`` returns whole leaves. ``mesh=N`` or
+    ``mesh=None`` (this process's devices) plans every pipeline × data × tensor layout of the
+    devices with the training planner and compiles the fastest (``plan.factorizations``).
     """
     v = check_schedule(schedule, virtual_stages)
     check_reduction(reduction)
+    if mesh is None or isinstance(mesh, int):
+        return train_on_devices(
+            loss_fn,
+            optimizer,
+            example_args,
+            devices=mesh,
+            names=(pipeline_axis, data_axis, tensor_axis),
+            lower=dict(
+                batch_argnums=batch_argnums,
+                hardware=hardware,
+                num_microbatches=num_microbatches,
+                pipeline_axis=pipeline_axis,
+                data_axis=data_axis,
+                tensor_axis=tensor_axis,
+                virtual_stages=v,
+            ),
+            plan=dict(
+                schedule=schedule,
+                memory_limit=memory_limit,
+                remat=remat,
+                reduction=reduction,
+                virtual_stages=v,
+                zero_stage=zero_stage,
+            ),
+            compile_=compile,
+            started=time.perf_counter(),
+        )
     lowered = trace(loss_fn, *example_args, batch_argnums=batch_argnums).lower(
         mesh,
         hardware=hardware,
         num_microbatches=num_microbatches,
         pipeline_axis=pipeline_axis,
         data_axis=data_axis,
+        tensor_axis=tensor_axis,
         training=True,
         virtual_stages=v,
     )

@@ -84,8 +84,9 @@ def _check_branch_collectives(hlo: str, fn_name: str) -> None:
 
 
 def _compile_train(
-    front, layouts, sched, mesh, axis, optimizer, remat, loss_scale, *, zero_stage: int
+    front, layouts, sched, mesh, axis, optimizer, remat, loss_scale, *, zero_stage: int, tensor
 ) -> _Runtime:
+    """``tensor``: (value → split dim, op → strategy, values handed over whole)."""
     traced, program = front.traced, front.program
     emitted = emit_train(
         program,
@@ -99,6 +100,10 @@ def _compile_train(
         loss_scale=loss_scale,
         data_axis=front.data_axis,
         zero_stage=zero_stage,
+        tensor_axis=front.tensor_axis,
+        dims=tensor[0],
+        strategies=tensor[1],
+        whole=tensor[2],
     )
     check_optimizer(optimizer, program, traced.spec, emitted.params, emitted.optimizer_mode)
     batch_avals = tuple(
@@ -134,7 +139,8 @@ def _unplace_fn(program, emitted) -> Callable:
     def gather(bufs):
         def held(k):
             buf = bufs[k]
-            if not buf.is_fully_addressable:  # stages in other processes: fetch every row
+            split = k < len(emitted.params.slots) and emitted.params.slots[k].dim is not None
+            if split or not buf.is_fully_addressable:  # tensor shards, or other processes
                 return dict(enumerate(np.asarray(gather_global(buf))))
             return {
                 shard.index[0].start or 0: np.asarray(shard.data)[0]

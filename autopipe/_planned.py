@@ -92,7 +92,10 @@ class Planned(PlanRecord):
         m, dp = self.num_microbatches, f.axis_size(f.data_axis)
         scale = 1.0 / (m * dp) if self.reduction == "mean" else 1.0
         args = (self.mesh, self.pipeline_axis, self.optimizer, self.remat, scale)
-        return _compile_train(f, self.layouts, self.schedule, *args, zero_stage=self.zero_stage)
+        tensor = (self.dims, self.op_strategies, self.whole_values)
+        return _compile_train(
+            f, self.layouts, self.schedule, *args, zero_stage=self.zero_stage, tensor=tensor
+        )
 
     def finish(self, *, compile: bool = True) -> Plan:  # noqa: A002
         """The executable for a concrete mesh (``compile=True``), else a planning-only `Plan`."""
@@ -232,6 +235,9 @@ def training_planned(
         optimizer=optimizer,
         reduction=check_reduction(reduction),
         zero_stage=zero_stage,
+        dims=done.shardings.dims,
+        op_strategies=done.shardings.op_strategies,
+        whole_values=done.shardings.whole,
     )
 
 

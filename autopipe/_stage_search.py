@@ -225,14 +225,14 @@ def _stages(front: Front, search: Search, op_bounds, layouts) -> tuple[Stage, ..
                 time=t,
                 memory=problem.segment_memory[lo, hi] + extra[s],  # + the layout's padding
                 device_param_bytes=lay.device_param_bytes,
-                collectives=_sum_collectives([*sh.collectives[lo:hi], gathers]),
-                strategies=_count(sh.strategies[lo:hi]),
+                collectives=sum_collectives([*sh.collectives[lo:hi], gathers]),
+                strategies=count_strategies(sh.strategies[lo:hi]),
             )
         )
     return tuple(out)
 
 
-def _count(per_layer) -> tuple[tuple[str, int], ...]:
+def count_strategies(per_layer) -> tuple[tuple[str, int], ...]:
     counts: dict[str, int] = {}
     for names in per_layer:
         for name in names:
@@ -240,7 +240,7 @@ def _count(per_layer) -> tuple[tuple[str, int], ...]:
     return tuple(sorted(counts.items()))
 
 
-def _sum_collectives(per_layer) -> tuple[tuple[str, float], ...]:
+def sum_collectives(per_layer) -> tuple[tuple[str, float], ...]:
     total: dict[str, float] = {}
     for layer in per_layer:
         for kind, nbytes in layer:

@@ -111,7 +111,7 @@ class Traced:
             training=training,
             virtual_stages=virtual_stages,
             data_axis=data_axis,
-            tensor_axis=tensor_axis if not training else None,
+            tensor_axis=tensor_axis,
         )
         return self._lower(opts)
 
@@ -251,8 +251,6 @@ class Lowered:
             del changes["num_microbatches"]
         if all(getattr(self.options, k) == v for k, v in changes.items()):
             return self
-        if changes.get("training"):
-            changes["tensor_axis"] = None
         opts = dataclasses.replace(self.options, **changes)
         return self.traced._lower(opts, self.started)
 

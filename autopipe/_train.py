@@ -19,7 +19,8 @@ import optax
 
 from autopipe._front import Front
 from autopipe._plan import Predicted, Stage
-from autopipe._stage_search import make_stage
+from autopipe._stage_search import count_strategies, make_stage, shard, sum_collectives
+from autopipe.cost_models import comm
 from autopipe.cost_models.durations import (
     BACKWARD_FACTOR,
     action_durations,
@@ -29,8 +30,10 @@ from autopipe.cost_models.rules import transfer_time
 from autopipe.cost_models.stage_memory import training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
-from autopipe.passes.layout import StageLayout, stage_layouts
+from autopipe.passes.layout import StageLayout, placed_sources, stage_layouts
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
+from autopipe.passes.sharding import strategies as strategies_of
+from autopipe.passes.tensor_parallel import LayerShardings
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
@@ -66,23 +69,34 @@ def _zero_replicas(front: Front, zero_stage: int) -> int:
     return front.axis_size(front.data_axis)
 
 
-def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> StageProblem:
+def _problem(
+    front: Front, layers, sh: LayerShardings, *, limit, in_flight, opt_factor, remat
+) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
-    training memory model (`training_segment_memory`)."""
+    training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
+    layer's compute is its planned strategies' and its tensor collectives run twice (the
+    forward's, and their conjugates in the backward: Megatron's f/g pairs), three times under
+    remat; parameters, gradients and optimizer state count one shard per device."""
     c, hw = front.costs, front.hardware
     mem = training_segment_memory(
-        c,
+        _split_activations(front, sh),
         layers,
         front.program.nbytes,
         optimizer_factor=opt_factor,
         in_flight=in_flight,
         remat=remat,
+        param_scale=sh.param_scale(sh.dims) if sh.tp > 1 else None,
     )
     scale = training_stage_scale(remat)
-    t = tuple(
-        scale * float(sum(c.op_times[a:b])) for a, b in zip(layers[:-1], layers[1:], strict=True)
-    )
     cut = tuple(2 * transfer_time(c.cut_bytes[k], hw) for k in layers[1:-1])
+    if sh.tp == 1:
+        t = tuple(
+            scale * float(sum(c.op_times[a:b]))
+            for a, b in zip(layers[:-1], layers[1:], strict=True)
+        )
+    else:
+        t = tuple(_tensor_layer_time(front, sh, k, scale, remat) for k in range(len(sh.times)))
+        cut = tuple(x + g for x, g in zip(cut, sh.cut_times, strict=True))  # forward gathers
     return StageProblem(
         layer_time=t,
         cut_time=cut,
@@ -91,6 +105,91 @@ def _problem(front: Front, layers, *, limit, in_flight, opt_factor, remat) -> St
         num_stages=front.num_stages,
         num_microbatches=front.num_microbatches,
     )
+
+
+_VIEWS = frozenset({"reshape", "broadcast_in_dim", "convert_element_type", "squeeze", "transpose"})
+
+
+def _held_split(front: Front, sh: LayerShardings) -> LayerShardings:
+    """The forward's shardings with parameters held split where all their readers read them
+    split. The forward prices taking a block of a whole parameter as free (a local slice), but
+    in training its backward gathers the blocks' gradients whole on every device (an all-gather
+    per such parameter and microbatch: a column-parallel bias reshaped for broadcasting, for
+    instance). So, from the last operator back: a replicated view of a parameter (reshape,
+    broadcast, cast) whose results every reader takes split on one dim runs split instead (its
+    rule's strategy with that result dim), and a parameter every reader takes split on one dim
+    is held split: no reshard, no gather, 1/tp of the memory."""
+    if sh.tp == 1:
+        return sh
+    prog = front.program
+    strategies = dict(sh.op_strategies)
+    readers: dict[int, list[int]] = {}
+    for i, op in enumerate(prog.ops):
+        for a in op.invars:
+            if isinstance(a, int):
+                readers.setdefault(a, []).append(i)
+
+    def wanted(v: int) -> set:
+        out = set()
+        for i in readers.get(v, ()):
+            s = strategies.get(i)
+            out |= {s.ins[k] if s else None for k, a in enumerate(prog.ops[i].invars) if a == v}
+        return out
+
+    derived = set(placed_sources(prog, front.split, training=True))
+    views = []
+    for i, op in enumerate(prog.ops):  # views of placed values, in program order
+        ins = [a for a in op.invars if isinstance(a, int)]
+        if op.primitive in _VIEWS and len(op.outvars) == 1 and ins and set(ins) <= derived:
+            derived.add(op.outvars[0])
+            views.append(i)
+    for i in reversed(views):
+        s, (w,) = strategies.get(i), prog.ops[i].outvars
+        ds = wanted(w)
+        if (s and any(d is not None for d in (*s.ins, *s.outs))) or w in sh.whole:
+            continue
+        if len(ds) == 1 and None not in ds:
+            got = [c for c in strategies_of(prog, i, sh.tp) if c.outs == tuple(ds)]
+            if got:
+                strategies[i] = got[0]
+    dims = dict(sh.dims)
+    for v in sorted(placed_sources(prog, front.split, training=True)):
+        ds = wanted(v)
+        if dims.get(v) is None and len(ds) == 1 and None not in ds:
+            dims[v] = next(iter(ds))
+    for i in views:  # the split views' results are held as they are made
+        s = strategies.get(i)
+        if s is not None:
+            dims.update((w, d) for w, d in zip(prog.ops[i].outvars, s.outs, strict=True))
+    return dataclasses.replace(sh, dims=dims, op_strategies=strategies)
+
+
+def _split_activations(front: Front, sh: LayerShardings):
+    """The operator costs with each operator's results counted as one device holds them (a
+    result its strategy splits: 1/tp), so residuals and working sets count shards."""
+    if sh.tp == 1:
+        return front.costs
+    prog, c = front.program, front.costs
+    acts = []
+    for k, i in enumerate(front.split.pipeline):
+        s = sh.op_strategies.get(i)
+        outs = s.outs if s is not None else (None,) * len(prog.ops[i].outvars)
+        whole = sum(prog.nbytes(v) for v in prog.ops[i].outvars) or 1
+        held = sum(
+            prog.nbytes(v) / (sh.tp if d is not None else 1)
+            for v, d in zip(prog.ops[i].outvars, outs, strict=True)
+        )
+        acts.append(int(c.act_bytes[k] * held / whole))
+    return dataclasses.replace(c, act_bytes=tuple(acts))
+
+
+def _tensor_layer_time(front: Front, sh: LayerShardings, k: int, scale: float, remat: bool):
+    """Layer k's training seconds: its sharded compute × ``scale``, its collectives × 2 (+1)."""
+    colls = sum(
+        comm.collective_time(kind, b, front.tensor_axis, front.mesh_axes, front.hardware)
+        for kind, b in sh.collectives[k]
+    )
+    return scale * (sh.times[k] - colls) + (3 if remat else 2) * colls
 
 
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
@@ -174,6 +273,7 @@ class TrainingSearch:
     predicted: Predicted
     remat: tuple[bool, ...]
     shared: tuple[tuple[str, tuple[int, ...]], ...]  # leaves read by stages on several devices
+    shardings: LayerShardings  # the tensor strategies (tp = 1 without a tensor axis)
 
 
 def check_schedule(schedule: str, virtual_stages: int | None) -> int:
@@ -209,15 +309,18 @@ def search_training(
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
+    sh = _held_split(front, shard(front, layers))  # the forward's tensor strategies
     problems = {
         r: _problem(
-            front, layers, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
+            front, layers, sh, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
         )
         for r in ([remat] if remat is not None else [False, True])
     }
     bounds, times, mems, remat_stages = _solve(problems, remat, S, limit / v)
     op_bounds = tuple(layers[b] for b in bounds)
-    layouts = list(stage_layouts(front.program, front.split, op_bounds, training=True))
+    layouts = list(
+        stage_layouts(front.program, front.split, op_bounds, training=True, dims=sh.dims, tp=sh.tp)
+    )
     owner = _raw_owner(front, layouts, p)
     _check_stacked(front, owner)
     layouts = tuple(_with_orphans(front, layouts, owner))
@@ -230,6 +333,7 @@ def search_training(
             lay,
             time=times[s],
             memory=mems[s],
+            **_tensor_facts(sh, lay, bounds[s], bounds[s + 1]),
         )
         for s, lay in enumerate(layouts)
     )
@@ -242,6 +346,18 @@ def search_training(
         predicted=_predict(front, sched, stages, p, remat=remat_stages),
         remat=remat_stages,
         shared=shared_params(front, layouts, p),
+        shardings=sh,
+    )
+
+
+def _tensor_facts(sh: LayerShardings, lay: StageLayout, lo: int, hi: int) -> dict:
+    """A tensor-parallel stage's record: shard bytes, strategies and forward collectives."""
+    if sh.tp == 1:
+        return {}
+    return dict(
+        device_param_bytes=lay.device_param_bytes,
+        strategies=count_strategies(sh.strategies[lo:hi]),
+        collectives=sum_collectives(sh.collectives[lo:hi]),
     )
 
 
@@ -281,9 +397,23 @@ def _predict(front: Front, sched: schedules.Schedule, stages, p: int, *, remat: 
     _, makespan = schedules.simulate(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]
     return Predicted(
-        step_time=makespan,
+        step_time=makespan + _replica_sum_time(front, stages, p),
         bubble_fraction=sched.bubble_fraction(duration),
         memory_per_device=tuple(per_device),
         bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,
+    )
+
+
+def _replica_sum_time(front: Front, stages, p: int) -> float:
+    """Seconds of the data-axis gradient all-reduce after the pipeline (ZeRO-1's reduce-scatter
+    and all-gather move the same bytes): the device holding most gradient bytes (its shards)."""
+    if front.data_axis is None:
+        return 0.0
+    held = [
+        sum(s.device_param_bytes if s.device_param_bytes >= 0 else s.param_bytes for s in mine)
+        for mine in (stages[d::p] for d in range(p))
+    ]
+    return comm.collective_time(
+        "all_reduce", float(max(held)), front.data_axis, front.mesh_axes, front.hardware
     )

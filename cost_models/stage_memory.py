@@ -138,13 +138,16 @@ def training_segment_memory(
     optimizer_factor: float,
     in_flight: float,
     remat: bool,
+    param_scale: Mapping[int, float] | None = None,
 ) -> np.ndarray:
     """mem[i, j] = per-device bytes of a training stage of layers [i, j): parameters × (1 +
     gradient + ``optimizer_factor`` optimizer-state bytes per parameter byte), the residuals
     of the ``in_flight`` microbatches its schedule keeps (under remat only the stage inputs and
     the residuals of the one microbatch being recomputed), and twice the live peak (forward
-    and backward working sets)."""
-    seg = segment_bytes(costs, layers, nbytes)
+    and backward working sets). ``param_scale``: the share of each parameter one device holds
+    (tensor shards: their gradients and optimizer state are split alike); activations are
+    counted whole (an upper bound under tensor parallelism)."""
+    seg = segment_bytes(costs, layers, nbytes, param_scale)
     residuals = seg.inputs + seg.made if remat else seg.made * in_flight
     return _only_stages(seg.params * (2 + optimizer_factor) + residuals + 2 * seg.peak)
 

@@ -2,8 +2,16 @@
 
 The step is ``jit(train_step)`` with parameters and optimizer state donated:
 
-    grads, loss = shard_map(pipeline)(slots, microbatches)      # manual over 'pp'
+    grads, loss = shard_map(pipeline)(slots, microbatches)      # manual over every axis
     slots, opt_state = optimizer_step.update(grads, opt_state, slots)
+
+With a tensor axis, tensor-split slots are ``(p, *shape)`` arrays sharded over the pipeline
+axis and over the tensor axis on their split dimension: each device holds its shard of the
+parameter, its gradient and its optimizer state (adam's moments follow the slots' specs); the
+stages run their planned strategies with Megatron's conjugate collectives
+(`passes.train_actions`). The update runs on the global slots, the tensor axis left to XLA's
+partitioner (elementwise updates stay local; a global norm or a per-leaf statistic sums over
+the whole leaf once, so both stay exact).
 
 Parameters, gradients and optimizer state all live in the same layout: the slots of a
 `ParamLayout` built by size where the optimizer reads no shapes (`optimizer_exact.shape_free`)
@@ -45,7 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -64,7 +72,9 @@ from autopipe.passes.optimizer_exact import shape_free
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.sharding_rules import Strategy
 from autopipe.passes.shared_params import check_aligned, sum_copies
+from autopipe.passes.tensor_local import TensorPlan
 from autopipe.passes.train_actions import (
     Actions,
     ForwardState,
@@ -108,38 +118,57 @@ def emit_train(
     loss_scale: float,
     data_axis: str | None = None,
     zero_stage: int = 0,
+    tensor_axis: str | None = None,
+    dims: Mapping[int, int | None] | None = None,
+    strategies: Mapping[int, Strategy] | None = None,
+    whole: frozenset[int] = frozenset(),
 ) -> EmittedTrain:
     """``data_axis``: each replica runs the pipeline on its rows of every microbatch (`program`
     is traced at that local microbatch); gradients and the loss are summed over the replicas
     before the optimizer update, so parameters stay identical on them. ``zero_stage=1``: the
     optimizer state is split over the replicas (`passes.optimizer`, ZeRO-1), the gradients
-    reduce-scattered to the same split instead of all-reduced."""
+    reduce-scattered to the same split instead of all-reduced. ``tensor_axis``: every
+    operator runs its planned strategy (``strategies``) on this device's shards with Megatron's
+    conjugate collectives (`passes.tensor_local`), parameters split as ``dims`` says and held,
+    with their gradients and optimizer state, as shards; ``whole``: see `passes.emit.emit`."""
     mesh = auto_mesh(mesh)  # the axes outside the shard_map are left to the compiler
     p, m = schedule.num_devices, schedule.num_microbatches
     dp = mesh.shape[data_axis] if data_axis else 1
+    tp = mesh.shape[tensor_axis] if tensor_axis else 1
+    tensor_axis = tensor_axis if tp > 1 else None
     mb = batch_size // (m * dp)
     leaves = [program.avals[v] for v in program.param_invars]
     by = "size" if shape_free(optimizer, leaves) else "shape"
-    acts = Actions.build(program, stages, p, mb, remat, loss_scale, by=by)
-    buffers = acts.params.avals(mesh, axis, None)
+    tensor = None
+    if tensor_axis:
+        tensor = TensorPlan(
+            axis=tensor_axis,
+            tp=tp,
+            strategies=dict(strategies or {}),
+            whole=frozenset(whole),
+            conjugate=True,
+        )
+    acts = Actions.build(
+        program, stages, p, mb, remat, loss_scale, by=by, tensor=tensor, dims=dims, mesh=mesh
+    )
+    buffers = acts.params.avals(mesh, axis, tensor_axis)
     shared = check_aligned(acts.params)
     zero_axis = data_axis if zero_stage else None
     opt = optimizer_step(
         optimizer, buffers, mesh=mesh, axis=axis, shared=shared, zero_axis=zero_axis
     )
-    grad_specs = tuple(zero_spec(b.shape, axis, zero_axis, dp) for b in buffers)
+    grad_specs = tuple(zero_spec(b.shape, axis, zero_axis, dp, b.sharding.spec) for b in buffers)
     slots = plan_slots(schedule)
     pipeline = _pipeline(acts, schedule, slots, axis, data_axis, grad_specs)
     rows = P(data_axis) if data_axis else P()
     smap = jax.shard_map(
         pipeline,
         mesh=mesh,
-        in_specs=(tuple(P(axis) for _ in buffers), rows, P()),
+        in_specs=(tuple(b.sharding.spec for b in buffers), rows, P()),
         out_specs=(grad_specs, P()),
-        # Training does not split over the other axes (a tensor axis): manual over all of them,
-        # each device computes its replica, nothing is left to XLA's partitioner (which
-        # aborted on a bf16 pipeline with an unused tensor axis: "Invalid binary instruction
-        # opcode copy", tests.random_models seed 0 case 145).
+        # Manual over every axis: nothing inside is left to XLA's partitioner (which aborted
+        # on a bf16 pipeline with an unused tensor axis: "Invalid binary instruction opcode
+        # copy", tests.random_models seed 0 case 145); tensor collectives are explicit.
         axis_names=set(mesh.axis_names),
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
@@ -238,7 +267,7 @@ def _initial_carry(acts: Actions, n: dict[str, int]) -> tuple:
         loss=jnp.zeros((), jnp.float32),
         send_f=_zeros(b),
     )
-    grads = tuple(jnp.zeros(sl.shape, sl.dtype) for sl in acts.params.slots)
+    grads = acts.zero_grads()
     return (_zeros(b), _zeros(g), _zeros(b, n["act"]), _zeros(g, n["grad"]), _zeros(g, n["cot"]),
             grads, state)  # fmt: skip
 

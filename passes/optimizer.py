@@ -68,14 +68,22 @@ class OptimizerStep:
     state_avals: Any
 
 
-def zero_spec(shape: Sequence[int], axis: str, zero_axis: str | None, dp: int) -> P:
-    """``P(axis)``, with the first dimension after the leading one that ``dp`` divides split
-    over ``zero_axis`` (ZeRO-1; see the module docstring)."""
+def zero_spec(
+    shape: Sequence[int], axis: str, zero_axis: str | None, dp: int, base: P | None = None
+) -> P:
+    """``base`` (default ``P(axis)``; a tensor-split slot's spec), with the first dimension
+    after the leading one that it leaves whole and ``dp`` divides split over ``zero_axis``
+    (ZeRO-1; see the module docstring)."""
+    names = list(base or P(axis)) + [None] * len(shape)
+    names = names[: len(shape)] if shape else names[:1]
     if zero_axis is not None:
-        for d, n in enumerate(shape[1:]):
-            if n % dp == 0:
-                return P(axis, *([None] * d), zero_axis)
-    return P(axis)
+        for d, n in enumerate(shape[1:], start=1):
+            if names[d] is None and n % dp == 0:
+                names[d] = zero_axis
+                break
+    while len(names) > 1 and names[-1] is None:
+        names.pop()
+    return P(*names)
 
 
 def optimizer_step(
@@ -99,20 +107,22 @@ def optimizer_step(
         init, update = _global(optimizer, shared, mesh, axis)
     p = param_avals[0].shape[0] if param_avals else 1
     dp = mesh.shape[zero_axis] if zero_axis else 1
+    specs = tuple(_slot_spec(a, axis) for a in param_avals)
 
-    def sharding(x):
+    def sharding(x, base=None):
         on_axis = mode == "local" or (x.ndim >= 1 and x.shape[0] == p)
-        spec = zero_spec(x.shape, axis, zero_axis, dp) if on_axis else P()
+        spec = zero_spec(x.shape, axis, zero_axis, dp, base) if on_axis else P()
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, spec))
 
-    state_avals = jax.tree.map(sharding, jax.eval_shape(init, tuple(param_avals)))
+    state = jax.eval_shape(init, tuple(param_avals))
+    state_avals = _like_params(state, param_avals, specs, sharding)
     shardings = jax.tree.map(lambda a: a.sharding, state_avals)
-    whole = tuple(NamedSharding(mesh, P(axis)) for _ in param_avals)
+    laid = tuple(NamedSharding(mesh, spec) for spec in specs)
 
     def laid_out_update(grads, state, params):
         params, state = update(grads, state, params)
         constrain = jax.lax.with_sharding_constraint
-        return constrain(params, whole), constrain(state, shardings)
+        return constrain(params, laid), constrain(state, shardings)
 
     return OptimizerStep(
         mode=mode,
@@ -120,6 +130,35 @@ def optimizer_step(
         init=jax.jit(init, out_shardings=shardings),
         state_avals=state_avals,
     )
+
+
+def _slot_spec(aval: Any, axis: str) -> P:
+    """A slot's spec: ``P(axis)``, or its own (a tensor-split slot's) when it has one."""
+    spec = getattr(getattr(aval, "sharding", None), "spec", None)
+    return P(axis) if spec is None else spec
+
+
+def _like_params(state: Any, param_avals: Sequence[Any], specs: Sequence[P], sharding) -> Any:
+    """The state's avals with their shardings: a subtree laid out like the parameters (adam's
+    moments: a tuple of leaves of the slots' shapes) is split like them over the tensor axis;
+    any other leaf gets ``sharding(x)``."""
+    shapes = tuple((tuple(a.shape), a.dtype) for a in param_avals)
+
+    def like(x) -> bool:
+        if type(x) is not tuple or len(x) != len(shapes):
+            return False
+        return all(getattr(y, "shape", None) is not None for y in x) and shapes == tuple(
+            (tuple(y.shape), y.dtype) for y in x
+        )
+
+    def lay(x):
+        if like(x):
+            return tuple(sharding(y, spec) for y, spec in zip(x, specs, strict=True))
+        return sharding(x)
+
+    if not param_avals:
+        return jax.tree.map(sharding, state)
+    return jax.tree.map(lay, state, is_leaf=like)
 
 
 def _global(optimizer, shared: Shared, mesh, axis) -> tuple[Callable, Callable]:

@@ -295,6 +295,14 @@ class LocalEnv:
             )
         return self.cache[a, dim]
 
+    def _shared(self, a: int, x: Any) -> Any:
+        """``x`` (``a`` whole) as the operators that split their work read it: one `shared` per
+        value, so the partial cotangents of all its split readers (q, k and v projections of
+        one input) are summed first and all-reduced once, as Megatron's f does."""
+        if (a, "shared") not in self.cache:
+            self.cache[a, "shared"] = shared(x, self.plan.axis)
+        return self.cache[a, "shared"]
+
     def run(self, program: Program, i: int) -> None:
         """Evaluates ``program.ops[i]`` under its planned strategy."""
         op = program.ops[i]
@@ -302,7 +310,7 @@ class LocalEnv:
         args = [self.get(a, d) for a, d in zip(op.invars, s.ins, strict=True)]
         if self.plan.conjugate and any(d is not None for d in (*s.ins, *s.outs)):
             args = [
-                shared(x, self.plan.axis) if d is None and isinstance(a, int) else x
+                self._shared(a, x) if d is None and isinstance(a, int) else x
                 for a, d, x in zip(op.invars, s.ins, args, strict=True)
             ]
         shapes = [tuple(program.avals[v].shape) for v in op.outvars]

