@@ -387,18 +387,19 @@ def _solve(problems: dict, remat: bool | None, S: int, limit: float):
 
 
 def _predict(front: Front, sched: schedules.Schedule, stages, p: int, *, remat: Sequence[bool]):
-    """Step time and bubble from the table run event by event with the duration model."""
+    """Step time and bubble of the table run lock-step (`schedule.lockstep`: one SPMD program,
+    every tick as long as its slowest device) with the duration model."""
     duration = action_durations(
         [s.time for s in stages],
         training=True,
         split_backward=sched.split_backward,
         remat=remat,
     )
-    _, makespan = schedules.simulate(sched, duration)
+    times, makespan = schedules.lockstep(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]
     return Predicted(
         step_time=makespan + _replica_sum_time(front, stages, p),
-        bubble_fraction=sched.bubble_fraction(duration),
+        bubble_fraction=schedules.idle_share(sched, times, makespan),
         memory_per_device=tuple(per_device),
         bytes_moved=float(2 * sched.num_microbatches * sum(s.send_bytes for s in stages)),
         unruled_primitives=front.costs.unruled,

@@ -7,7 +7,8 @@ duration per action. Two timings are offered:
   (`schedule.simulate`); for forward-only plans its makespan is the planner's predicted step
   ``Σ tᵢ + (m − 1)·max tᵢ``.
 - ``"lockstep"``: what one SPMD program executes: every tick lasts as long as the slowest
-  device's action on that tick, and all devices start the next tick together.
+  device's work on that tick, and all devices start the next tick together
+  (`schedule.lockstep`); for training plans its makespan is the planner's predicted step.
 
 Figures are built on matplotlib's object API with the Agg canvas (no pyplot, no global state),
 so drawing works headless and never changes the caller's matplotlib backend. matplotlib is
@@ -23,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from autopipe.cost_models.durations import action_durations
 from autopipe.cost_models.rules import transfer_time
-from autopipe.passes.schedule import Action, Schedule, lockstep, simulate
+from autopipe.passes.schedule import Action, Schedule, idle_share, lockstep, simulate
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -72,8 +73,7 @@ def timeline(
 
 def bubble(schedule: Schedule, times: Times, makespan: float) -> float:
     """Idle share of the ``devices × makespan`` device-seconds."""
-    busy = sum(end - start for start, end in times.values())
-    return 1.0 - busy / (schedule.num_devices * makespan) if makespan > 0 else 0.0
+    return idle_share(schedule, times, makespan)
 
 
 def _time_unit(span: float) -> tuple[str, float]:

@@ -257,6 +257,12 @@ def lockstep(
     return times, now
 
 
+def idle_share(schedule: Schedule, times: dict[Action, tuple[float, float]], span: float) -> float:
+    """Idle share of the ``devices × span`` device-seconds of `simulate`/`lockstep` times."""
+    busy = sum(end - start for start, end in times.values())
+    return 1.0 - busy / (schedule.num_devices * span) if span > 0 else 0.0
+
+
 # --- builders -----------------------------------------------------------------------------
 
 
