@@ -938,6 +938,7 @@ def _train(case: Case, built: Built, plan_params) -> float:
         schedule=case.schedule,
         num_microbatches=case.m,
         zero_stage=case.zero_stage,
+        hardware=split_pays() if case.tp > 1 else None,
     )
     state = plan.init(plan_params)
     losses = []
@@ -967,6 +968,11 @@ def run_case(case: Case, *, perturbed: str | None = None) -> tuple[str, dict]:
 
     ``perturbed`` ("element" or "leaf"): give the pipeline parameters with one weight changed by
     1 % (the reference keeps the originals): the comparison must then fail."""
+    if case.model.dtype == "bfloat16" and case.mode == "train" and case.tp > 1:
+        # a contraction split over the tensor axis sums bf16 partials (see TOL): over three
+        # steps that drifted up to 3.3e-2 from the reference (seed 0 cases 18, 26, 39), more than
+        # a 1 % weight change; the same model in float32 is checked exactly instead
+        case = dataclasses.replace(case, model=dataclasses.replace(case.model, dtype="float32"))
     built = build(case)
     plan_params = built.params
     if perturbed:
