@@ -140,6 +140,10 @@ def train(
     """
     v = check_schedule(schedule, virtual_stages)
     check_reduction(reduction)
+    axes = dict(pipeline_axis=pipeline_axis, data_axis=data_axis, tensor_axis=tensor_axis)
+    lower = dict(hardware=hardware, num_microbatches=num_microbatches, virtual_stages=v, **axes)
+    options = dict(schedule=schedule, memory_limit=memory_limit, remat=remat, virtual_stages=v)
+    options |= dict(reduction=reduction, zero_stage=zero_stage)
     if mesh is None or isinstance(mesh, int):
         return train_on_devices(
             loss_fn,
@@ -147,43 +151,11 @@ def train(
             example_args,
             devices=mesh,
             names=(pipeline_axis, data_axis, tensor_axis),
-            lower=dict(
-                batch_argnums=batch_argnums,
-                hardware=hardware,
-                num_microbatches=num_microbatches,
-                pipeline_axis=pipeline_axis,
-                data_axis=data_axis,
-                tensor_axis=tensor_axis,
-                virtual_stages=v,
-            ),
-            plan=dict(
-                schedule=schedule,
-                memory_limit=memory_limit,
-                remat=remat,
-                reduction=reduction,
-                virtual_stages=v,
-                zero_stage=zero_stage,
-            ),
+            lower=dict(batch_argnums=batch_argnums, **lower),
+            plan=options,
             compile_=compile,
             started=time.perf_counter(),
         )
-    lowered = trace(loss_fn, *example_args, batch_argnums=batch_argnums).lower(
-        mesh,
-        hardware=hardware,
-        num_microbatches=num_microbatches,
-        pipeline_axis=pipeline_axis,
-        data_axis=data_axis,
-        tensor_axis=tensor_axis,
-        training=True,
-        virtual_stages=v,
-    )
-    planned = lowered.plan(
-        optimizer=optimizer,
-        schedule=schedule,
-        memory_limit=memory_limit,
-        remat=remat,
-        reduction=reduction,
-        virtual_stages=v,
-        zero_stage=zero_stage,
-    )
-    return planned.finish(compile=compile)
+    traced = trace(loss_fn, *example_args, batch_argnums=batch_argnums)
+    lowered = traced.lower(mesh, training=True, **lower)
+    return lowered.plan(optimizer=optimizer, **options).finish(compile=compile)

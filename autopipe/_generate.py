@@ -52,6 +52,7 @@ from autopipe.passes.emit_generate import (
     Decoding,
     EmittedGeneration,
     Rows,
+    call_avals,
     emit_generate,
     fresh_rows,
 )
@@ -184,7 +185,7 @@ class GenerationPlan:
                 tensor=self._tensor_plan(),
                 dims=self.shardings.dims if self.shardings is not None else None,
             )
-            avals = _call_avals(em, decoding, self.batch_size)
+            avals = call_avals(em, decoding, self.batch_size)
             rt.compiled[decoding] = (em, em.run.lower(*avals).compile())
         return rt.compiled[decoding]
 
@@ -359,36 +360,6 @@ class GenerationPlan:
                     "with this one."
                 )
         return leaves
-
-
-def _call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
-    g, n = d.groups, d.max_new_tokens
-
-    def rows(*shape, dtype=jnp.int32):
-        return jax.ShapeDtypeStruct((g, batch // g, *shape), dtype, sharding=em.row_sharding)
-
-    state = Rows(
-        ids=rows(),
-        prompts=rows(d.prompt_len),
-        lengths=rows(),
-        budget=rows(),
-        base=rows(),
-        out=rows(n),
-        count=rows(),
-        done=rows(dtype=bool),
-    )
-    pending = jax.ShapeDtypeStruct((g, 2, batch // g), jnp.int32, sharding=em.pending_sharding)
-    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=d.key_impl)))
-    scalar = jax.sharding.NamedSharding(em.mesh, jax.sharding.PartitionSpec())
-    return (
-        em.param_buffers,
-        em.cache_buffers,
-        state,
-        pending,
-        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=scalar),
-        jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
-        jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
-    )
 
 
 # --- planning ---------------------------------------------------------------------------------

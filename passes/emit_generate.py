@@ -396,3 +396,34 @@ def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, 
         done=np.zeros((b,), bool),
     )
     return rows, np.stack([prompts[:, 0], np.zeros((b,), np.int32)])
+
+
+def call_avals(em: EmittedGeneration, d: Decoding, batch: int) -> tuple:
+    """The avals, with their shardings, of one call of ``em.run`` for ``batch`` rows."""
+    g, n = d.groups, d.max_new_tokens
+
+    def rows(*shape, dtype=jnp.int32):
+        return jax.ShapeDtypeStruct((g, batch // g, *shape), dtype, sharding=em.row_sharding)
+
+    state = Rows(
+        ids=rows(),
+        prompts=rows(d.prompt_len),
+        lengths=rows(),
+        budget=rows(),
+        base=rows(),
+        out=rows(n),
+        count=rows(),
+        done=rows(dtype=bool),
+    )
+    pending = jax.ShapeDtypeStruct((g, 2, batch // g), jnp.int32, sharding=em.pending_sharding)
+    key = jax.eval_shape(lambda: jax.random.key_data(jax.random.key(0, impl=d.key_impl)))
+    scalar = NamedSharding(em.mesh, P())
+    return (
+        em.param_buffers,
+        em.cache_buffers,
+        state,
+        pending,
+        jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=scalar),
+        jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar),
+        jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+    )

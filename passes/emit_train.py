@@ -139,15 +139,7 @@ def emit_train(
     mb = batch_size // (m * dp)
     leaves = [program.avals[v] for v in program.param_invars]
     by = "size" if shape_free(optimizer, leaves) else "shape"
-    tensor = None
-    if tensor_axis:
-        tensor = TensorPlan(
-            axis=tensor_axis,
-            tp=tp,
-            strategies=dict(strategies or {}),
-            whole=frozenset(whole),
-            conjugate=True,
-        )
+    tensor = _tensor_plan(tensor_axis, tp, strategies, whole)
     acts = Actions.build(
         program, stages, p, mb, remat, loss_scale, by=by, tensor=tensor, dims=dims, mesh=mesh
     )
@@ -192,6 +184,14 @@ def emit_train(
         residual_chunks=acts.chunks,
         input_sharding=NamedSharding(mesh, P()),
     )
+
+
+def _tensor_plan(tensor_axis, tp, strategies, whole) -> TensorPlan | None:
+    """The stage operators' tensor strategies, differentiated with the conjugate collectives."""
+    if not tensor_axis:
+        return None
+    strategies, whole = dict(strategies or {}), frozenset(whole)
+    return TensorPlan(axis=tensor_axis, tp=tp, strategies=strategies, whole=whole, conjugate=True)
 
 
 def _replica_sum(data_axis: str, g: jax.Array, spec: P) -> jax.Array:
