@@ -39,7 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
-from autopipe.passes.ir import Program, eval_ops, read_atom
+from autopipe.passes.ir import Program, read_atom
 from autopipe.passes.layout import StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
     ParamLayout,
@@ -50,7 +50,7 @@ from autopipe.passes.param_layout import (
 )
 from autopipe.passes.schedule import Schedule
 from autopipe.passes.sharding_rules import Strategy
-from autopipe.passes.tensor_local import LocalEnv, TensorPlan
+from autopipe.passes.tensor_local import TensorPlan, eval_stage
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -95,14 +95,7 @@ def _stage_fn(
         unpack_flat(env, layout.recv, recv)
         env.update(zip(batch_in, xs, strict=True))
         env.update(read_params(program, params, device, bufs))
-        if tensor is None:
-            eval_ops(program, layout.ops, env)
-            whole = env.__getitem__
-        else:
-            local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
-            for i in layout.ops:
-                local.run(program, i)
-            whole = lambda v: local.get(v, None)  # noqa: E731
+        whole = eval_stage(program, layout.ops, env, tensor, split)
         leaving = (*layout.send.values(), *(a for a in program.outvars if isinstance(a, int)))
         out_env = {v: whole(v) for v in leaving if v in env}
         send = pack_flat(out_env, layout.send, sizes)

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from autopipe._compat import CALL_JAXPR_PARAM, Literal, bind_eqn
-from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op
+from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops
 from autopipe.passes.sharding import replicated
 from autopipe.passes.sharding_rules import Dim, Strategy
 
@@ -321,6 +321,21 @@ class LocalEnv:
             self.env[v], self.held[v] = y, d
             if v in self.plan.whole and d is not None:
                 self.get(v, None)
+
+
+def eval_stage(
+    program: Program, ops: Sequence[int], env: dict, tensor: TensorPlan | None, split: Mapping
+) -> Callable[[int], Any]:
+    """Evaluates ``program.ops[i]`` for ``i`` in ``ops`` on ``env``: whole, or without a tensor
+    plan, or each under its planned strategy on this device's shards (values of ``env`` held
+    split as ``split`` says: value → dim). Returns how to read a value whole."""
+    if tensor is None:
+        eval_ops(program, ops, env)
+        return env.__getitem__
+    local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+    for i in ops:
+        local.run(program, i)
+    return lambda v: local.get(v, None)
 
 
 def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:

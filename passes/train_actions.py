@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
-from autopipe.passes.ir import Program, eval_ops
+from autopipe.passes.ir import Program
 from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
     ParamLayout,
@@ -35,7 +35,7 @@ from autopipe.passes.param_layout import (
     unpack_flat,
 )
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
-from autopipe.passes.tensor_local import LocalEnv, TensorPlan, local_shape
+from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_shape
 
 
 def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
@@ -109,14 +109,7 @@ def _apply_fn(
         env.update(zip(io.recv, recv_vals, strict=True))
         env.update(zip(io.fixed, fixed_vals, strict=True))
         env.update(zip(batch_in, xs, strict=True))
-        if tensor is None:
-            eval_ops(program, layout.ops, env)
-            whole = env.__getitem__
-        else:
-            local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
-            for i in layout.ops:
-                local.run(program, i)
-            whole = lambda v: local.get(v, None)  # noqa: E731
+        whole = eval_stage(program, layout.ops, env, tensor, split)
         return tuple(whole(v) for v in io.outputs), tuple(whole(v) for v in io.aux)
 
     return apply
