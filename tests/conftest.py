@@ -8,6 +8,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
+import optax  # noqa: E402
 import pytest  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -47,6 +48,22 @@ def microbatch_grads(grad_fn, params, batch, m: int, dp: int = 1, extra=lambda k
             acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
         total = acc if total is None else jax.tree.map(jnp.add, total, acc)
     return loss, total
+
+
+def reference_training(loss_fn, params, batch, m: int, dp: int, optimizer, steps: int):
+    """Single-device training that does the pipeline's arithmetic: per step, the gradient of
+    ``loss / (m·dp)`` summed over the microbatches as `microbatch_grads` does, then the same
+    optax update. Per-step losses and final parameters."""
+    scale = 1.0 / (m * dp)
+    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
+    state = optimizer.init(params)
+    losses = []
+    for _ in range(steps):
+        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
+        updates, state = optimizer.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(loss)
+    return np.array(losses), params
 
 
 def _linen(model, x):

@@ -30,7 +30,7 @@ from test_tp_models import SPLIT_PAYS, UserGPT2, _tokens
 import autopipe
 from autopipe import library_models as lm
 from autopipe import models
-from conftest import BATCH, fill, mesh, microbatch_grads
+from conftest import BATCH, fill, mesh, reference_training
 
 STEPS = 3
 # eps=1e-3 as tests/test_training.py: leaves with an exactly-zero gradient (attention key
@@ -62,16 +62,8 @@ def _task(name: str):
 
 @functools.cache
 def _reference(name: str, m: int, dp: int, optimizer=OPTIMIZER):
-    """Single-device training with the pipeline's arithmetic (see tests/test_training.py)."""
-    loss_fn, params, batch = _task(name)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / (m * dp)))
-    state, losses = optimizer.init(params), []
-    for _ in range(STEPS):
-        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        losses.append(loss)
-    return np.array(losses), params
+    """Single-device training with the pipeline's arithmetic (`conftest.reference_training`)."""
+    return reference_training(*_task(name), m, dp, optimizer, STEPS)
 
 
 def _split_ops(plan) -> int:

@@ -15,7 +15,7 @@ import pytest
 import autopipe
 from autopipe import models
 from autopipe.passes.emit_train import plan_chunks
-from conftest import BATCH, GPT, fill, mesh, microbatch_grads
+from conftest import BATCH, GPT, fill, mesh, reference_training
 
 SCHEDULES = ["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"]
 STEPS = 5
@@ -76,17 +76,7 @@ def _reference(name, m, dp=1, *, optimizer=OPTIMIZER, steps=STEPS):
     holds rows ``(r·m + j)·mb …``; each microbatch's gradient of ``loss / (m·dp)`` is added in
     microbatch order, replicas summed after, then the same optax update. Per-step losses and
     final parameters."""
-    loss_fn, params, batch = _task(name)
-    scale = 1.0 / (m * dp)
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
-    state = optimizer.init(params)
-    losses = []
-    for _ in range(steps):
-        loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        losses.append(loss)
-    return np.array(losses), params
+    return reference_training(*_task(name), m, dp, optimizer, steps)
 
 
 def _check_training(name, schedule, pp, m, dp=1, **options):
