@@ -113,7 +113,7 @@ class Worker:
                 s,
                 last=s == len(layouts) - 1,
                 sizes=sizes,
-                constrain=lambda v, x: x,
+                tensor=None,  # pipeline only: every operator whole
             )
             own = tuple(_row(b, s, dev) for b in bufs)
             recv = {dt: jax.device_put(jnp.zeros((n,), dt), dev) for dt, n in sizes.items()}
