@@ -144,7 +144,11 @@ class FrontOptions:
     tensor_axis: str | None = None
 
 
-def make_front(fn: Callable, args: Sequence[Any], opts: FrontOptions) -> Front:
+def make_front(
+    fn: Callable, args: Sequence[Any], opts: FrontOptions, reuse: Front | None = None
+) -> Front:
+    """``reuse``: a front of the same function and arguments; its trace, IR and costs are
+    taken when it was traced at the same microbatch rows for the same hardware."""
     axes = mesh_axes(opts.mesh, opts.pipeline_axis)
     sizes = dict(axes)
     data_axis = opts.data_axis if sizes.get(opts.data_axis, 1) > 1 else None
@@ -153,12 +157,18 @@ def make_front(fn: Callable, args: Sequence[Any], opts: FrontOptions) -> Front:
     p = _num_stages(opts, sizes[opts.pipeline_axis] * opts.virtual_stages)
     spec = make_arg_spec(fn, args, opts.batch_argnums)
     m = _microbatches(spec, opts.num_microbatches, dp, p, data_axis)
-    traced = trace(fn, args, batch_argnums=opts.batch_argnums, num_microbatches=m * dp)
-    flags = input_leaves(traced.spec, training=opts.training)
-    program = build_program(traced.jaxpr, traced.spec.batch_leaves, flags)
-    (check_loss if opts.training else check_outputs)(traced, program)
-    check_inputs(traced.spec, program, training=opts.training)
-    split = split_ops(program, training=opts.training)
+    hw = resolve_hardware(opts.hardware, opts.mesh)
+    same = reuse is not None and (reuse.traced.num_microbatches, reuse.hardware) == (m * dp, hw)
+    if same and reuse.training == opts.training:
+        traced, program, split, costs = reuse.traced, reuse.program, reuse.split, reuse.costs
+    else:
+        traced = trace(fn, args, batch_argnums=opts.batch_argnums, num_microbatches=m * dp)
+        flags = input_leaves(traced.spec, training=opts.training)
+        program = build_program(traced.jaxpr, traced.spec.batch_leaves, flags)
+        (check_loss if opts.training else check_outputs)(traced, program)
+        check_inputs(traced.spec, program, training=opts.training)
+        split = split_ops(program, training=opts.training)
+        costs = operator_costs(program, split, hw)
     n_ops = len(split.pipeline)
     if n_ops < p:
         raise ValueError(
@@ -166,12 +176,11 @@ def make_front(fn: Callable, args: Sequence[Any], opts: FrontOptions) -> Front:
             f"batch-dependent operators, and every stage needs at least one. Use a pipeline "
             f"axis of at most {n_ops} devices."
         )
-    hw = resolve_hardware(opts.hardware, opts.mesh)
     return Front(
         traced=traced,
         program=program,
         split=split,
-        costs=operator_costs(program, split, hw),
+        costs=costs,
         hardware=hw,
         mesh_axes=axes,
         num_stages=p,

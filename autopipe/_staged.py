@@ -115,9 +115,11 @@ class Traced:
         )
         return self._lower(opts)
 
-    def _lower(self, opts: FrontOptions, started: float | None = None) -> Lowered:
+    def _lower(
+        self, opts: FrontOptions, started: float | None = None, reuse: Front | None = None
+    ) -> Lowered:
         started = time.perf_counter() if started is None else started
-        front = make_front(self.fn, self.example_args, opts)
+        front = make_front(self.fn, self.example_args, opts, reuse)
         return Lowered(traced=self, options=opts, front=front, started=started)
 
 

@@ -27,7 +27,7 @@ from autopipe.cost_models.durations import (
     training_stage_scale,
 )
 from autopipe.cost_models.rules import transfer_time
-from autopipe.cost_models.stage_memory import training_segment_memory
+from autopipe.cost_models.stage_memory import SegmentBytes, segment_bytes, training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
 from autopipe.passes.layout import StageLayout, placed_sources, stage_layouts
@@ -69,34 +69,46 @@ def _zero_replicas(front: Front, zero_stage: int) -> int:
     return front.axis_size(front.data_axis)
 
 
+def segments(front: Front, layers, sh: LayerShardings) -> SegmentBytes:
+    """The training memory model's per-segment bytes: activations as one device holds them,
+    parameters as its shards."""
+    scale = sh.param_scale(sh.dims) if sh.tp > 1 else None
+    return segment_bytes(_split_activations(front, sh), layers, front.program.nbytes, scale)
+
+
 def _problem(
-    front: Front, layers, sh: LayerShardings, *, limit, in_flight, opt_factor, remat
+    front: Front,
+    layers,
+    sh: LayerShardings,
+    seg: SegmentBytes,
+    *,
+    limit,
+    in_flight,
+    opt_factor,
+    remat,
+    rows_scale: float = 1.0,
 ) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
     training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
     layer's compute is its planned strategies' and its tensor collectives run twice (the
     forward's, and their conjugates in the backward: Megatron's f/g pairs), three times under
-    remat; parameters, gradients and optimizer state count one shard per device."""
-    c, hw = front.costs, front.hardware
+    remat; parameters, gradients and optimizer state count one shard per device.
+    ``rows_scale``: microbatch rows relative to the front's (`_train_factorize` prices every
+    layout from one trace): compute, activations and transfers scale with it."""
+    c, hw, r = front.costs, front.hardware, rows_scale
     mem = training_segment_memory(
-        _split_activations(front, sh),
-        layers,
-        front.program.nbytes,
-        optimizer_factor=opt_factor,
-        in_flight=in_flight,
-        remat=remat,
-        param_scale=sh.param_scale(sh.dims) if sh.tp > 1 else None,
+        seg, optimizer_factor=opt_factor, in_flight=in_flight, remat=remat, rows_scale=r
     )
     scale = training_stage_scale(remat)
-    cut = tuple(2 * transfer_time(c.cut_bytes[k], hw) for k in layers[1:-1])
+    cut = tuple(2 * transfer_time(r * c.cut_bytes[k], hw) for k in layers[1:-1])
     if sh.tp == 1:
         t = tuple(
-            scale * float(sum(c.op_times[a:b]))
+            r * scale * float(sum(c.op_times[a:b]))
             for a, b in zip(layers[:-1], layers[1:], strict=True)
         )
     else:
-        t = tuple(_tensor_layer_time(front, sh, k, scale, remat) for k in range(len(sh.times)))
-        cut = tuple(x + g for x, g in zip(cut, sh.cut_times, strict=True))  # forward gathers
+        t = tuple(_tensor_layer_time(front, sh, k, scale, remat, r) for k in range(len(sh.times)))
+        cut = tuple(x + r * g for x, g in zip(cut, sh.cut_times, strict=True))  # forward gathers
     return StageProblem(
         layer_time=t,
         cut_time=cut,
@@ -183,13 +195,20 @@ def _split_activations(front: Front, sh: LayerShardings):
     return dataclasses.replace(c, act_bytes=tuple(acts))
 
 
-def _tensor_layer_time(front: Front, sh: LayerShardings, k: int, scale: float, remat: bool):
-    """Layer k's training seconds: its sharded compute × ``scale``, its collectives × 2 (+1)."""
-    colls = sum(
-        comm.collective_time(kind, b, front.tensor_axis, front.mesh_axes, front.hardware)
-        for kind, b in sh.collectives[k]
-    )
-    return scale * (sh.times[k] - colls) + (3 if remat else 2) * colls
+def _tensor_layer_time(
+    front: Front, sh: LayerShardings, k: int, scale: float, remat: bool, rows_scale: float = 1.0
+):
+    """Layer k's training seconds: its sharded compute × ``scale``, its collectives × 2 (+1);
+    ``rows_scale`` scales compute and collective bytes."""
+
+    def colls(r: float) -> float:
+        return sum(
+            comm.collective_time(kind, r * b, front.tensor_axis, front.mesh_axes, front.hardware)
+            for kind, b in sh.collectives[k]
+        )
+
+    compute = sh.times[k] - colls(1.0)
+    return rows_scale * scale * compute + (3 if remat else 2) * colls(rows_scale)
 
 
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
@@ -310,9 +329,17 @@ def search_training(
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
     sh = _held_split(front, shard(front, layers))  # the forward's tensor strategies
+    seg = segments(front, layers, sh)
     problems = {
         r: _problem(
-            front, layers, sh, limit=limit / v, in_flight=in_flight, opt_factor=opt_factor, remat=r
+            front,
+            layers,
+            sh,
+            seg,
+            limit=limit / v,
+            in_flight=in_flight,
+            opt_factor=opt_factor,
+            remat=r,
         )
         for r in ([remat] if remat is not None else [False, True])
     }

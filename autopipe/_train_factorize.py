@@ -1,12 +1,26 @@
 """Factorization search for training: ``autopipe.train(..., mesh=N)`` or ``mesh=None``.
 
-Every (pipeline, data, tensor) layout of the devices that `_factorize.factorizations` allows is
-planned by the training planner itself (`_train.search_training`: stage DP with forward and
-backward tensor collectives, the data-axis gradient all-reduce, parameters, gradients and
-optimizer state per shard), without compiling; the fastest predicted step wins and is compiled.
-A layout the planner refuses (too few operators for its stages, a batch its replicas ×
-microbatches do not divide, nothing fits in memory) is priced ``inf``; if every layout is
-refused, the first refusal is raised.
+As the forward's search (`_factorize`), every (pipeline, data, tensor) layout of the devices
+that `_factorize.factorizations` allows is priced from ONE trace of the whole batch: per
+pipeline depth the layers are clustered once, per (layers, tp) the tensor strategies are
+solved once (one `ShardingCache`), and per data width and microbatch count the training stage
+problem (`_train._problem`: forward + backward compute, tensor collectives of both, the
+training memory model) is priced at that microbatch's rows — compute, activations and
+transfers scale with rows — and solved by the stage DP. The estimated step is the pipeline's
+``(m + (p − 1)/v) ·`` slowest device's time per microbatch, plus the data-axis gradient
+all-reduce; schedules enter through their peak microbatches in flight
+(`schedule.peak_in_flight`), so no table is built.
+
+Scaling compute by rows is exact for the roofline part of a large operator but not for fixed
+costs (kernel overheads, weight reads), which dominate at small rows; so, until the best
+estimate is a refined one, the best is priced again from a trace at its own microbatch rows
+(one trace per row count, at most `REFINED_TRACES`), and the best is then planned exactly
+(its schedule's lock-step timeline, reusing that trace); if the exact plan refuses it, the
+next. ``plan.factorizations`` holds the estimates (the refined ones where refined).
+
+``num_microbatches=None``: the default count (`_front.default_microbatches`) or, where that
+does not fit in memory, the next larger divisor of the replica's rows that does. A layout that
+nothing fits is priced ``inf``; if every one is refused, the first refusal is raised.
 """
 
 from __future__ import annotations
@@ -20,10 +34,31 @@ import jax
 import numpy as np
 
 from autopipe._factorize import Factorization, factorizations
-from autopipe._front import batch_size_of, resolve_hardware
-from autopipe._planned import Plan, Planned
+from autopipe._front import (
+    Front,
+    FrontOptions,
+    batch_size_of,
+    default_microbatches,
+    make_front,
+    resolve_hardware,
+)
+from autopipe._planned import Plan
+from autopipe._stage_search import shard
 from autopipe._staged import trace
+from autopipe._train import (
+    _held_split,
+    _opt_factor,
+    _problem,
+    _solve,
+    _zero_replicas,
+    segments,
+)
+from autopipe.cost_models import comm
+from autopipe.cost_models.stage_memory import SegmentBytes
+from autopipe.passes import schedule as schedules
+from autopipe.passes.cluster import cluster
 from autopipe.passes.partition import PlanInfeasible
+from autopipe.passes.tensor_parallel import ShardingCache
 
 
 def train_on_devices(
@@ -43,33 +78,202 @@ def train_on_devices(
     n = jax.device_count() if devices is None else devices
     if n < 1:
         raise ValueError(f"mesh={devices}: a device count must be at least 1.")
-    traced = trace(loss_fn, *args, batch_argnums=lower.pop("batch_argnums"))
-    hw = resolve_hardware(lower.get("hardware"), _mesh(n, (n, 1, 1), names))
-    batch = batch_size_of(traced.spec)
-    candidates: list[tuple[Factorization, Planned | None]] = []
-    refusals: list[Exception] = []
-    for pp, dp, tp in factorizations(n, batch, devices_per_node=hw.devices_per_node, max_stages=n):
-        mesh = _mesh(n, (pp, dp, tp), names)
+    argnums = lower.pop("batch_argnums")
+    search = _Search(loss_fn, args, n, names, lower, plan, optimizer, argnums)
+    estimates = search.refine(search.price_all())
+    refusals: list[Exception] = list(search.refusals)
+    traced = trace(loss_fn, *args, batch_argnums=argnums)
+    for f in estimates:
+        if not math.isfinite(f.step_time):
+            break
+        opts = FrontOptions(
+            mesh=_mesh(n, (f.pp, f.dp, f.tp), names),
+            pipeline_axis=names[0],
+            data_axis=names[1],
+            tensor_axis=names[2],
+            num_microbatches=f.num_microbatches,
+            batch_argnums=argnums,
+            hardware=lower.get("hardware"),
+            training=True,
+            virtual_stages=lower.get("virtual_stages") or 1,
+        )
         try:
-            planned = traced.lower(mesh, training=True, **lower).plan(optimizer=optimizer, **plan)
+            lowered = traced._lower(opts, started, reuse=search.front_at(search.rows_of(f)))
+            planned = lowered.plan(optimizer=optimizer, **plan)
         except (PlanInfeasible, ValueError) as e:
             refusals.append(e)
-            candidates.append((_priced(pp, dp, tp, 0, math.inf, math.inf), None))
             continue
-        step, mem = planned.predicted.step_time, max(planned.predicted.memory_per_device)
-        candidates.append((_priced(pp, dp, tp, planned.num_microbatches, step, mem), planned))
-    candidates.sort(key=lambda c: (c[0].step_time, c[0].pp * 1000 + c[0].tp))
-    best = candidates[0][1] if candidates else None
-    if best is None:
-        if refusals:
-            raise refusals[0]
-        raise PlanInfeasible(f"mesh={devices}: no factorization of {n} devices divides the batch.")
-    out = best.finish(compile=compile_)
-    return dataclasses.replace(
-        out,
-        factorizations=tuple(f for f, _ in candidates),
-        planning_seconds=time.perf_counter() - started,
-    )
+        out = planned.finish(compile=compile_)
+        return dataclasses.replace(
+            out,
+            factorizations=tuple(estimates),
+            planning_seconds=time.perf_counter() - started,
+        )
+    if refusals:
+        raise refusals[0]
+    raise PlanInfeasible(f"mesh={devices}: no factorization of {n} devices divides the batch.")
+
+
+REFINED_TRACES = 4  # microbatch row counts traced to refine estimates
+
+
+@dataclasses.dataclass
+class _Search:
+    """One trace of the whole batch and what its layouts share (layers, tensor strategies)."""
+
+    fn: Any
+    args: tuple
+    n: int
+    names: tuple[str, str, str]
+    lower: dict
+    plan: dict
+    optimizer: Any
+    argnums: tuple
+
+    def __post_init__(self):
+        self.hardware = resolve_hardware(
+            self.lower.get("hardware"), _mesh(self.n, (self.n, 1, 1), self.names)
+        )
+        self.fronts: dict[int, Front] = {}
+        self.base = self.front_at(None)
+        self.batch = batch_size_of(self.base.traced.spec)
+        self.opt_factor = _opt_factor(self.optimizer, self.base)
+        self.caches: dict[int, ShardingCache] = {}  # one per traced program
+        self.layers: dict[int, tuple] = {}
+        self.shards: dict = {}
+        self.refusals: list[Exception] = []
+
+    def front_at(self, rows: int | None) -> Front:
+        """The loss traced at ``rows`` microbatch rows (None: the whole batch), once."""
+        if rows not in self.fronts:
+            opts = FrontOptions(
+                mesh={self.names[0]: 1},
+                pipeline_axis=self.names[0],
+                num_microbatches=1 if rows is None else self.batch // rows,
+                batch_argnums=self.argnums,
+                hardware=self.hardware,
+                training=True,
+            )
+            self.fronts[rows] = make_front(self.fn, self.args, opts)
+        return self.fronts[rows]
+
+    def rows_of(self, f: Factorization) -> int:
+        return self.batch // (f.dp * f.num_microbatches)
+
+    def price_all(self) -> list[Factorization]:
+        ops = len(self.base.split.pipeline)
+        layouts = factorizations(
+            self.n, self.batch, devices_per_node=self.hardware.devices_per_node, max_stages=ops
+        )
+        return _sorted(self.price(pp, dp, tp) for pp, dp, tp in layouts)
+
+    def refine(self, estimates: list[Factorization]) -> list[Factorization]:
+        """Until the best estimate is a refined one: the best is priced again from a trace at
+        its own microbatch rows (at most `REFINED_TRACES` row counts besides the batch's)."""
+        out, refined = list(estimates), set()
+        while out and math.isfinite(out[0].step_time):
+            f = out[0]
+            rows = self.rows_of(f)
+            if (f.pp, f.dp, f.tp) in refined or (
+                rows not in self.fronts and len(self.fronts) > REFINED_TRACES
+            ):
+                break
+            refined.add((f.pp, f.dp, f.tp))
+            try:
+                step, mem = self._estimate(
+                    f.pp, f.dp, f.tp, f.num_microbatches, self.front_at(rows)
+                )
+            except (PlanInfeasible, ValueError) as e:
+                self.refusals.append(e)
+                step = mem = math.inf
+            out = _sorted([dataclasses.replace(f, step_time=step, memory=mem), *out[1:]])
+        return out
+
+    def price(self, pp: int, dp: int, tp: int) -> Factorization:
+        """The layout's estimate at the default microbatch count, or the next larger that fits."""
+        rows = self.batch // dp
+        asked = self.lower.get("num_microbatches")
+        if asked is not None and rows % asked:
+            return _priced(pp, dp, tp, 0, math.inf, math.inf)
+        first = asked or default_microbatches(rows, pp)
+        counts = [first] if asked else [d for d in range(first, rows + 1) if rows % d == 0]
+        for m in counts:
+            try:
+                step, mem = self._estimate(pp, dp, tp, m, self.base)
+            except (PlanInfeasible, ValueError) as e:
+                self.refusals.append(e)
+                continue
+            return _priced(pp, dp, tp, m, step, mem)
+        return _priced(pp, dp, tp, 0, math.inf, math.inf)
+
+    def _estimate(self, pp: int, dp: int, tp: int, m: int, traced: Front) -> tuple[float, float]:
+        """(step seconds, largest bytes per device) of the layout, priced from ``traced`` with
+        its compute and activations scaled to the layout's microbatch rows."""
+        v = self.plan.get("virtual_stages") or 1
+        S = pp * v
+        front = self._front(traced, pp, dp, tp, m, S)
+        zero = _zero_replicas(front, self.plan.get("zero_stage", 0))
+        if (S, id(traced)) not in self.layers:
+            c = traced.costs
+            self.layers[S, id(traced)] = cluster(c.op_times, c.cut_bytes, min_layers=S)
+        layers = self.layers[S, id(traced)]
+        key = (layers, tp, id(traced))
+        if key not in self.shards:
+            cache = self.caches.setdefault(id(traced), ShardingCache())
+            sh = _held_split(front, shard(front, layers, cache=cache))
+            self.shards[key] = sh, segments(front, layers, sh)
+        sh, seg = self.shards[key]
+        limit = self.plan.get("memory_limit") or front.hardware.memory_bytes
+        in_flight = schedules.peak_in_flight(self.plan["schedule"], pp, m, v) / v
+        remat = self.plan.get("remat")
+        rows_scale = self.batch / (dp * m) / traced.traced.microbatch_size
+        problems = {
+            r: _problem(
+                front,
+                layers,
+                sh,
+                seg,
+                limit=limit / v,
+                in_flight=in_flight,
+                opt_factor=self.opt_factor / zero,
+                remat=r,
+                rows_scale=rows_scale,
+            )
+            for r in ([remat] if remat is not None else [False, True])
+        }
+        bounds, times, mems, _ = _solve(problems, remat, S, limit / v)
+        per_device = [sum(times[d::pp]) for d in range(pp)]
+        step = (m + (pp - 1) / v) * max(per_device) + self._grad_sum(front, seg, bounds)
+        return step, max(sum(mems[d::pp]) for d in range(pp))
+
+    def _front(self, traced: Front, pp: int, dp: int, tp: int, m: int, S: int) -> Front:
+        """``traced`` as the stage search sees the layout (its mesh, stages, microbatches)."""
+        pp_name, dp_name, tp_name = self.names
+        return dataclasses.replace(
+            traced,
+            mesh_axes=((pp_name, pp), (dp_name, dp), (tp_name, tp)),
+            num_stages=S,
+            num_microbatches=m,
+            data_axis=dp_name if dp > 1 else None,
+            tensor_axis=tp_name if tp > 1 else None,
+            virtual_stages=S // pp,
+        )
+
+    def _grad_sum(self, front: Front, seg: SegmentBytes, bounds) -> float:
+        """The data-axis gradient all-reduce of the device holding most parameter bytes."""
+        if front.data_axis is None:
+            return 0.0
+        params = seg.params
+        pp = dict(front.mesh_axes)[self.names[0]]
+        stage = [float(params[a, b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        held = max(sum(stage[d::pp]) for d in range(pp))
+        return comm.collective_time(
+            "all_reduce", held, front.data_axis, front.mesh_axes, front.hardware
+        )
+
+
+def _sorted(priced) -> list[Factorization]:
+    return sorted(priced, key=lambda f: (f.step_time, f.pp * 1000 + f.tp))
 
 
 def _priced(pp, dp, tp, m, step, mem) -> Factorization:

@@ -131,25 +131,24 @@ def forward_segment_memory(
 
 
 def training_segment_memory(
-    costs: OperatorFacts,
-    layers: Sequence[int],
-    nbytes: Callable[[int], float],
+    seg: SegmentBytes,
     *,
     optimizer_factor: float,
     in_flight: float,
     remat: bool,
-    param_scale: Mapping[int, float] | None = None,
+    rows_scale: float = 1.0,
 ) -> np.ndarray:
-    """mem[i, j] = per-device bytes of a training stage of layers [i, j): parameters × (1 +
-    gradient + ``optimizer_factor`` optimizer-state bytes per parameter byte), the residuals
-    of the ``in_flight`` microbatches its schedule keeps (under remat only the stage inputs and
-    the residuals of the one microbatch being recomputed), and twice the live peak (forward
-    and backward working sets). ``param_scale``: the share of each parameter one device holds
-    (tensor shards: their gradients and optimizer state are split alike); activations are
-    counted whole (an upper bound under tensor parallelism)."""
-    seg = segment_bytes(costs, layers, nbytes, param_scale)
+    """mem[i, j] = per-device bytes of a training stage of layers [i, j) from its
+    `segment_bytes`: parameters × (1 + gradient + ``optimizer_factor`` optimizer-state bytes
+    per parameter byte), the residuals of the ``in_flight`` microbatches its schedule keeps
+    (under remat only the stage inputs and the residuals of the one microbatch being
+    recomputed), and twice the live peak (forward and backward working sets). Tensor shards
+    enter through the segments' ``param_scale`` (gradients and optimizer state are split
+    alike). ``rows_scale``: microbatch rows relative to the traced program's (activations
+    scale, parameters do not)."""
     residuals = seg.inputs + seg.made if remat else seg.made * in_flight
-    return _only_stages(seg.params * (2 + optimizer_factor) + residuals + 2 * seg.peak)
+    acts = rows_scale * (residuals + 2 * seg.peak)
+    return _only_stages(seg.params * (2 + optimizer_factor) + acts)
 
 
 def _only_stages(mem: Any) -> np.ndarray:

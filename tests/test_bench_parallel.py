@@ -58,6 +58,23 @@ VOCAB = {
     "params/joint",
     "target",
 }
+TRAINING = {
+    "model",
+    "hardware",
+    "devices",
+    "pp×dp×tp",
+    "microbatches",
+    "remat_stages",
+    "mem_GiB_max",
+    "mem_limit_GiB",
+    "estimate_s",
+    "step_s",
+    "TFLOPs_per_dev (6·N·tokens)",
+    "MFU",
+    "planning_s",
+    "planning_cpu_s",
+    "target",
+}
 
 
 pytestmark = pytest.mark.slow  # the quick run plans every table's models: ~1 min
@@ -73,7 +90,7 @@ def tables() -> list[list[dict]]:
 
 
 def test_tables_have_the_expected_columns(tables):
-    assert [set(t[0]) for t in tables] == [CLUSTER, JOINT, VOCAB]
+    assert [set(t[0]) for t in tables] == [CLUSTER, JOINT, VOCAB, TRAINING]
 
 
 def test_cluster_plan_uses_every_device_and_fits(tables):
@@ -106,3 +123,11 @@ def test_large_vocab_baselines_never_beat_the_stage_dp(tables):
     picked = next(r for r in tables[2] if r["case"] == "mesh the planner picks")
     best = next(r for r in tables[2] if r["case"] == "each method's best mesh")
     assert picked["joint pp×dp×tp"] == best["joint pp×dp×tp"]
+
+
+def test_training_cluster_plans_fit_and_use_every_device(tables):
+    for row in tables[3]:
+        pp, dp, tp = (int(x) for x in row["pp×dp×tp"].split("×"))
+        assert pp * dp * tp == row["devices"], row
+        assert 0 < row["mem_GiB_max"] <= row["mem_limit_GiB"], row
+        assert 0 < row["MFU"] < 1 and row["estimate_s"] > 0 and row["step_s"] > 0, row

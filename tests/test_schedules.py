@@ -82,6 +82,17 @@ def test_in_flight_microbatches_bound_activation_memory():
     assert S.zb_h1(p, m).in_flight() == [4, 3, 2, 1]  # counted until W: same bound
 
 
+def test_peak_in_flight_formula_equals_the_tables():
+    for kind in KINDS[1:]:
+        for v in (2, 3) if kind == "interleaved_1f1b" else (1,):
+            for p in range(1, 7):
+                for m in range(1, 3 * p + 2):
+                    if kind == "interleaved_1f1b" and m % p:
+                        continue
+                    table = max(S.make(kind, p, m, v).in_flight())
+                    assert S.peak_in_flight(kind, p, m, v) == table, (kind, p, m, v)
+
+
 def _swap(s: S.Schedule, t1: int, t2: int, d: int) -> S.Schedule:
     rows = [list(r) for r in s.table]
     rows[t1][d], rows[t2][d] = rows[t2][d], rows[t1][d]

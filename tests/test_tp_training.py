@@ -313,3 +313,41 @@ def test_mesh_8_searches_the_factorizations_for_training():
     np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
     for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
+
+
+def test_layout_search_for_training_plans_many_devices_from_shapes():
+    """``mesh=64, compile=False``: every layout is priced (from one trace, the best refined at
+    its own microbatch rows) and the best is planned exactly; a memory limit the default
+    microbatch count does not fit makes the search take more, smaller microbatches."""
+    from autopipe._factorize import factorizations
+    from autopipe._front import default_microbatches
+
+    loss_fn, params, batch = _task("gpt2")
+    shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), (params, batch))
+    plan = autopipe.train(loss_fn, OPTIMIZER, *shapes, mesh=64, hardware="h100", compile=False)
+    priced = [(f.pp, f.dp, f.tp) for f in plan.factorizations]
+    assert set(priced) == set(factorizations(64, 8, devices_per_node=8, max_stages=10**6))
+    assert len(priced) == len(set(priced))
+    best = plan.factorizations[0]
+    assert dict(plan.mesh_axes) == {"pp": best.pp, "dp": best.dp, "tp": best.tp}
+    assert plan.num_microbatches == best.num_microbatches
+    assert max(plan.predicted.memory_per_device) <= plan.hardware.memory_bytes
+    steps = [f.step_time for f in plan.factorizations]
+    assert steps == sorted(steps) and np.isfinite(steps[0])
+
+    # pp 2 × tp 4 at its default (4 microbatches of 2 rows) and at 8 microbatches of 1 row:
+    # under a limit between the two (and no remat to fit it otherwise), the search takes 8
+    def layout(**options):
+        p = autopipe.train(
+            loss_fn, OPTIMIZER, *shapes, mesh=8, compile=False, remat=False, **options
+        )
+        return next(f for f in p.factorizations if (f.pp, f.dp, f.tp) == (2, 1, 4)), p
+
+    default, _ = layout()
+    finer, _ = layout(num_microbatches=8)
+    assert default.num_microbatches == default_microbatches(8, 2) == 4
+    assert finer.memory < default.memory
+    limit = (finer.memory + default.memory) / 2
+    chosen, tight = layout(memory_limit=limit)
+    assert chosen.num_microbatches == 8 and chosen.memory == finer.memory
+    assert max(tight.predicted.memory_per_device) <= limit
