@@ -95,7 +95,7 @@ def train(
     optimizer: optax.GradientTransformation,
     *example_args: Any,
     mesh: Any,
-    schedule: Literal["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"] = "1f1b",
+    schedule: Literal["auto", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"] = "1f1b",
     num_microbatches: int | None = None,
     virtual_stages: int | None = None,
     batch_argnums: Sequence[int] = (1,),
@@ -137,13 +137,17 @@ def train(
     gradients and optimizer state stay split; ``unplace`` returns whole leaves. ``mesh=N`` or
     ``mesh=None`` (this process's devices) plans every pipeline × data × tensor layout of the
     devices with the training planner and compiles the fastest (``plan.factorizations``).
+    ``schedule="auto"`` plans every schedule and compiles the one whose predicted step (its
+    table run lock-step with the duration model) is fastest under the memory limit.
     """
     v = check_schedule(schedule, virtual_stages)
     check_reduction(reduction)
     axes = dict(pipeline_axis=pipeline_axis, data_axis=data_axis, tensor_axis=tensor_axis)
     lower = dict(hardware=hardware, num_microbatches=num_microbatches, virtual_stages=v, **axes)
-    options = dict(schedule=schedule, memory_limit=memory_limit, remat=remat, virtual_stages=v)
-    options |= dict(reduction=reduction, zero_stage=zero_stage)
+    options = dict(schedule=schedule, memory_limit=memory_limit, remat=remat, reduction=reduction)
+    options |= dict(
+        zero_stage=zero_stage, virtual_stages=virtual_stages if schedule == "auto" else v
+    )
     if mesh is None or isinstance(mesh, int):
         return train_on_devices(
             loss_fn,

@@ -26,12 +26,12 @@ from autopipe._front import Front, FrontOptions, make_front
 from autopipe._plan import PlanRecord
 from autopipe._planned import Planned, forward_planned, replay_record, training_planned
 from autopipe._stage_search import assemble, layer_problem, layers_for, shard, solve
-from autopipe._train import check_schedule, search_training
+from autopipe._train import TRAINING_SCHEDULES, check_schedule, search_training
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.costs import OperatorCosts
 from autopipe.passes.graph import build_program
 from autopipe.passes.ir import Program
-from autopipe.passes.partition import StageProblem
+from autopipe.passes.partition import PlanInfeasible, StageProblem
 from autopipe.passes.tensor_parallel import LayerShardings, ShardingCache
 from autopipe.passes.trace import ArgSpec, make_arg_spec
 from autopipe.passes.trace import Traced as TracedProgram
@@ -223,7 +223,9 @@ class Lowered:
     ) -> Planned:
         """Stage 3: the decisions. Forward plans search stages (and tensor shardings) under
         ``memory_limit`` (None: the hardware's memory); training plans (``optimizer`` given, the
-        lowered function a loss) also pick the ``schedule`` and remat per stage. A
+        lowered function a loss) also pick the ``schedule`` and remat per stage;
+        ``schedule="auto"`` plans every training schedule and keeps the fastest predicted step
+        (ties: the order of `TRAINING_SCHEDULES`; one that does not fit is skipped). A
         ``num_microbatches`` other than the lowered one lowers again at that microbatch size."""
         if optimizer is None and self.options.training:
             raise ValueError(
@@ -238,9 +240,26 @@ class Lowered:
                 )
             return self._at(num_microbatches=num_microbatches)._plan_forward(memory_limit)
         sched = schedule or "1f1b"
+        if sched == "auto":
+            kw = dict(num_microbatches=num_microbatches, memory_limit=memory_limit, remat=remat)
+            kw |= dict(reduction=reduction, virtual_stages=virtual_stages, zero_stage=zero_stage)
+            return self._fastest_schedule(optimizer, kw)
         v = check_schedule(sched, virtual_stages)
         lowered = self._at(num_microbatches=num_microbatches, training=True, virtual_stages=v)
         return lowered._plan_training(optimizer, sched, memory_limit, remat, reduction, zero_stage)
+
+    def _fastest_schedule(self, optimizer, options: dict) -> Planned:
+        planned, refusals = [], []
+        for schedule in TRAINING_SCHEDULES:
+            try:
+                planned.append(self.plan(optimizer=optimizer, schedule=schedule, **options))
+            except ValueError as e:  # PlanInfeasible included
+                refusals.append(f"  {schedule}: {str(e).splitlines()[0]}")
+        if not planned:
+            raise PlanInfeasible(
+                "schedule='auto': no training schedule can be planned here:\n" + "\n".join(refusals)
+            )
+        return min(planned, key=lambda p: p.predicted.step_time)
 
     def replay(self, record: PlanRecord) -> Planned:
         """A saved forward plan's decisions on this program, without searching."""
@@ -254,7 +273,7 @@ class Lowered:
         if all(getattr(self.options, k) == v for k, v in changes.items()):
             return self
         opts = dataclasses.replace(self.options, **changes)
-        return self.traced._lower(opts, self.started)
+        return self.traced._lower(opts, self.started, reuse=self.front)
 
     def _plan_forward(self, memory_limit: float | None) -> Planned:
         front = self.front

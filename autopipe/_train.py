@@ -296,10 +296,13 @@ class TrainingSearch:
 
 
 def check_schedule(schedule: str, virtual_stages: int | None) -> int:
-    """The number of virtual stages per device for a training schedule (checked)."""
+    """The number of virtual stages per device for a training schedule (checked); "auto" (the
+    fastest predicted, `Lowered.plan`) lowers with ``virtual_stages`` or 1."""
+    if schedule == "auto":
+        return virtual_stages or 1
     if schedule not in TRAINING_SCHEDULES:
         raise ValueError(
-            f"schedule={schedule!r}; choose one of {', '.join(TRAINING_SCHEDULES)} "
+            f"schedule={schedule!r}; choose 'auto' or one of {', '.join(TRAINING_SCHEDULES)} "
             "(autopipe.plan is the forward-only pipeline)."
         )
     v = virtual_stages or (2 if schedule == "interleaved_1f1b" else 1)

@@ -9,7 +9,7 @@ training memory model) is priced at that microbatch's rows — compute, activati
 transfers scale with rows — and solved by the stage DP. The estimated step is the pipeline's
 ``(m + (p − 1)/v) ·`` slowest device's time per microbatch, plus the data-axis gradient
 all-reduce; schedules enter through their peak microbatches in flight
-(`schedule.peak_in_flight`), so no table is built.
+(`schedule.peak_in_flight`; 1F1B's for ``schedule="auto"``), so no table is built.
 
 Scaling compute by rows is exact for the roofline part of a large operator but not for fixed
 costs (kernel overheads, weight reads), which dominate at small rows; so, until the best
@@ -224,7 +224,8 @@ class _Search:
             self.shards[key] = sh, segments(front, layers, sh)
         sh, seg = self.shards[key]
         limit = self.plan.get("memory_limit") or front.hardware.memory_bytes
-        in_flight = schedules.peak_in_flight(self.plan["schedule"], pp, m, v) / v
+        kind = "1f1b" if self.plan["schedule"] == "auto" else self.plan["schedule"]
+        in_flight = schedules.peak_in_flight(kind, pp, m, v) / v
         remat = self.plan.get("remat")
         rows_scale = self.batch / (dp * m) / traced.traced.microbatch_size
         problems = {

@@ -15,6 +15,7 @@ import pytest
 import autopipe
 from autopipe import models
 from autopipe.passes.emit_train import plan_chunks
+from autopipe.passes.partition import PlanInfeasible
 from conftest import BATCH, GPT, fill, mesh, reference_training
 
 SCHEDULES = ["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"]
@@ -218,6 +219,37 @@ def test_predicted_bubbles_follow_the_tables():
     assert bubbles["zb_h1"] < bubbles["1f1b"]
 
 
+def test_auto_schedule_is_the_fastest_predicted_and_trains_like_the_reference():
+    loss_fn, params, batch = _task("gpt")
+    predicted = {
+        s: autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh=mesh(2),
+            schedule=s,
+            num_microbatches=4,
+            compile=False,
+        ).predicted.step_time
+        for s in SCHEDULES
+    }
+    plan = _check_training("gpt", "auto", 2, 4)
+    assert plan.schedule.kind == min(predicted, key=predicted.get)
+    assert plan.predicted.step_time == min(predicted.values())
+    with pytest.raises(PlanInfeasible, match="schedule='auto'.*\n  gpipe: .*memory"):
+        autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh=mesh(2),
+            schedule="auto",
+            memory_limit=1e3,
+            compile=False,
+        )
+
+
 def test_nnx_module_trains_and_unplaces_to_a_module():
     from flax import nnx
 
@@ -250,7 +282,7 @@ def test_errors_for_training():
     loss_fn, params, batch = _task("mlp")
     with pytest.raises(ValueError, match="must return one float scalar"):
         autopipe.train(lambda p, b: (loss_fn(p, b), 1.0), OPTIMIZER, params, batch, mesh=mesh(2))
-    with pytest.raises(ValueError, match="choose one of gpipe"):
+    with pytest.raises(ValueError, match="choose 'auto' or one of gpipe"):
         autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), schedule="pipedream")
     with pytest.raises(ValueError, match="virtual_stages=2 needs"):
         autopipe.train(loss_fn, OPTIMIZER, params, batch, mesh=mesh(2), virtual_stages=2)
