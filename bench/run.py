@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "runtime_overhead": ("_runtime", "runtime_overhead"),
     "pipeline_speedup": ("_runtime", "pipeline_speedup"),
     "training": ("training", "run"),
+    "training_tensor": ("training", "tensor_axis"),
     "tied": ("tied", "run"),
     "cost_model": ("cost_model", "run"),
     "parallel": ("parallel", "run"),

@@ -8,6 +8,12 @@ GPipe's at the same p: the acceptance bar is 1F1B ≤ 0.6 × GPipe at p = 4, m =
 pipelined step and a jitted single-device step on the same batch (one run, ratios only).
 On this machine all simulated devices share 2 cores, so a pipeline cannot be faster than one
 device here; the ratio shows the per-tick overhead of the SPMD schedule executor.
+
+``--tensor`` (`tensor_axis`): the same GPT trained with 1F1B at pp 2, pp 2 × tp 2 and
+pp 2 × dp 2 × tp 2 (m = 4, planned with the h100 preset less its latencies so that the tensor
+axis splits every block): XLA's argument and temp bytes per device, the all-reduces in the
+compiled step, and the step time against pp 2 alone (medians of interleaved repetitions; on 2
+shared cores a wider mesh only adds work, so the ratio is the tensor axis's overhead here).
 """
 
 from __future__ import annotations
@@ -104,18 +110,68 @@ def run(args) -> list[dict]:
     return rows
 
 
+def tensor_axis(args) -> list[dict]:
+    import dataclasses
+    import re
+
+    import jax
+    import optax
+
+    import autopipe
+    from autopipe.cost_models.hardware import get_hardware
+
+    loss_fn, params, batch = _task()
+    opt = optax.adamw(1e-3)
+    hw = dataclasses.replace(get_hardware("h100"), op_overhead=0.0, link_latency=0.0)
+    plans = {}
+    for shape in ((2, 1, 1), (2, 1, 2), (2, 2, 2)):
+        n = shape[0] * shape[1] * shape[2]
+        mesh = jax.make_mesh(shape, ("pp", "dp", "tp"), devices=jax.devices()[:n])
+        plan = autopipe.train(
+            loss_fn, opt, params, batch, mesh=mesh, num_microbatches=4, hardware=hw
+        )
+        plans[shape] = plan, [plan.init(params)]
+    times: dict = {s: [] for s in plans}
+    for _ in range(getattr(args, "reps", 10) + 1):  # the first round warms up
+        for shape, (plan, state) in plans.items():
+            t = time.perf_counter()
+            state[0], loss = plan.step(state[0], batch)
+            jax.block_until_ready(loss)
+            times[shape].append(time.perf_counter() - t)
+    base = statistics.median(times[(2, 1, 1)][1:])
+    rows = []
+    for shape, (plan, _) in plans.items():
+        mem = plan.compiled.memory_analysis()
+        hlo = plan.compiled.as_text()
+        step = statistics.median(times[shape][1:])
+        rows.append(
+            {
+                "pp×dp×tp": "×".join(map(str, shape)),
+                "args_MiB_per_dev": round(mem.argument_size_in_bytes / 2**20, 3),
+                "temp_MiB_per_dev": round(mem.temp_size_in_bytes / 2**20, 3),
+                "all_reduces_in_hlo": len(re.findall(r"= \S+ all-reduce(?:-start)?\(", hlo)),
+                "step_ms": round(1e3 * step, 1),
+                "vs_pp2": round(step / base, 2),
+            }
+        )
+    return rows
+
+
 def main() -> None:
     import jax
 
     jax.config.update("jax_num_cpu_devices", 8)
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--reps", type=int, default=10)
-    rows = run(parser.parse_args())
+    parser.add_argument("--tensor", action="store_true", help="the tensor-axis table only")
+    args = parser.parse_args()
+    rows = tensor_axis(args) if args.tensor else run(args)
     cols = list(rows[0])
     print("| " + " | ".join(cols) + " |\n|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(str(r[c]) for c in cols) + " |")
-    out = pathlib.Path(__file__).parent / "results" / "training.json"
+    name = "training_tensor.json" if args.tensor else "training.json"
+    out = pathlib.Path(__file__).parent / "results" / name
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"rows": rows}, indent=1))
 
