@@ -145,6 +145,7 @@ class _Search:
 
     def front_at(self, rows: int | None) -> Front:
         """The loss traced at ``rows`` microbatch rows (None: the whole batch), once."""
+        rows = None if rows == getattr(self, "batch", None) else rows
         if rows not in self.fronts:
             opts = FrontOptions(
                 mesh={self.names[0]: 1},
@@ -174,9 +175,8 @@ class _Search:
         while out and math.isfinite(out[0].step_time):
             f = out[0]
             rows = self.rows_of(f)
-            if (f.pp, f.dp, f.tp) in refined or (
-                rows not in self.fronts and len(self.fronts) > REFINED_TRACES
-            ):
+            traced = (None if rows == self.batch else rows) in self.fronts
+            if (f.pp, f.dp, f.tp) in refined or (not traced and len(self.fronts) > REFINED_TRACES):
                 break
             refined.add((f.pp, f.dp, f.tp))
             try:
