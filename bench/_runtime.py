@@ -139,30 +139,46 @@ def activation_memory(args) -> list[dict]:
 def runtime_overhead(args) -> list[dict]:
     """A pp = 1 plan vs jax.jit(fn) on the same inputs (ratio of medians, one run)."""
     import jax
+    from gpu_check import weight_heavy
 
-    import autopipe
     from autopipe import models
 
     cfg, model = _small_gpt(vocab=1024, seq=128, d_model=256, layers=4)
     tokens = models.make_tokens(cfg, 16)
-    variables = models.init_linen(model, tokens)
+    mlp, mlp_params, x = weight_heavy()
+    cases = [
+        ("gpt 4x256, batch 16", model.apply, models.init_linen(model, tokens), tokens, (1, 2)),
+        ("8 residual MLPs 512→2048, batch 256 (67 MB)", mlp, mlp_params, x, (1,)),
+    ]
     device = _devices(args)[0]
     mesh = jax.make_mesh((1,), ("pp",), devices=[device])
-    tokens, variables = jax.device_put((tokens, variables), device)
-    plain = jax.jit(model.apply)
     rows = []
-    for m in (1, 2):
-        plan = autopipe.plan(model.apply, variables, tokens, mesh=mesh, num_microbatches=m)
+    for name, fn, variables, inputs, ms in cases:
+        rows += _overhead_rows(
+            args, name, fn, *jax.device_put((variables, inputs), device), mesh, ms
+        )
+    return rows
+
+
+def _overhead_rows(args, name, fn, variables, inputs, mesh, ms) -> list[dict]:
+    import jax
+
+    import autopipe
+
+    plain = jax.jit(fn)
+    rows = []
+    for m in ms:
+        plan = autopipe.plan(fn, variables, inputs, mesh=mesh, num_microbatches=m)
         med = _interleaved_median(
             {
-                "jit": lambda: plain(variables, tokens),
-                "plan": lambda plan=plan: plan(variables, tokens),
+                "jit": lambda: plain(variables, inputs),
+                "plan": lambda plan=plan: plan(variables, inputs),
             },
             reps=args.reps,
         )
         rows.append(
             {
-                "model": "gpt 4x256, batch 16",
+                "model": name,
                 "microbatches": m,
                 "jit_ms": round(med["jit"] * 1e3, 3),
                 "plan_ms": round(med["plan"] * 1e3, 3),

@@ -55,7 +55,8 @@ def _median_pair(f, g, reps: int) -> tuple[float, float]:
     return statistics.median(tf), statistics.median(tg)
 
 
-def _blocks(d, hidden, n, batch):
+def weight_heavy(d=512, hidden=2048, n=8, batch=256):
+    """The standard weight-heavy case: n residual MLP blocks x → x + gelu(x·W1)·W2."""
     import jax
 
     def fn(params, x):
@@ -80,7 +81,7 @@ def forward_checks(small: bool, reps: int) -> list[dict]:
 
     import autopipe
 
-    fn, params, x = _blocks(*((128, 512, 4, 64) if small else (512, 2048, 8, 256)))
+    fn, params, x = weight_heavy(*((128, 512, 4, 64) if small else (512, 2048, 8, 256)))
     param_bytes = sum(w.nbytes for w in jax.tree.leaves(params))
     jitted = jax.jit(fn)
     jit_temp = jitted.lower(params, x).compile().memory_analysis().temp_size_in_bytes
@@ -117,7 +118,7 @@ def training_check(small: bool) -> dict:
 
     import autopipe
 
-    fn, params, x = _blocks(*((64, 256, 4, 32) if small else (256, 1024, 4, 64)))
+    fn, params, x = weight_heavy(*((64, 256, 4, 32) if small else (256, 1024, 4, 64)))
     y = jnp.roll(x, 1, axis=1)
     opt, m = optax.adamw(1e-3, weight_decay=0.1), 4
     pp = min(2, len(jax.devices()))
