@@ -10,6 +10,11 @@ interleave their measurements (this machine is shared and noisy). Requests:
   {"what": "plan", "pp": P, "m": M, "reps": R}       the autopipe plan (compiled once, cached)
   {"what": "stages", "pp": P, "m": M, "reps": R}     each stage alone on one microbatch
   {"what": "parts", "pp": P, "m": M, "reps": R}      per-tick ingredients of the emitted scan
+  {"what": "train", "pp": P, "m": M, "schedule": S, "reps": R}
+                                                     an autopipe.train step (SGD), state carried
+  {"what": "accumulate", "m": M, "reps": R}          one device: the same m microbatches'
+                                                     gradients summed in order, then the update
+  {"what": "train_jit", "reps": R}                   one device: the whole batch's step
   {"what": "quit"}
 
 Answers carry medians in seconds.
@@ -50,6 +55,7 @@ class Worker:
         self.variables = models.init_linen(self.model, self.tokens)
         self.plans: dict = {}
         self.jitted = jax.jit(self.model.apply)
+        self.training = _Training(self.model, self.variables, self.tokens)
 
     def plan(self, pp: int, m: int):
         import jax
@@ -66,6 +72,8 @@ class Worker:
     def handle(self, req: dict) -> dict:
         reps = int(req.get("reps", 5))
         what = req["what"]
+        if what in ("train", "accumulate", "train_jit"):
+            return self.training.handle(req, reps)
         if what == "jit":
             return {"median": _median(lambda: self.jitted(self.variables, self.tokens), reps)}
         plan = self.plan(int(req["pp"]), int(req["m"]))
@@ -199,6 +207,74 @@ class Worker:
         per_tick = {k: max(0.0, v - base) / ticks for k, v in raw.items()}
         per_tick["empty_scan_total"] = base
         return per_tick
+
+
+class _Training:
+    """Training steps of the GPT's next-token loss with SGD (no optimizer state to hide)."""
+
+    def __init__(self, model, variables, tokens) -> None:
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        self.variables, self.batch = variables, (tokens, jnp.roll(tokens, -1, axis=1))
+        self.opt = optax.sgd(1e-3)
+
+        def loss_fn(params, batch):
+            t, lab = batch
+            logits = model.apply(params, t)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, lab).mean()
+
+        def step(params, grads):
+            updates, _ = self.opt.update(grads, self.opt.init(params), params)
+            return optax.apply_updates(params, updates)
+
+        def whole(params, batch):
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+            return step(params, grads), loss
+
+        def accumulate(params, batch, m):
+            parts = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+            def one(acc, mb):
+                loss, g = jax.value_and_grad(loss_fn)(params, mb)
+                return jax.tree.map(lambda a, b: a + b / m, acc, g), loss / m
+
+            zero = jax.tree.map(jnp.zeros_like, params)
+            grads, losses = jax.lax.scan(one, zero, parts)
+            return step(params, grads), losses.sum()
+
+        self.loss_fn = loss_fn
+        self.whole = jax.jit(whole)
+        self.accumulate = jax.jit(accumulate, static_argnums=2)
+        self.plans: dict = {}
+
+    def handle(self, req: dict, reps: int) -> dict:
+        import jax
+
+        import autopipe
+
+        what, v, b = req["what"], self.variables, self.batch
+        if what == "train_jit":
+            return {"median": _median(lambda: self.whole(v, b), reps)}
+        m = int(req["m"])
+        if what == "accumulate":
+            return {"median": _median(lambda: self.accumulate(v, b, m), reps)}
+        key = (int(req["pp"]), m, req["schedule"])
+        if key not in self.plans:
+            pp = key[0]
+            mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
+            plan = autopipe.train(
+                self.loss_fn, self.opt, v, b, mesh=mesh, schedule=key[2], num_microbatches=m
+            )
+            self.plans[key] = plan, [plan.init(v)]
+        plan, state = self.plans[key]
+
+        def run():
+            state[0], loss = plan.step(state[0], b)
+            return loss
+
+        return {"median": _median(run, reps), "predicted": plan.predicted.step_time}
 
 
 def _row(buf, stage: int, device):

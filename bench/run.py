@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "activation_memory": ("_runtime", "activation_memory"),
     "runtime_overhead": ("_runtime", "runtime_overhead"),
     "pipeline_speedup": ("_runtime", "pipeline_speedup"),
+    "training_speedup": ("_runtime", "training_speedup"),
     "training": ("training", "run"),
     "training_tensor": ("training", "tensor_axis"),
     "tied": ("tied", "run"),
