@@ -158,8 +158,8 @@ def make_front(
     spec = make_arg_spec(fn, args, opts.batch_argnums)
     m = _microbatches(spec, opts.num_microbatches, dp, p, data_axis)
     hw = resolve_hardware(opts.hardware, opts.mesh)
-    same = reuse is not None and (reuse.traced.num_microbatches, reuse.hardware) == (m * dp, hw)
-    if same and reuse.training == opts.training:
+    key = (m * dp, hw, opts.training)
+    if reuse is not None and (reuse.traced.num_microbatches, reuse.hardware, reuse.training) == key:
         traced, program, split, costs = reuse.traced, reuse.program, reuse.split, reuse.costs
     else:
         traced = trace(fn, args, batch_argnums=opts.batch_argnums, num_microbatches=m * dp)

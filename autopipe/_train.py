@@ -333,20 +333,16 @@ def search_training(
     in_flight = max(sched.in_flight()) / v
     sh = _held_split(front, shard(front, layers))  # the forward's tensor strategies
     seg = segments(front, layers, sh)
-    problems = {
-        r: _problem(
-            front,
-            layers,
-            sh,
-            seg,
-            limit=limit / v,
-            in_flight=in_flight,
-            opt_factor=opt_factor,
-            remat=r,
-        )
-        for r in ([remat] if remat is not None else [False, True])
-    }
-    bounds, times, mems, remat_stages = _solve(problems, remat, S, limit / v)
+    bounds, times, mems, remat_stages = solve_training(
+        front,
+        layers,
+        sh,
+        seg,
+        limit=limit / v,
+        in_flight=in_flight,
+        opt_factor=opt_factor,
+        remat=remat,
+    )
     op_bounds = tuple(layers[b] for b in bounds)
     layouts = list(
         stage_layouts(front.program, front.split, op_bounds, training=True, dims=sh.dims, tp=sh.tp)
@@ -389,6 +385,37 @@ def _tensor_facts(sh: LayerShardings, lay: StageLayout, lo: int, hi: int) -> dic
         strategies=count_strategies(sh.strategies[lo:hi]),
         collectives=sum_collectives(sh.collectives[lo:hi]),
     )
+
+
+def solve_training(
+    front: Front,
+    layers,
+    sh: LayerShardings,
+    seg: SegmentBytes,
+    *,
+    limit: float,
+    in_flight: float,
+    opt_factor: float,
+    remat: bool | None,
+    rows_scale: float = 1.0,
+):
+    """The stage DP on the training problem (`_problem`; both remat choices when ``remat``
+    is None): (boundaries, stage times, stage memory, remat per stage)."""
+    problems = {
+        r: _problem(
+            front,
+            layers,
+            sh,
+            seg,
+            limit=limit,
+            in_flight=in_flight,
+            opt_factor=opt_factor,
+            remat=r,
+            rows_scale=rows_scale,
+        )
+        for r in ([remat] if remat is not None else [False, True])
+    }
+    return _solve(problems, remat, front.num_stages, limit)
 
 
 def _solve(problems: dict, remat: bool | None, S: int, limit: float):

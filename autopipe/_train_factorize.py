@@ -48,10 +48,9 @@ from autopipe._staged import trace
 from autopipe._train import (
     _held_split,
     _opt_factor,
-    _problem,
-    _solve,
     _zero_replicas,
     segments,
+    solve_training,
 )
 from autopipe.cost_models import comm
 from autopipe.cost_models.stage_memory import SegmentBytes
@@ -223,26 +222,23 @@ class _Search:
             sh = _held_split(front, shard(front, layers, cache=cache))
             self.shards[key] = sh, segments(front, layers, sh)
         sh, seg = self.shards[key]
-        limit = self.plan.get("memory_limit") or front.hardware.memory_bytes
+        limit = self.plan.get("memory_limit")
+        limit = front.hardware.memory_bytes if limit is None else limit
         kind = "1f1b" if self.plan["schedule"] == "auto" else self.plan["schedule"]
         in_flight = schedules.peak_in_flight(kind, pp, m, v) / v
         remat = self.plan.get("remat")
         rows_scale = self.batch / (dp * m) / traced.traced.microbatch_size
-        problems = {
-            r: _problem(
-                front,
-                layers,
-                sh,
-                seg,
-                limit=limit / v,
-                in_flight=in_flight,
-                opt_factor=self.opt_factor / zero,
-                remat=r,
-                rows_scale=rows_scale,
-            )
-            for r in ([remat] if remat is not None else [False, True])
-        }
-        bounds, times, mems, _ = _solve(problems, remat, S, limit / v)
+        bounds, times, mems, _ = solve_training(
+            front,
+            layers,
+            sh,
+            seg,
+            limit=limit / v,
+            in_flight=in_flight,
+            opt_factor=self.opt_factor / zero,
+            remat=remat,
+            rows_scale=rows_scale,
+        )
         per_device = [sum(times[d::pp]) for d in range(pp)]
         step = (m + (pp - 1) / v) * max(per_device) + self._grad_sum(front, seg, bounds)
         return step, max(sum(mems[d::pp]) for d in range(pp))
