@@ -146,6 +146,8 @@ def worker(kind: str, reps: int) -> dict:
             "gpt3_64": plan_gpt3({"pp": 8, "dp": 8}, 128),
             "gpt3_64_tp": plan_gpt3({"pp": 8, "tp": 8}, 16),
         }
+    if kind == "serving":
+        return serving(reps)
     makers = {
         "single": {"jit": lambda n: _Plain(n), "autopipe_pp1": lambda n: _Autopipe(1, None, n)},
         "pp2": {
@@ -161,6 +163,53 @@ def worker(kind: str, reps: int) -> dict:
         if isinstance(full, _Autopipe):
             out[name] |= full.facts()
     return out
+
+
+SLOTS, REQUESTS = 16, 64
+
+
+def serving(reps: int) -> dict:
+    """Continuous batching (`GenerationPlan.serve`, 16 slots) vs static batching (`generate`
+    over batches of 16, one program for the mix's longest prompt and output) at pp = 2 on the
+    same 64 requests: prompt lengths 4–24, outputs 1–32 tokens. Tokens/s counts the tokens the
+    requests asked for; compilation is excluded (a warm-up run of each first)."""
+    import jax
+    import numpy as np
+
+    import autopipe
+    from autopipe import decoders as dec
+
+    cfg = dec.DecoderConfig(**CONFIG)
+    params, cache = dec.init_gpt(cfg, SLOTS)
+    mesh = jax.make_mesh((2,), ("pp",), devices=jax.devices()[:2])
+    plan = autopipe.plan_generation(dec.gpt_step(cfg), params, cache, mesh=mesh)
+    rng = np.random.default_rng(1)
+    lengths = rng.integers(4, 25, REQUESTS).astype(np.int32)
+    outputs = rng.integers(1, 33, REQUESTS)
+    prompts = rng.integers(0, CONFIG["vocab"], (REQUESTS, int(lengths.max()))).astype(np.int32)
+    requests = [(prompts[i, : lengths[i]], int(outputs[i])) for i in range(REQUESTS)]
+    wanted = int(outputs.sum())
+
+    def continuous():
+        return sum(len(c.tokens) for c in plan.serve(params, cache, requests, steps_per_call=8))
+
+    def static():
+        for lo in range(0, REQUESTS, SLOTS):
+            out = plan.generate(params, cache, prompts[lo : lo + SLOTS], lengths[lo : lo + SLOTS],
+                                max_new_tokens=int(outputs.max()))  # fmt: skip
+            np.asarray(out.tokens)
+
+    assert continuous() == wanted  # warm-up (compiles), and every request got its tokens
+    static()
+    times = {"continuous": [], "static": []}
+    for _ in range(reps):
+        for name, fn in (("continuous", continuous), ("static", static)):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    out = {k: {"s": statistics.median(v), "tokens_per_s": wanted / statistics.median(v)}
+           for k, v in times.items()}  # fmt: skip
+    return {"serving": out | {"requests": REQUESTS, "slots": SLOTS, "tokens": wanted}}
 
 
 GPT3 = dict(vocab=50257, d_model=12288, heads=96, kv_heads=96, layers=96, max_len=2048,
@@ -193,7 +242,12 @@ def plan_gpt3(mesh: dict, batch: int) -> dict:
 
 
 def _run_worker(kind: str, reps: int) -> dict:
-    devices, cores = {"single": (1, "0"), "pp2": (2, "0,1"), "gpt3": (1, "0")}[kind]
+    devices, cores = {
+        "single": (1, "0"),
+        "pp2": (2, "0,1"),
+        "gpt3": (1, "0"),
+        "serving": (2, "0,1"),
+    }[kind]
     env = os.environ | {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
     env["PYTHONPATH"] = os.pathsep.join([str(HERE.parent), env.get("PYTHONPATH", "")])
     cmd = ["taskset", "-c", cores, sys.executable, __file__, "--worker", kind, "--reps", str(reps)]
@@ -216,23 +270,35 @@ def main() -> None:
             for name, r in _run_worker(kind, args.reps).items():
                 runs.setdefault(name, []).append(r)
     table = {name: _merge(rs) for name, rs in runs.items()}
+    for name, rs in runs.items():  # each round's ratio to jit in the same round
+        table[name]["vs_jit_by_round"] = [
+            r["tokens_per_s"] / j["tokens_per_s"] for r, j in zip(rs, runs["jit"], strict=True)
+        ]
     gpt3 = _run_worker("gpt3", 1)
+    serve = _run_worker("serving", args.reps)
     base = table["jit"]["tokens_per_s"]
-    print(f"{'program':<14} {'decode tok/s':>12} {'vs jit':>7} {'TTFT ms':>8} {'all-gathers':>11}")
+    print(f"{'program':<14} {'decode tok/s':>12} {'vs jit':>7} {'by round':>18} {'TTFT ms':>8} "
+          f"{'all-gathers':>11}")  # fmt: skip
     for name, r in table.items():
         ag = r.get("all_gathers", "-")
+        rounds = " ".join(f"{x:.2f}" for x in r["vs_jit_by_round"])
         print(f"{name:<14} {r['tokens_per_s']:>12.0f} {r['tokens_per_s'] / base:>7.2f} "
-              f"{r['ttft_s'] * 1e3:>8.1f} {ag:>11}")  # fmt: skip
+              f"{rounds:>18} {r['ttft_s'] * 1e3:>8.1f} {ag:>11}")  # fmt: skip
     pp2 = table["autopipe_pp2"]
     own = pp2["stage_params_plus_caches"]
     print(f"pp2 vs naive pp2: {pp2['tokens_per_s'] / table['naive_pp2']['tokens_per_s']:.2f}x; "
           f"argument bytes {pp2['argument_bytes']} vs stage params + caches {own} "
           f"({pp2['argument_bytes'] / own:.3f}x)")  # fmt: skip
+    sv = serve["serving"]
+    print(f"serving {sv['requests']} requests ({sv['tokens']} tokens) through {sv['slots']} slots "
+          f"at pp 2: continuous {sv['continuous']['tokens_per_s']:.0f} tokens/s, static "
+          f"{sv['static']['tokens_per_s']:.0f} tokens/s "
+          f"({sv['continuous']['tokens_per_s'] / sv['static']['tokens_per_s']:.2f}x)")  # fmt: skip
     for name, r in gpt3.items():
         print(f"{name}: {r['mesh']}, batch {r['batch']}, cache {r['cache_length']} positions, "
               f"planned in {r['planning_s']:.1f} s\n{r['summary']}")  # fmt: skip
     config = CONFIG | {"batch": BATCH, "prompt": PROMPT, "decode": DECODE}
-    result = {"config": config, **table, **gpt3}
+    result = {"config": config, **table, **gpt3, **serve}
     (HERE / "results" / "generate.json").write_text(json.dumps(result, indent=2) + "\n")
 
 

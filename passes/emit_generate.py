@@ -43,6 +43,8 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from autopipe.passes.cache_writes import SlotWrite, apply_write, slot_writes, write_operands
+from autopipe.passes.decode_segments import cut, segmented_tick
 from autopipe.passes.decode_state import DecodeState
 from autopipe.passes.emit import auto_mesh
 from autopipe.passes.ir import Program, apply_op, read_atom
@@ -197,16 +199,15 @@ def emit_generate(
     )
 
 
-def _group_blocks(slots, g) -> tuple:
-    """Group ``g``'s block of every local ``(G, rows, ...)`` cache slot."""
-    return tuple(jax.lax.dynamic_index_in_dim(x, g, 0, keepdims=False) for x in slots)
-
-
-def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, last, sizes, tensor):
+def _stage_fn(
+    program, layout: StageLayout, state, params, caches, device, *, last, sizes, tensor, writes
+):
     """Stage ``layout`` on ``device``: ``run(param_bufs, cache_slots, g, recv, tok, pos) ->
     (send, new group blocks, logits)``. The slots come in whole and read-only (a conditional
     copies operands it updates); the stage reads group g's block of its own slots and returns
-    their new blocks, zeros for the slots it holds nothing in (padding on this device). With a
+    their new blocks, zeros for the slots it holds nothing in (padding on this device); for a
+    slot in ``writes`` (`passes.cache_writes`) it returns its write's indices and updates and
+    whether it wrote, for the write to run in place after the branch. With a
     tensor axis (``tensor``) every operator runs on this device's shards under its planned
     strategy; activations arrive and leave whole, a split cache leaf as this device's shard
     (its new value made on the same dim: pinned by the plan, `_generate_search`)."""
@@ -239,9 +240,12 @@ def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, la
         )
         env.update(read_params(program, params, device, bufs))
         whole, held = evaluate(env)
-        new = [jnp.zeros(x.shape[1:], x.dtype) for x in slots]
+        new = [_nothing(writes.get(k), x, g, block=False) for k, x in enumerate(slots)]
         for k, v in mine:  # a split cache leaf's new value stays on this device's shard
-            new[k] = whole(out_of[v]) if tensor is None else held(out_of[v], split.get(v))
+            if k in writes:
+                new[k] = (*write_operands(program, writes[k], device, env), jnp.bool_(True))
+            else:
+                new[k] = whole(out_of[v]) if tensor is None else held(out_of[v], split.get(v))
         logits = whole(state.logits) if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
         sent = {v: whole(v) for v in layout.send.values()}
         return pack_flat(sent, layout.send, sizes), tuple(new), logits
@@ -249,22 +253,32 @@ def _stage_fn(program, layout: StageLayout, state, params, caches, device, *, la
     return run
 
 
-def _branches(program, stages, state, params, caches, tensor) -> tuple[list[Callable], dict]:
+def _nothing(write: SlotWrite | None, slot, g, *, block: bool):
+    """What a branch returns for a slot it does not write: no write (a lifted slot), else
+    zeros or (``block``) group g's block as it is."""
+    if write is not None:
+        return (*write.no_write(), jnp.bool_(False))
+    if block:
+        return jax.lax.dynamic_index_in_dim(slot, g, 0, keepdims=False)
+    return jnp.zeros(slot.shape[1:], slot.dtype)
+
+
+def _branches(program, stages, state, params, caches, tensor, writes) -> tuple[list, dict]:
     """One branch per stage, then the idle branch (sends zeros, returns the blocks as they
-    are)."""
+    are, writes nothing)."""
     p = len(stages)
     sizes = buffer_sizes([s.send for s in stages])
+    kw = dict(sizes=sizes, tensor=tensor, writes=writes)
     runs = [
-        _stage_fn(
-            program, st, state, params, caches, s, last=s == p - 1, sizes=sizes, tensor=tensor
-        )
+        _stage_fn(program, st, state, params, caches, s, last=s == p - 1, **kw)
         for s, st in enumerate(stages)
     ]
     aval = program.avals[state.logits]
 
     def idle(bufs, slots, g, recv, tok, pos):
         zeros = tuple(jnp.zeros((n,), dt) for dt, n in sizes.items())
-        return zeros, _group_blocks(slots, g), jnp.zeros(aval.shape, aval.dtype)
+        new = tuple(_nothing(writes.get(k), x, g, block=True) for k, x in enumerate(slots))
+        return zeros, new, jnp.zeros(aval.shape, aval.dtype)
 
     return [*runs, idle], sizes
 
@@ -333,7 +347,29 @@ def _set_group(rows: Rows, g, new: Rows) -> Rows:
 def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, tensor) -> Callable:
     p, b = len(stages), d.rows
     c = max(d.groups, p)
-    branches, sizes = _branches(program, stages, state, params, caches, tensor)
+    # one stage updates its caches in place without help (no conditional); the tensor axis
+    # keeps the copy-back (its writes are of local shards)
+    writes = slot_writes(program, stages, state, caches) if tensor is None and p > 1 else {}
+    branches, sizes = _branches(program, stages, state, params, caches, tensor, writes)
+    segmented = _segmented(program, stages, state, params, caches, writes, sizes)
+
+    def one_branch(pslots, cache, g, recv, tok, pos, active):
+        """The tick as one branch per stage; blocks written back, lifted writes in place."""
+        args = (pslots, cache, g, recv, tok, pos)
+        if p == 1:  # one stage, busy every tick: no conditional (it would copy the blocks)
+            send, new, logits = branches[0](*args)
+        else:
+            send, new, logits = jax.lax.switch(
+                jnp.where(active, jax.lax.axis_index(axis), p), branches, *args
+            )
+        cache = tuple(
+            apply_write(x, g, y[-1], writes[k], y[:-1])
+            if k in writes
+            else jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
+            for k, (x, y) in enumerate(zip(cache, new, strict=True))
+        )
+        return send, cache, logits
+
     forward = [(s, s + 1) for s in range(p - 1)]
     ring = [(s, (s + 1) % p) for s in range(p)]
     num_ticks = d.steps * c + p - 1
@@ -356,14 +392,10 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, 
             inp = jnp.where(is_first, pending[g], ring_in)
             recv_d = dict(zip(sizes, recv, strict=True))
             args = (pslots, cache, g, recv_d, inp[0], inp[1])
-            if p == 1:  # one stage, busy every tick: no conditional (it would copy the blocks)
-                send, new, logits = branches[0](*args)
+            if segmented is not None:
+                send, cache, logits = segmented(*args, jnp.where(here.active, dev, p))
             else:
-                send, new, logits = jax.lax.switch(jnp.where(here.active, dev, p), branches, *args)
-            cache = tuple(
-                jax.lax.dynamic_update_index_in_dim(x, y, g, 0)
-                for x, y in zip(cache, new, strict=True)
-            )
+                send, cache, logits = one_branch(*args, here.active)
             live = here.active & is_last
             mine, nxt = _advance(
                 _group(rows, g), logits, key, here.step, inp[1], temperature, end, d, live
@@ -379,6 +411,18 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, 
         return jax.tree.map(lambda x: x[None], rows), tuple(x[None] for x in cache)
 
     return body
+
+
+def _segmented(program, stages, state, params, caches, writes, sizes) -> Callable | None:
+    """The segmented tick (`passes.decode_segments`) when every cache slot's write is lifted
+    and every stage can be cut at its writes; None otherwise (one branch per stage)."""
+    if not writes or len(writes) != len(caches.slots):
+        return None
+    p = len(stages)
+    cuts = [cut(program, st, state, writes, d, last=d == p - 1) for d, st in enumerate(stages)]
+    if any(c is None for c in cuts):
+        return None
+    return segmented_tick(program, stages, state, params, writes, cuts, sizes)
 
 
 def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:

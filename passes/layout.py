@@ -130,7 +130,7 @@ def _local_closure(program: Program, split: Split, ops: Sequence[int]) -> list[i
     return sorted(needed)
 
 
-def _flat(program: Program, values: Sequence[int]) -> FlatLayout:
+def flat_layout(program: Program, values: Sequence[int]) -> FlatLayout:
     """`values` packed end to end into one flat buffer per dtype."""
     by_dtype: dict[str, list[Slot]] = {}
     for v in sorted(set(values)):
@@ -200,8 +200,8 @@ def stage_layouts(
             StageLayout(
                 ops=tuple(ops),
                 params=tuple(params),
-                recv=_flat(program, live[lo] if s > 0 else []),
-                send=_flat(program, live[hi] if hi < len(split.pipeline) else []),
+                recv=flat_layout(program, live[lo] if s > 0 else []),
+                send=flat_layout(program, live[hi] if hi < len(split.pipeline) else []),
                 param_bytes=sum(program.nbytes(v) for v in params),
                 device_param_bytes=sum(shard),
                 inputs=tuple(sorted(reads & program.inputs)),

@@ -42,7 +42,7 @@ from jax.sharding import PartitionSpec as P
 
 from autopipe._compat import key_impl_of
 from autopipe.passes.ir import Program, eval_ops
-from autopipe.passes.layout import FlatLayout, Split, _flat, buffer_sizes, placed_sources
+from autopipe.passes.layout import FlatLayout, Split, buffer_sizes, flat_layout, placed_sources
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -215,7 +215,7 @@ def _within(program: Program, layout: ParamLayout, groups, budget: float) -> Par
         moved.append(partial[len(moved)])
         kept = tuple(s for k, s in enumerate(slots) if k not in moved)
         rest = tuple(
-            _flat(program, [v for k in moved if (v := slots[k].values[d]) is not None])
+            flat_layout(program, [v for k in moved if (v := slots[k].values[d]) is not None])
             for d in range(layout.num_devices)
         )
         current = ParamLayout(slots=kept, num_devices=layout.num_devices, rest=rest)
