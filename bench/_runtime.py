@@ -239,16 +239,25 @@ def pipeline_speedup(args) -> list[dict]:
     batch as m sequential microbatches (a pp = 1 plan), which isolates the pipelining from
     the change in matmul sizes. ``stage_ms`` is each stage alone on one microbatch, pinned;
     the lock-step ideal of the pipeline is ``ticks × max(stage_ms)``, and
-    ``overhead_ms_per_tick = (pipeline − ideal) / ticks``.
+    ``overhead_ms_per_tick = (pipeline − ideal) / ticks``. Two models: the bench GPT and the
+    issue's standard weight-heavy case (8 residual MLP blocks, D 512, hidden 2048, batch 256).
     """
     if args.gpu:
         return [{"skipped": "CPU-only benchmark (one device pinned to one core vs two cores)"}]
     if shutil.which("taskset") is None:
         return [{"skipped": "taskset not found (util-linux); cannot pin the baseline"}]
-    config = {
-        "gpt": {"vocab": 512, "seq": 128, "d_model": 256, "heads": 4, "layers": 8},
-        "batch": 64,
-    }
+    gpt = {"gpt": {"vocab": 512, "seq": 128, "d_model": 256, "heads": 4, "layers": 8}, "batch": 64}
+    rows = []
+    models = (
+        ("gpt 8x256 seq128, batch 64", gpt),
+        ("8 residual MLPs D512 h2048, batch 256", {"model": "mlp"}),
+    )
+    for name, config in models:
+        rows += [row | {"model": name} for row in _speedup_rows(config, args)]
+    return rows
+
+
+def _speedup_rows(config: dict, args) -> list[dict]:
     argv = [sys.executable, str(WORKER), "--devices", "2", json.dumps(config)]
     pinned = _Proc(["taskset", "-c", "0", *argv])
     both = _Proc(argv)
@@ -347,7 +356,7 @@ def training_speedup(args) -> list[dict]:
 def _speedup_row(m: int, ticks: int, med: dict[str, float]) -> dict:
     pipe = med[f"pipe{m}"]
     return {
-        "model": "gpt 8x256 seq128, batch 64",
+        "model": "",
         "m": m,
         "jit_1core_ms": round(med["jit"] * 1e3, 1),
         "microbatched_1core_ms": round(med[f"seq{m}"] * 1e3, 1),

@@ -49,13 +49,20 @@ class Worker:
         jax.config.update("jax_num_cpu_devices", devices)
         from autopipe import models
 
-        self.cfg = models.GPTConfig(**config["gpt"])
-        self.model = models.LinenGPT(self.cfg)
-        self.tokens = models.make_tokens(self.cfg, config["batch"])
-        self.variables = models.init_linen(self.model, self.tokens)
         self.plans: dict = {}
-        self.jitted = jax.jit(self.model.apply)
-        self.training = _Training(self.model, self.variables, self.tokens)
+        if config.get("model") == "mlp":  # the standard weight-heavy case (forward only)
+            from gpu_check import weight_heavy
+
+            self.apply, self.variables, self.tokens = weight_heavy()
+            self.training = None
+        else:
+            self.cfg = models.GPTConfig(**config["gpt"])
+            model = models.LinenGPT(self.cfg)
+            self.apply = model.apply
+            self.tokens = models.make_tokens(self.cfg, config["batch"])
+            self.variables = models.init_linen(model, self.tokens)
+            self.training = _Training(model, self.variables, self.tokens)
+        self.jitted = jax.jit(self.apply)
 
     def plan(self, pp: int, m: int):
         import jax
@@ -65,7 +72,7 @@ class Worker:
         if (pp, m) not in self.plans:
             mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
             self.plans[pp, m] = autopipe.plan(
-                self.model.apply, self.variables, self.tokens, mesh=mesh, num_microbatches=m
+                self.apply, self.variables, self.tokens, mesh=mesh, num_microbatches=m
             )
         return self.plans[pp, m]
 
