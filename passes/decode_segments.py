@@ -11,9 +11,10 @@ in small flat buffers per dtype (activations, not caches); operators on paramete
 given to every segment (XLA keeps the ones a segment uses). Devices with fewer segments are
 aligned to the end: the last segment of every device makes the sends and the logits.
 
-`cut` refuses (returns None) a stage whose step reads a cache leaf other than by its write,
-or sends a written leaf on to the next stage (a stage cut between a write and its attention);
-the emitter then keeps one branch per stage (`passes.emit_generate`).
+A stage cut between a cache write and the attention that reads it sends the written leaf on:
+its last segment reads it from the slot (after the write) and sends it. `cut` refuses
+(returns None) a stage whose step reads a cache leaf other than by its write; the emitter
+then keeps one branch per stage (`passes.emit_generate`).
 """
 
 from __future__ import annotations
@@ -62,8 +63,6 @@ def cut(
     batch = [i for i in layout.ops if program.is_batch_op(program.ops[i])]
     if any(a in old for i in batch if i not in lifted for a in _values(program.ops[i])):
         return None
-    if any(v in written for v in layout.send.values()):  # a new cache value sent on
-        return None
     parts: list[tuple[list[int], list[int]]] = [([], [])]
     pending: set[int] = set()
     for i in batch:
@@ -76,8 +75,10 @@ def cut(
             pending.add(op.outvars[0])
         else:
             parts[-1][0].append(i)
-    made = {v: j for j, (ops, _) in enumerate(parts) for i in ops for v in program.ops[i].outvars}
     final = set(layout.send.values()) | ({state.logits} if last else set())
+    if any(program.ops[i].outvars[0] in final for i in parts[-1][1]):
+        parts.append(([], []))  # a written leaf sent on: read from its slot after the write
+    made = {v: j for j, (ops, _) in enumerate(parts) for i in ops for v in program.ops[i].outvars}
     need: list[set[int]] = [set() for _ in parts]  # made earlier, read in segment j
     reads: list[set[tuple[int, int]]] = [set() for _ in parts]
     for j, (ops, wr) in enumerate(parts):
@@ -88,6 +89,7 @@ def cut(
                 elif a in made and made[a] < j:
                     need[j].add(a)
     need[-1] |= {v for v in final if v in made and made[v] < len(parts) - 1}
+    reads[-1] |= {(written[v], v) for v in final if v in written}
     carry = [
         [
             v
