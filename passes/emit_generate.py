@@ -19,10 +19,13 @@ Per device the program holds:
   - its stage's parameters in the slots of a `ParamLayout` (read whole, in place);
   - its stage's cache leaves in the slots of the cache layout (`passes.decode_state`), with a
     tensor axis split on the dim the plan splits (heads) or whole: slot k
-    is ``(1, G, rows, ...)`` locally, the scan carry; each tick the stage's branch reads the
-    group's block of its slots (given whole and read-only: a conditional copies an operand it
-    updates), runs the step on it, and returns the new blocks, which are written back with
-    ``dynamic_update_index_in_dim`` after the branch (the slots are donated: in place);
+    is ``(1, G, rows, ...)`` locally, the scan carry (donated). With p > 1 and no tensor axis,
+    each stage's step is cut at its cache writes (`passes.decode_segments`: one ``switch`` per
+    segment, the writes run in place on the carried slots between them, `passes.cache_writes`);
+    otherwise the stage's branch reads the group's block of its slots (given whole and
+    read-only: a conditional copies an operand it updates), runs the step on it and returns the
+    new blocks, written back with ``dynamic_update_index_in_dim`` after the branch (at p = 1
+    there is no branch and XLA updates the slots in place);
   - per group the rows' state (`Rows`: prompts, lengths, budgets, steps, output tokens,
     counts, done flags), updated by the last stage and returned with the caches.
 
