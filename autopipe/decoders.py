@@ -67,7 +67,8 @@ def _rotate(x: jax.Array, positions: jax.Array) -> jax.Array:
     angle = positions.astype(jnp.float32)[:, None, None] * freq
     x1, x2 = x[..., :half], x[..., half:]
     cos, sin = jnp.cos(angle), jnp.sin(angle)
-    return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+    return rotated.astype(x.dtype)  # the angles are float32: keep a bf16 model's k/v in bf16
 
 
 def _write(cache: jax.Array, rows: jax.Array, positions: jax.Array) -> jax.Array:

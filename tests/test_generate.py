@@ -9,7 +9,11 @@ fed one token per step at position = step, greedy ``argmax`` or a draw with
 from __future__ import annotations
 
 import dataclasses
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,6 +216,36 @@ def test_cache_writes_run_in_place_on_the_carried_slots(form):
     group = max(s.cache_bytes for s in plan.stages) / plan.num_groups
     assert plan.num_groups == 2 and group == 2 * 2 * 8 * 512 * 4 * 8 * 4
     assert compiled.memory_analysis().temp_size_in_bytes < 0.6 * group
+
+
+_BF16 = """
+import dataclasses, sys
+import numpy as np
+import autopipe, test_generate as t
+from autopipe import decoders as dec
+for name in ("GPT", "LLAMA"):
+    cfg = dataclasses.replace(getattr(t, name), dtype="bfloat16")
+    params, cache = dec.init_gpt(cfg, t.BATCH)
+    step = dec.gpt_step(cfg)
+    prompts, lengths = t._prompts(cfg)
+    want, _ = t.reference(step, params, cache, prompts, lengths, 8)
+    got = autopipe.generate(step, params, cache, prompts, lengths, max_new_tokens=8,
+                            mesh=t._mesh((2, 1)))
+    assert np.array_equal(got.tokens, want), (name, got.tokens, want)
+"""
+
+
+def test_bf16_greedy_equals_single_device_when_xla_rounds_every_op():
+    """bf16 decoders (GPT; Llama with rotary, whose float32 angles the step casts back) at
+    pp 2 equal one device token for token once XLA rounds every bf16 operation
+    (``--xla_allow_excess_precision=false``, read when JAX starts: a subprocess). With XLA's
+    default a fusion keeps float32 intermediates and rounds at its outputs, and cutting the step
+    into stages moves fusion boundaries: the bf16 GPT then differed on 2 of 8 rows at pp 2
+    (the old emitter too). Vocab 64 bf16 logits tie often, so one rounding flips a token."""
+    flags = "--xla_force_host_platform_device_count=8 --xla_allow_excess_precision=false"
+    here = pathlib.Path(__file__).parent
+    env = os.environ | {"XLA_FLAGS": flags, "PYTHONPATH": str(here)}
+    subprocess.run([sys.executable, "-c", _BF16], env=env, check=True, cwd=here, timeout=300)
 
 
 # --- a tensor axis ----------------------------------------------------------------------------
