@@ -125,7 +125,7 @@ def _written_after(aligned: Sequence[Sequence[Segment | None]], writes) -> list[
 
 
 def _values(op) -> tuple[int, ...]:
-    """The operator's operands that are values (literals left out, order kept)."""
+    """The operator's operand value ids in order, a literal as -1 (no value has that id)."""
     return tuple(a if isinstance(a, int) else -1 for a in op.invars)
 
 

@@ -356,15 +356,14 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, 
     branches, sizes = _branches(program, stages, state, params, caches, tensor, writes)
     segmented = _segmented(program, stages, state, params, caches, writes, sizes)
 
-    def one_branch(pslots, cache, g, recv, tok, pos, active):
-        """The tick as one branch per stage; blocks written back, lifted writes in place."""
+    def one_branch(pslots, cache, g, recv, tok, pos, which):
+        """The tick as one branch per stage (``which``: this device's, or p: idle); blocks
+        written back, lifted writes in place."""
         args = (pslots, cache, g, recv, tok, pos)
         if p == 1:  # one stage, busy every tick: no conditional (it would copy the blocks)
             send, new, logits = branches[0](*args)
         else:
-            send, new, logits = jax.lax.switch(
-                jnp.where(active, jax.lax.axis_index(axis), p), branches, *args
-            )
+            send, new, logits = jax.lax.switch(which, branches, *args)
         cache = tuple(
             apply_write(x, g, y[-1], writes[k], y[:-1])
             if k in writes
@@ -395,10 +394,8 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, 
             inp = jnp.where(is_first, pending[g], ring_in)
             recv_d = dict(zip(sizes, recv, strict=True))
             args = (pslots, cache, g, recv_d, inp[0], inp[1])
-            if segmented is not None:
-                send, cache, logits = segmented(*args, jnp.where(here.active, dev, p))
-            else:
-                send, cache, logits = one_branch(*args, here.active)
+            run = one_branch if segmented is None else segmented
+            send, cache, logits = run(*args, jnp.where(here.active, dev, p))
             live = here.active & is_last
             mine, nxt = _advance(
                 _group(rows, g), logits, key, here.step, inp[1], temperature, end, d, live
