@@ -349,52 +349,59 @@ class Actions:
 
     def backward(self, s: int, *, weights: bool, inputs: bool) -> Callable:
         """B (``inputs``: the input gradient, sent back; with ``weights`` too unless W is split
-        off, in which case the cotangent is returned to be stored for W) or W (``weights``
-        only: from the stored cotangent), as a switch branch: ``(inputs, ress, cots) ->
-        (send_b, cot, grads)``."""
+        off, in which case the cotangent is stored for W) or W (``weights`` only: from the
+        stored cotangent), as an in-place action ``(state, (x, ress)) -> state``: the
+        parameter gradients are added into this stage's rows of the gradient sums."""
         io, st = self.ios[s], self.stages[s]
         S = len(self.stages)
 
-        def branch(x: TickInputs, ress: tuple, cots: tuple) -> tuple:
+        def action(state: BackwardState, inputs_: tuple) -> BackwardState:
+            x, ress = inputs_
             env = self._params(s, x.params)
             if s == S - 1:
                 out = self.program.avals[io.outputs[0]]
                 g = (jnp.full(out.shape, self.seed, out.dtype),)
             else:  # from the next stage, or for W the cotangent B stored
-                got = x.grad if inputs else tuple(row(b, x.slots["cot_read"]) for b in cots)
+                got = x.grad if inputs else tuple(row(b, x.slots["cot_read"]) for b in state.cots)
                 g_env = self._unpack(float_part(st.send), got, self.grad_sizes)
                 g = tuple(g_env[v] for v in io.outputs)
             d_params, d_recv = self._vjp(s, env, x, ress)(g)
-            send_b, cot, grads = self.no_backward(x, ress, cots)
             if weights:
-                grads = self._pack_grads(s, d_params)
+                state = state._replace(grads=self._add_grads(s, state.grads, d_params))
             if inputs and s > 0:
                 d_env = dict(zip(io.recv, d_recv, strict=True))
-                send_b = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
+                send = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
+                state = state._replace(send_b=send)
             if inputs and not weights and s < S - 1:
                 g_env = dict(zip(io.outputs, g, strict=True))
                 cot = pack_flat(g_env, float_part(st.send), self.grad_sizes)
-            return send_b, cot, grads
+                slot = x.slots["cot_store"]
+                state = state._replace(cots=tuple(map(set_row, state.cots, [slot] * len(cot), cot)))
+            return state
 
-        return branch
+        return action
 
-    def no_backward(self, x: TickInputs, ress: tuple, cots: tuple) -> tuple:
-        """Nothing sent, no gradient, and the cotangent slot stored back as it is (so that
-        slot may be live: no spare)."""
-        send = tuple(jnp.zeros((k,), dt) for dt, k in self.grad_sizes.items())
-        cot = tuple(row(b, x.slots["cot_store"]) for b in cots)
-        return send, cot, self.zero_grads()
+    def no_send(self) -> tuple:
+        """The gradient sent back on a tick without a B: zeros, one flat buffer per dtype."""
+        return tuple(jnp.zeros((k,), dt) for dt, k in self.grad_sizes.items())
 
-    def _pack_grads(self, s: int, d_params: Sequence[Any]) -> tuple:
-        """Stage s's parameter gradients in this device's slot shapes (zeros elsewhere)."""
+    def _add_grads(self, s: int, sums: tuple, d_params: Sequence[Any]) -> tuple:
+        """``sums`` with stage s's parameter gradients added into their slots (this device's
+        slot shapes); the other slots are left as they are."""
         env = dict(zip(self.ios[s].params, d_params, strict=True))
         d = s % self.params.num_devices
         return tuple(
-            env[sl.values[d]].reshape(self.local_shape(k))
-            if sl.values[d] in env
-            else jnp.zeros(self.local_shape(k), sl.dtype)
-            for k, sl in enumerate(self.params.slots)
+            acc + env[sl.values[d]].reshape(acc.shape) if sl.values[d] in env else acc
+            for acc, sl in zip(sums, self.params.slots, strict=True)
         )
+
+
+class BackwardState(NamedTuple):
+    """What backward actions update (in place: see `passes.emit_train._when`)."""
+
+    send_b: tuple  # gradient for the previous device this tick, one flat buffer per dtype
+    cots: tuple  # stored cotangents (for W): one (slots, size) buffer per dtype
+    grads: tuple  # the parameter gradients summed so far, one per slot
 
 
 def row(buf, slot):
