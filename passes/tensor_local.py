@@ -35,7 +35,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from autopipe._compat import CALL_JAXPR_PARAM, Literal, bind_eqn
+from autopipe._compat import bind_eqn
 from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops
 from autopipe.passes.sharding import replicated
 from autopipe.passes.sharding_rules import Dim, Strategy
@@ -339,30 +339,26 @@ def eval_stage(
 
 
 def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:
-    """An elementwise body (``jax.nn.relu``; `sharding_rules._custom_jvp_rule`) evaluated on the
-    shards: its equations name no shapes. The forward is the body's; its custom derivative rule
-    is not kept (forward emission only)."""
-    return _eval_elementwise(op.eqn.params["call_jaxpr"], args)
+    """An elementwise body with a custom derivative (``jax.nn.relu``; `sharding_rules.
+    _custom_jvp_rule`) on the shards: each shard is zero-padded to the operator's own shape,
+    the operator bound as it was traced, and the result cut back to the shard. So its custom
+    rule differentiates it (relu's derivative at 0 is 0; its body ``max(x, 0)`` would give
+    0.5, a wrong gradient where zero-padded rows meet a zero bias), at tp × the elementwise
+    work of this one operator and no collective."""
+    whole = [tuple(v.aval.shape) for v in op.eqn.invars]
+    pairs = [(x, w) for x, w in zip(args, whole, strict=True)]
+    local = next((tuple(x.shape) for x, w in pairs if tuple(x.shape) != w), None)
+    if local is None:
+        return bind_eqn(op.eqn, *args)
+    padded = [x if tuple(x.shape) == w else _pad_to(x, w) for x, w in pairs]
+    outs = bind_eqn(op.eqn, *padded)
+    return [jax.lax.slice(y, (0,) * y.ndim, local) for y in outs]
 
 
-def _eval_elementwise(closed: Any, args: Sequence[Any]) -> list[Any]:
-    """A jaxpr of elementwise equations and calls of them, bound anew on `args` of any shape."""
-    jaxpr = getattr(closed, "jaxpr", closed)
-    env = dict(zip(jaxpr.constvars, getattr(closed, "consts", ()), strict=True))
-    env.update(zip(jaxpr.invars, args, strict=True))
-
-    def read(a):
-        return a.val if isinstance(a, Literal) else env[a]
-
-    for eqn in jaxpr.eqns:
-        ins = [read(a) for a in eqn.invars]
-        name = eqn.primitive.name
-        if name in CALL_JAXPR_PARAM:
-            outs = _eval_elementwise(eqn.params[CALL_JAXPR_PARAM[name]], ins)
-        else:
-            outs = bind_eqn(eqn, *ins)
-        env.update(zip(eqn.outvars, outs, strict=True))
-    return [read(a) for a in jaxpr.outvars]
+def _pad_to(x: Any, shape: tuple[int, ...]) -> Any:
+    """``x`` zero-padded at the end of each dimension to ``shape``."""
+    pads = [(0, b - a, 0) for a, b in zip(x.shape, shape, strict=True)]
+    return jax.lax.pad(x, jnp.zeros((), x.dtype), pads)
 
 
 LOCAL_EVAL_RULES["custom_jvp_call"] = _custom_jvp_local
