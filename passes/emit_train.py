@@ -320,7 +320,7 @@ def _pipeline(
             for s, forward in enumerate(forwards):
                 state = _when(cell["fwd"] == s, forward, state, x)
             x = x._replace(xs=microbatch(cell["mb_b"]))  # a pair's backward: its own microbatch
-            back = back._replace(send_b=acts.no_send())
+            back = back._replace(send_b=_zeros(acts.grad_sizes))
             for b, backward in enumerate(backwards):
                 back = _when(cell["bwd"] == b, backward, back, (x, state.ress))
             fwd_in = tuple(jax.lax.ppermute(y, axis, fwd_perm) for y in state.send_f)

@@ -346,7 +346,7 @@ def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:
     0.5, a wrong gradient where zero-padded rows meet a zero bias), at tp × the elementwise
     work of this one operator and no collective."""
     whole = [tuple(v.aval.shape) for v in op.eqn.invars]
-    pairs = [(x, w) for x, w in zip(args, whole, strict=True)]
+    pairs = list(zip(args, whole, strict=True))
     local = next((tuple(x.shape) for x, w in pairs if tuple(x.shape) != w), None)
     if local is None:
         return bind_eqn(op.eqn, *args)

@@ -381,10 +381,6 @@ class Actions:
 
         return action
 
-    def no_send(self) -> tuple:
-        """The gradient sent back on a tick without a B: zeros, one flat buffer per dtype."""
-        return tuple(jnp.zeros((k,), dt) for dt, k in self.grad_sizes.items())
-
     def _add_grads(self, s: int, sums: tuple, d_params: Sequence[Any]) -> tuple:
         """``sums`` with stage s's parameter gradients added into their slots (this device's
         slot shapes); the other slots are left as they are."""
