@@ -16,6 +16,7 @@ from autopipe._compat import gather_global
 from autopipe._executable import _Runtime
 from autopipe.passes.emit import emit
 from autopipe.passes.emit_train import emit_train
+from autopipe.passes.ir import assembler
 from autopipe.passes.optimizer_exact import check_optimizer
 from autopipe.passes.param_layout import gather_values, make_packers
 
@@ -128,12 +129,6 @@ def _compile_train(
 def _unplace_fn(program, emitted) -> Callable:
     """Gather: parameter slots → the parameter leaves in input order (on the host device),
     reading each device's own rows."""
-    producer = program.producers()
-    placed = {v for s in emitted.params.slots for v in s.values if v is not None}
-    rows: dict[int, dict[int, int]] = {}
-    for v in placed:
-        if (i := producer.get(v)) is not None:
-            rows.setdefault(program.ops[i].invars[0], {})[program.ops[i].iteration] = v
     params = program.param_invars
 
     def gather(bufs):
@@ -147,11 +142,7 @@ def _unplace_fn(program, emitted) -> Callable:
                 for shard in buf.addressable_shards
             }
 
-        got = gather_values(program, emitted.params, held)
-        leaves = [
-            got[r] if r in got else np.stack([got[rows[r][i]] for i in sorted(rows[r])])
-            for r in params
-        ]
-        return [jnp.asarray(x) for x in leaves]
+        value = assembler(program, gather_values(program, emitted.params, held))
+        return [jnp.asarray(value(r)) for r in params]  # rows stacked, blocks concatenated
 
     return gather

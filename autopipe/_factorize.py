@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from autopipe._front import FrontOptions, default_microbatches, make_front
+from autopipe._front import FrontOptions, default_microbatches, make_front, with_tensor_axis
 from autopipe._planned import Plan
 from autopipe._stage_search import layer_problem, layers_for, shard
 from autopipe._staged import trace
@@ -76,10 +76,12 @@ def search_factorizations(
         hardware=hardware,
     )
     base = make_front(fn, example_args, opts)
+    # with a tensor axis: the IR with fused projections cut apart, as `make_front` cuts it
+    cut = with_tensor_axis(base, tensor_axis)
     hw = base.hardware
     limit = hw.memory_bytes if memory_limit is None else memory_limit
     batch = base.traced.batch_size
-    cache = ShardingCache()
+    caches = {False: ShardingCache(), True: ShardingCache()}  # one per program: base, cut
     shards: dict = {}
     out = []
     for pp, dp, tp in factorizations(
@@ -88,16 +90,16 @@ def search_factorizations(
         m = num_microbatches or default_microbatches(batch // dp, pp)
         if (batch // dp) % m:
             continue
-        layers = layers_for(base, pp)
+        front = cut if tp > 1 else dataclasses.replace(base, tensor_axis=tensor_axis)
+        layers = layers_for(front, pp)
         step = mem = math.inf  # unless some stage split fits in memory
         for lean in (False, True) if tp > 1 else (False,):
             key = (tuple(layers), tp, lean)
             if key not in shards:
                 axes = ((pipeline_axis, pp), ("dp", dp), (tensor_axis, tp))
-                base_tp = dataclasses.replace(base, tensor_axis=tensor_axis)
-                shards[key] = shard(base_tp, layers, lean=lean, mesh_axes=axes, cache=cache)
+                shards[key] = shard(front, layers, lean=lean, mesh_axes=axes, cache=caches[tp > 1])
             problem = layer_problem(
-                base,
+                front,
                 layers,
                 limit,
                 shards[key],

@@ -4,6 +4,9 @@
 mesh's axes, the hardware it is priced for, the traced program (at the rows of one microbatch
 of one data-parallel replica), its split into pipeline and local operators
 (`passes.layout.split_ops`) and the per-operator costs (`passes.costs.operator_costs`).
+With a tensor axis the program's fused projections are cut apart first (`passes.split_fused`),
+so that each piece can be split by heads; `with_tensor_axis` does the same for a search that
+prices a tensor axis on a front traced without one.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from autopipe.passes.graph import build_program
 from autopipe.passes.inputs import check_inputs, input_leaves
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, split_ops
+from autopipe.passes.split_fused import split_fused
 from autopipe.passes.trace import Traced, batch_size_of, make_arg_spec, trace
 
 REDUCTIONS = ("mean", "sum")
@@ -123,6 +127,8 @@ class Front:
     tensor_axis: str | None = None  # a mesh axis of size > 1 that splits operators
     training: bool = False
     virtual_stages: int = 1
+    # the IR before `passes.split_fused` cut its fused projections apart (None: not cut)
+    uncut: tuple[Program, Split, OperatorCosts] | None = None
 
     def axis_size(self, name: str | None) -> int:
         return dict(self.mesh_axes).get(name, 1) if name else 1
@@ -142,6 +148,9 @@ class FrontOptions:
     virtual_stages: int = 1
     data_axis: str | None = None
     tensor_axis: str | None = None
+    # with a tensor axis, cut fused projections apart (training: only for an optimizer that
+    # treats a block of a leaf as it treats the leaf, `passes.optimizer_exact.shape_free`)
+    split_fused: bool = True
 
 
 def make_front(
@@ -160,7 +169,8 @@ def make_front(
     hw = resolve_hardware(opts.hardware, opts.mesh)
     key = (m * dp, hw, opts.training)
     if reuse is not None and (reuse.traced.num_microbatches, reuse.hardware, reuse.training) == key:
-        traced, program, split, costs = reuse.traced, reuse.program, reuse.split, reuse.costs
+        traced = reuse.traced
+        program, split, costs = reuse.uncut or (reuse.program, reuse.split, reuse.costs)
     else:
         traced = trace(fn, args, batch_argnums=opts.batch_argnums, num_microbatches=m * dp)
         flags = input_leaves(traced.spec, training=opts.training)
@@ -169,6 +179,9 @@ def make_front(
         check_inputs(traced.spec, program, training=opts.training)
         split = split_ops(program, training=opts.training)
         costs = operator_costs(program, split, hw)
+    uncut = (program, split, costs)
+    if tensor_axis and opts.split_fused:
+        program, split, costs = _cut_fused(uncut, hw, opts.training)
     n_ops = len(split.pipeline)
     if n_ops < p:
         raise ValueError(
@@ -189,6 +202,30 @@ def make_front(
         tensor_axis=tensor_axis,
         training=opts.training,
         virtual_stages=opts.virtual_stages,
+        uncut=uncut if program is not uncut[0] else None,
+    )
+
+
+def _cut_fused(ir: tuple[Program, Split, OperatorCosts], hw: Hardware, training: bool):
+    """(program, split, costs) with the fused projections cut apart (``ir`` if there are none)."""
+    program = split_fused(ir[0])
+    if program is ir[0]:
+        return ir
+    split = split_ops(program, training=training)
+    return program, split, operator_costs(program, split, hw)
+
+
+def with_tensor_axis(front: Front, tensor_axis: str | None, split_fused: bool = True) -> Front:
+    """``front`` priced with ``tensor_axis`` (None: none), its IR cut as `make_front` would."""
+    base = front.uncut or (front.program, front.split, front.costs)
+    ir = _cut_fused(base, front.hardware, front.training) if tensor_axis and split_fused else base
+    return dataclasses.replace(
+        front,
+        tensor_axis=tensor_axis,
+        program=ir[0],
+        split=ir[1],
+        costs=ir[2],
+        uncut=base if ir is not base else None,
     )
 
 

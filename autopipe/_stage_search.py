@@ -53,6 +53,7 @@ def shard(
         front.tensor_axis,
         cache,
         lean,
+        backward=front.training,
     )
 
 

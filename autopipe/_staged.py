@@ -26,7 +26,7 @@ from autopipe._front import Front, FrontOptions, make_front
 from autopipe._plan import PlanRecord
 from autopipe._planned import Planned, forward_planned, replay_record, training_planned
 from autopipe._stage_search import assemble, layer_problem, layers_for, shard, solve
-from autopipe._train import TRAINING_SCHEDULES, check_schedule, search_training
+from autopipe._train import TRAINING_SCHEDULES, check_schedule, cuts_fused, search_training
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.costs import OperatorCosts
 from autopipe.passes.graph import build_program
@@ -245,7 +245,10 @@ class Lowered:
             kw |= dict(reduction=reduction, virtual_stages=virtual_stages, zero_stage=zero_stage)
             return self._fastest_schedule(optimizer, kw)
         v = check_schedule(sched, virtual_stages)
-        lowered = self._at(num_microbatches=num_microbatches, training=True, virtual_stages=v)
+        fused = cuts_fused(optimizer, self.front) if self.front.tensor_axis else None
+        lowered = self._at(
+            num_microbatches=num_microbatches, training=True, virtual_stages=v, split_fused=fused
+        )
         return lowered._plan_training(optimizer, sched, memory_limit, remat, reduction, zero_stage)
 
     def _fastest_schedule(self, optimizer, options: dict) -> Planned:

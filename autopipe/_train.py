@@ -30,7 +30,9 @@ from autopipe.cost_models.rules import transfer_time
 from autopipe.cost_models.stage_memory import SegmentBytes, segment_bytes, training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
+from autopipe.passes.ir import source_of
 from autopipe.passes.layout import StageLayout, placed_sources, stage_layouts
+from autopipe.passes.optimizer_exact import shape_free
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 from autopipe.passes.sharding import strategies as strategies_of
 from autopipe.passes.tensor_parallel import LayerShardings
@@ -48,6 +50,14 @@ def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:
     p_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in params) or 1
     s_bytes = sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state))
     return float(s_bytes / p_bytes)
+
+
+def cuts_fused(optimizer: optax.GradientTransformation, front: Front) -> bool:
+    """Whether training may cut fused projections apart (`passes.split_fused`): the optimizer
+    must treat a block of a leaf as it treats the leaf, element by element or with only global
+    statistics (`passes.optimizer_exact.shape_free`); else the leaves stay whole."""
+    prog = front.uncut[0] if front.uncut else front.program
+    return shape_free(optimizer, [prog.avals[v] for v in prog.param_invars])
 
 
 def _zero_replicas(front: Front, zero_stage: int) -> int:
@@ -212,17 +222,13 @@ def _tensor_layer_time(
 
 
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
-    """raw parameter value → {row (None: the whole value): devices holding it}."""
-    prog = front.program
-    producer = prog.producers()
+    """raw parameter value → {piece (None: the whole value; else a row of a stacked one, a
+    block of a fused one, see `passes.ir.source_of`): devices holding it}."""
     owner: dict[int, dict] = {}
     for s, lay in enumerate(layouts):
         for v in lay.params:
-            i = producer.get(v)
-            raw, row = (
-                (prog.ops[i].invars[0], prog.ops[i].iteration) if i is not None else (v, None)
-            )
-            owner.setdefault(raw, {}).setdefault(row, set()).add(s % p)
+            raw, path = source_of(front.program, v)
+            owner.setdefault(raw, {}).setdefault(path or None, set()).add(s % p)
     return owner
 
 
@@ -254,11 +260,15 @@ def shared_params(front: Front, layouts: Sequence[StageLayout], p: int) -> tuple
         for v in lay.params:
             readers.setdefault(v, []).append(s)
 
-    def name(v: int) -> str:  # a raw leaf, or a row of a stacked one
+    def name(v: int) -> str:  # a raw leaf, or a row or block of one
         i = producer.get(v)
         if i is None:
             return path.get(v, str(v))
-        return f"{name(prog.ops[i].invars[0])}[{prog.ops[i].iteration}]"
+        op = prog.ops[i]
+        if op.kind == "block":
+            axis, start, stop = op.window
+            return f"{name(op.invars[0])}[{', '.join([':'] * axis + [f'{start}:{stop}'])}]"
+        return f"{name(op.invars[0])}[{op.iteration}]"
 
     return tuple(
         (name(v), tuple(stages))

@@ -41,6 +41,7 @@ from autopipe._front import (
     default_microbatches,
     make_front,
     resolve_hardware,
+    with_tensor_axis,
 )
 from autopipe._planned import Plan
 from autopipe._stage_search import shard
@@ -49,6 +50,7 @@ from autopipe._train import (
     _held_split,
     _opt_factor,
     _zero_replicas,
+    cuts_fused,
     segments,
     solve_training,
 )
@@ -95,6 +97,7 @@ def train_on_devices(
             hardware=lower.get("hardware"),
             training=True,
             virtual_stages=lower.get("virtual_stages") or 1,
+            split_fused=search.split_fused,
         )
         try:
             lowered = traced._lower(opts, started, reuse=search.front_at(search.rows_of(f)))
@@ -137,6 +140,8 @@ class _Search:
         self.base = self.front_at(None)
         self.batch = batch_size_of(self.base.traced.spec)
         self.opt_factor = _opt_factor(self.optimizer, self.base)
+        self.split_fused = cuts_fused(self.optimizer, self.base)
+        self.cut: dict[int, tuple[Front, Front]] = {}  # id(front) → (front, with tensor axis)
         self.caches: dict[int, ShardingCache] = {}  # one per traced program
         self.layers: dict[int, tuple] = {}
         self.shards: dict = {}
@@ -210,6 +215,11 @@ class _Search:
         its compute and activations scaled to the layout's microbatch rows."""
         v = self.plan.get("virtual_stages") or 1
         S = pp * v
+        if tp > 1:  # the IR with fused projections cut apart, as `make_front` cuts it
+            if id(traced) not in self.cut:
+                cut = with_tensor_axis(traced, self.names[2], self.split_fused)
+                self.cut[id(traced)] = (traced, cut)
+            traced = self.cut[id(traced)][1]
         front = self._front(traced, pp, dp, tp, m, S)
         zero = _zero_replicas(front, self.plan.get("zero_stage", 0))
         if (S, id(traced)) not in self.layers:

@@ -154,7 +154,8 @@ def _lower_layer_scan(b: _Builder, eqn: Any, invars: list[Atom], env: dict, wher
         )
 
 
-def _dce(ops: list[Op], outvars: Sequence[Atom]) -> list[Op]:
+def dead_code_eliminated(ops: Sequence[Op], outvars: Sequence[Atom]) -> list[Op]:
+    """``ops`` without those whose results nothing reads (effects kept)."""
     live = {a for a in outvars if isinstance(a, int)}
     kept = []
     for op in reversed(ops):
@@ -183,7 +184,7 @@ def build_program(
     outvars = tuple(_read(env, v) for v in closed.jaxpr.outvars)
     return Program(
         avals=tuple(b.avals),
-        ops=tuple(_dce(b.ops, outvars)),
+        ops=tuple(dead_code_eliminated(b.ops, outvars)),
         invars=invars,
         outvars=outvars,
         consts=tuple(b.consts),

@@ -9,21 +9,29 @@ Operator kinds:
   - ``index``: row ``i`` of a stacked value (the per-iteration slice of a scan's ``xs``).
   - ``scan_step``: one iteration of a split scan: body(consts, carry, x_i) → (carry, y_i).
   - ``stack``: the per-iteration ``y_i`` of a split scan stacked back into ``ys``.
+  - ``block``: a contiguous block of a parameter along one axis (a piece of a fused projection
+    cut apart by `passes.split_fused`).
+
+``index`` and ``block`` are the *pieces*: a placed value that is a piece of a parameter (or a
+piece of a piece) is put together again by `assemble`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from autopipe._compat import ClosedJaxpr, JaxprEqn, bind_eqn, jaxpr_as_fun
 from autopipe.cost_models.rules import nbytes
 
-OpKind = Literal["eqn", "index", "scan_step", "stack"]
+OpKind = Literal["eqn", "index", "scan_step", "stack", "block"]
+PIECES = ("index", "block")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,6 +54,7 @@ class Op:
     iteration: int = 0  # for "index" (row) and "scan_step" (which iteration)
     scan_id: int = -1  # for "scan_step"/"stack": which split scan it came from
     where: str = ""  # provenance, e.g. "jit(block)/dot_general"
+    window: tuple[int, int, int] = ()  # for "block": (axis, start, stop)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -78,6 +87,22 @@ class Program:
 
     def producers(self) -> dict[int, int]:
         """value id → index of the op that defines it."""
+        return dict(self._producers)
+
+    @functools.cached_property
+    def differentiated(self) -> frozenset[int]:
+        """Float values that depend on a parameter: those whose cotangents a training step's
+        backward computes (constants, integers and masks have none)."""
+        out = set(self.param_invars)
+        for op in self.ops:
+            if any(isinstance(a, int) and a in out for a in op.invars):
+                out.update(
+                    v for v in op.outvars if jnp.issubdtype(self.avals[v].dtype, jnp.inexact)
+                )
+        return frozenset(v for v in out if jnp.issubdtype(self.avals[v].dtype, jnp.inexact))
+
+    @functools.cached_property
+    def _producers(self) -> dict[int, int]:
         return {v: i for i, op in enumerate(self.ops) for v in op.outvars}
 
     def is_batch_op(self, op: Op) -> bool:
@@ -105,5 +130,43 @@ def apply_op(op: Op, args: list[Any]) -> list[Any]:
         return [jax.lax.index_in_dim(args[0], op.iteration, keepdims=False)]
     if op.kind == "stack":
         return [jnp.stack(args)]
+    if op.kind == "block":
+        axis, start, stop = op.window
+        return [jax.lax.slice_in_dim(args[0], start, stop, axis=axis)]
     body: ClosedJaxpr = op.eqn.params["jaxpr"]
     return list(jaxpr_as_fun(body)(*args))
+
+
+def source_of(program: Program, v: int) -> tuple[int, tuple[tuple[str, int], ...]]:
+    """(the parameter, the path of pieces down to ``v``): ``()`` for the parameter itself,
+    ``(("index", 3),)`` for row 3 of a stacked one, ``(("index", 3), ("block", 64))`` for the
+    block starting at 64 of that row."""
+    producer = program._producers
+    path: list[tuple[str, int]] = []
+    while (i := producer.get(v)) is not None and program.ops[i].kind in PIECES:
+        op = program.ops[i]
+        path.append((op.kind, op.iteration if op.kind == "index" else op.window[1]))
+        v = op.invars[0]
+    return v, tuple(reversed(path))
+
+
+def assembler(program: Program, got: Mapping[int, Any]) -> Callable[[int], Any]:
+    """value → that value (a NumPy array) from ``got``, or put together from its pieces in
+    ``got``: rows stacked, blocks concatenated (pieces of pieces likewise)."""
+    pieces: dict[int, list[Op]] = {}
+    for op in program.ops:
+        if op.kind in PIECES:
+            pieces.setdefault(op.invars[0], []).append(op)
+
+    def value(v: int) -> Any:
+        if v in got:
+            return got[v]
+        if v not in pieces:
+            raise KeyError(f"value {v} is neither held nor made of held pieces")
+        if pieces[v][0].kind == "index":
+            rows = sorted(pieces[v], key=lambda op: op.iteration)
+            return np.stack([value(op.outvars[0]) for op in rows])
+        blocks = sorted(pieces[v], key=lambda op: op.window[1])
+        return np.concatenate([value(op.outvars[0]) for op in blocks], axis=blocks[0].window[0])
+
+    return value

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 
 from autopipe.cost_models.rules import nbytes
-from autopipe.passes.ir import Program
+from autopipe.passes.ir import PIECES, Program
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -80,9 +80,10 @@ class StageLayout:
 
 
 def split_ops(program: Program, *, training: bool = False) -> Split:
-    """Classifies operators. For training only ``index`` ops (rows of stacked layer weights)
-    are hoisted, so every placed value is a parameter or a slice of one and gradients with
-    respect to placed values are gradients of the parameters; consts are not placed."""
+    """Classifies operators. For training only pieces (``index``: rows of stacked layer
+    weights; ``block``: blocks of fused projections) are hoisted, so every placed value is a
+    parameter or a piece of one and gradients with respect to placed values are gradients of
+    the parameters; consts are not placed."""
     pre = set(program.param_invars)  # inputs change per microbatch (keys): never hoisted
     if not training:
         pre |= set(placed_consts(program))
@@ -94,7 +95,7 @@ def split_ops(program: Program, *, training: bool = False) -> Split:
         ins = [a for a in op.invars if isinstance(a, int)]
         grows = sum(program.nbytes(v) for v in op.outvars) > sum(program.nbytes(v) for v in ins)
         effects = op.eqn is not None and bool(op.eqn.effects)
-        hoist = op.kind == "index" if training else not grows and not effects
+        hoist = op.kind in PIECES if training else not grows and not effects
         if ins and all(v in pre for v in ins) and hoist:
             hoisted.add(i)
             pre.update(op.outvars)

@@ -29,6 +29,7 @@ import numpy as np
 import optax
 
 from autopipe._compat import Literal as JaxLiteral
+from autopipe.passes.ir import source_of
 from autopipe.passes.optimizer import call_body, choose_mode, update_jaxpr
 
 # parameters that carry shapes (left out where a row is part of its leaf)
@@ -245,11 +246,10 @@ def check_optimizer(
     them in ``mode`` ("local": each device's rows; "global": the whole ``(p, *shape)`` slots)."""
     params = list(program.param_invars)  # inputs (keys, counters) are not trained
     index = {v: i for i, v in enumerate(params)}
-    producer = program.producers()
     held = []
     for k, slot in enumerate(layout.slots):
         for v in {v for v in slot.values if v is not None}:
-            raw = v if v in index else program.ops[producer[v]].invars[0]
+            raw, _ = source_of(program, v)  # a parameter, or a row or block of one
             same = tuple(slot.shape) == tuple(program.avals[v].shape)  # else a by-size slot
             held.append((k, index[raw], v in index and mode == "local" and same))
     trained = [v in index for v in program.invars]

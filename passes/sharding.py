@@ -16,6 +16,12 @@ The model:
     or *free* (placed parameters: stored with whatever Dim the solver picks, at no cost);
     a segment output in ``fixed`` must end up with that Dim, so its reshard is charged too.
 
+For training (``backward=True``) every collective is priced with its conjugate in the
+backward pass, Megatron's f/g pair: an all-reduce's cotangent needs none (g), an all-gather's
+is reduce-scattered, an all-to-all's moved back; and a replicated value read by an operator
+whose results vary over the axis (a column-parallel matmul reading its whole input, f) has
+partial cotangents that are all-reduced, once per value (each reader pays its share).
+
 `solve` minimises Σ op_time(op, strategy) + Σ time of every collective. That is a pairwise
 cost problem over nodes (operators and free inputs, one choice each), solved exactly by
 `passes.choices.solve_choices`: nodes of degree ≤ 2 are eliminated (min-sum variable
@@ -62,6 +68,10 @@ from autopipe.passes.sharding_rules import register_strategy_rule as register_st
 # strategy, per replicated free input (so equal-time choices prefer fewer collectives, then
 # replicated operators, then sharded storage of parameters).
 _TIE_COLLECTIVE, _TIE_SHARDED, _TIE_REPLICATED_INPUT = 4e-9, 2e-9, 1e-9
+# backward conjugate of each collective, in units of its own time: an all-reduce's cotangent
+# is already replicated (0), an all-gather's is reduce-scattered (about its time), an
+# all-to-all's moved back (1)
+_CONJUGATES = {"all_reduce": 0.0, "all_gather": 1.0, "all_to_all": 1.0}
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -300,7 +310,28 @@ def _own_costs(
     return np.array(time, float), np.array(ties)
 
 
-def _costs(seg: _Segment, op_time: Callable, comm: Callable, store: Callable | None) -> _Costs:
+def _varies(s: Strategy) -> bool:
+    """Whether a strategy's local results differ between devices of the axis."""
+    return s.collective is not None or any(d is not None for d in s.outs)
+
+
+def _backward_sums(seg: _Segment, n: int, comm: Callable) -> dict[int, np.ndarray]:
+    """Per differentiated value op n reads: sums[c] = the backward all-reduce of its cotangent
+    that strategy c implies when the value is replicated (c varies), the value's share over
+    its readers."""
+    program, i = seg.program, seg.ops[n]
+    vary = np.array([_varies(s) for s in seg.choices[n]], float)
+    out = {}
+    reads = {a for a in program.ops[i].invars if isinstance(a, int)}
+    for a in reads & program.differentiated:
+        readers = sum(a in program.ops[j].invars for j in seg.ops)
+        out[a] = vary * comm("all_reduce", float(program.nbytes(a))) / readers
+    return out
+
+
+def _costs(
+    seg: _Segment, op_time: Callable, comm: Callable, store: Callable | None, backward: bool
+) -> _Costs:
     """The unary and pairwise tables; reads of a fixed input only add to the reader's unary."""
     program, tables = seg.program, {}
 
@@ -313,15 +344,21 @@ def _costs(seg: _Segment, op_time: Callable, comm: Callable, store: Callable | N
     costs = _Costs([], {}, [], {})
     for n in range(len(seg.ops)):
         time, ties = _own_costs(seg, n, op_time, comm, table)
+        sums = _backward_sums(seg, n, comm) if backward else {}
         for v, need in _needs(seg, n).items():
             t, count = table(v)
             src = seg.source(v)
             if src is None:  # a fixed input: its reshards depend on this op only
                 time += need @ t[_index(seg.fixed[v])]
                 ties += _TIE_COLLECTIVE * (need @ count[_index(seg.fixed[v])])
+                if v in sums and seg.fixed[v] is None:
+                    time += sums[v]
             else:  # pair[node, n][c_node, c_n] += Σ_d need[c_n, d] · t[src(c_node), d]
                 node, rows = src
-                costs.pair[node, n] = costs.pair.get((node, n), 0.0) + t[rows] @ need.T
+                pair = t[rows] @ need.T
+                if v in sums:  # replicated as made (row 0) and read by a varying strategy
+                    pair = pair + np.outer(np.array(rows) == 0, sums[v])
+                costs.pair[node, n] = costs.pair.get((node, n), 0.0) + pair
                 tied = _TIE_COLLECTIVE * (count[rows] @ need.T)
                 costs.pair_ties[node, n] = costs.pair_ties.get((node, n), 0.0) + tied
         costs.unary.append(time)
@@ -341,22 +378,26 @@ def solve(
     op_time: Callable[[int, Strategy], float],
     comm_time: Callable[[str, float], float],
     store_cost: Callable[[int, Dim], float] | None = None,
+    backward: bool = False,
 ) -> Sharding:
     """The cheapest shardings of segment `ops` (op indices, program order); see the module
     docstring. Every value read but not made by `ops` is free unless `fixed` pins it, so pin
     batch inputs and incoming boundary values; a value made by `ops` and in `fixed` must end up
     on that Dim. ``op_time(op_index, strategy)`` prices one op, ``comm_time(kind, bytes)`` one
     collective of `bytes` per device (`collective_bytes`' convention), ``store_cost(v, dim)``
-    (optional) the price of holding free input v with that Dim (a memory term)."""
+    (optional) the price of holding free input v with that Dim (a memory term);
+    ``backward``: price the backward pass's conjugate collectives too (training)."""
     seg = _segment(program, ops, tp, fixed)
     memo: dict[tuple[str, float], float] = {}
+    conjugates = _CONJUGATES if backward else {}
 
     def comm(kind, nbytes):
         if (kind, nbytes) not in memo:
-            memo[kind, nbytes] = float(comm_time(kind, nbytes))
+            t = float(comm_time(kind, nbytes))
+            memo[kind, nbytes] = t * (1 + conjugates.get(kind, 0.0))
         return memo[kind, nbytes]
 
-    costs = _costs(seg, op_time, comm, store_cost)
+    costs = _costs(seg, op_time, comm, store_cost, backward)
     tables = [*costs.unary, *costs.pair.values()]
     scale = max([float(np.abs(t).max()) for t in tables if t.size] + [1e-30])
     choice, _ = solve_choices(

@@ -52,6 +52,7 @@ class SolvedKey:
     hardware: Hardware
     mesh_axes: tuple[tuple[str, int], ...]
     tensor_axis: str | None
+    backward: bool = False
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -218,6 +219,7 @@ def shard_layers(
     *,
     free: frozenset[int] = frozenset(),
     pinned: Mapping[int, Any] | None = None,
+    backward: bool = False,
 ) -> LayerShardings:
     """Every operator's sharding for the tensor axis of `mesh_axes` (tp = 1 without one), and
     the resulting per-layer costs. ``cache``: a `ShardingCache` shared by calls on the same
@@ -232,7 +234,8 @@ def shard_layers(
     ``free``: batch inputs whose split the solver chooses, as for a parameter (a decode step's
     caches); ``pinned``: values held on a given Dim (value → Dim; a cache and its new value on
     one). Both enter the segments' fixed values, so a ``cache`` must not be shared with calls
-    that pass others."""
+    that pass others. ``backward``: a training step's shardings, priced with the backward
+    pass's conjugate collectives (`passes.sharding.solve`)."""
     mesh_axes = tuple(mesh_axes)
     tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
     cache = ShardingCache() if cache is None else cache
@@ -254,7 +257,9 @@ def shard_layers(
         )
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
-    dims, chosen, charged, unruled = _solve_segments(program, split, price, lean, free, pinned)
+    dims, chosen, charged, unruled = _solve_segments(
+        program, split, price, lean, free, pinned, backward
+    )
     whole = frozenset(v for _, fixed, _ in cache.segments for v, d in fixed.items() if d is None)
     times, colls = [], []
     for ops in per_layer:
@@ -299,7 +304,13 @@ def _segments(
 
 
 def _solve_segments(
-    program: Program, split: Split, price: _Pricing, lean: bool, free=frozenset(), pinned=None
+    program: Program,
+    split: Split,
+    price: _Pricing,
+    lean: bool,
+    free=frozenset(),
+    pinned=None,
+    backward: bool = False,
 ):
     """(value → split dim, op → strategy, op → its collectives) over every sharding segment,
     each structure solved once (`ShardingCache.solved`)."""
@@ -315,6 +326,7 @@ def _solve_segments(
             hardware=price.hw,
             mesh_axes=price.mesh_axes,
             tensor_axis=price.tensor_axis,
+            backward=backward,
         )
         if key not in price.cache.solved:
             price.cache.solved[key] = sharding.solve(
@@ -325,6 +337,7 @@ def _solve_segments(
                 op_time=price.time_of,
                 comm_time=price.comm_time,
                 store_cost=price.store_cost if lean else None,
+                backward=backward,
             )
         sol = price.cache.solved[key]
         sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)

@@ -235,6 +235,7 @@ for name in ("GPT", "LLAMA"):
 """
 
 
+@pytest.mark.slow  # a subprocess of its own (~30 s); the float32 greedy tests run by default
 def test_bf16_greedy_equals_single_device_when_xla_rounds_every_op():
     """bf16 decoders (GPT; Llama with rotary, whose float32 angles the step casts back) at
     pp 2 equal one device token for token once XLA rounds every bf16 operation

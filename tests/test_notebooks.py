@@ -22,11 +22,15 @@ def test_there_are_notebooks():
     } <= names
 
 
+_SLOW_BOOKS = {"plan_175b_on_a_laptop", "generation"}
+
+
 @pytest.mark.parametrize(
     "path",
     [
-        # the 175B planning is also run by tests/test_cli.py::test_gpt3_175b_on_1024_h100
-        pytest.param(p, marks=pytest.mark.slow) if p.stem == "plan_175b_on_a_laptop" else p
+        # the 175B planning is also run by tests/test_cli.py::test_gpt3_175b_on_1024_h100, and
+        # generation by tests/test_readme.py::test_generation_example_runs_and_matches_one_device
+        pytest.param(p, marks=pytest.mark.slow) if p.stem in _SLOW_BOOKS else p
         for p in NOTEBOOKS
     ],
     ids=lambda p: p.stem,
