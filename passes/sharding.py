@@ -310,17 +310,12 @@ def _own_costs(
     return np.array(time, float), np.array(ties)
 
 
-def _varies(s: Strategy) -> bool:
-    """Whether a strategy's local results differ between devices of the axis."""
-    return s.collective is not None or any(d is not None for d in s.outs)
-
-
 def _backward_sums(seg: _Segment, n: int, comm: Callable) -> dict[int, np.ndarray]:
     """Per differentiated value op n reads: sums[c] = the backward all-reduce of its cotangent
     that strategy c implies when the value is replicated (c varies), the value's share over
     its readers."""
     program, i = seg.program, seg.ops[n]
-    vary = np.array([_varies(s) for s in seg.choices[n]], float)
+    vary = np.array([s.varies for s in seg.choices[n]], float)
     out = {}
     reads = {a for a in program.ops[i].invars if isinstance(a, int)}
     for a in reads & program.differentiated:

@@ -35,6 +35,11 @@ class Strategy:
     collective: str | None = None
     compute_fraction: float = 1.0
 
+    @property
+    def varies(self) -> bool:
+        """Whether its local results differ between the devices of the axis."""
+        return self.collective is not None or any(d is not None for d in self.outs)
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class OpView:

@@ -6,16 +6,17 @@ result with ``jnp.split``. On a tensor axis Megatron splits each of q, k and v b
 so the fused form can only be run split with a gather or an all-to-all before attention.
 
 `split_fused` rewrites the program: for each piece ``[start, stop)`` of the split axis, a
-``block`` operator (`passes.ir`) takes that block of the weight's parameter (or of a row of a
-stacked one), the casts between the parameter and the matmul are repeated on the block, the
-matmul runs on it, and the bias is cut and broadcast likewise. The pieces' values keep the
+``block`` operator (`passes.ir`) takes that block of the weight's parameter, the casts between
+the parameter and the matmul are repeated on the block, the matmul runs on it, and the bias is
+cut and broadcast likewise. The pieces' values keep the
 split's value ids, so everything after the split is unchanged. Each output element is the same
 dot product as before. The blocks are pieces of their parameter: placed as values of their
 own, their gradients are the blocks of the parameter's gradient, and `passes.ir.assembler`
 puts the parameter together again.
 
 Only an exclusive chain is rewritten: every value between the parameters and the split is read
-by the chain alone, and every piece is read. Anything else is left as it is.
+by the chain alone, and every piece is read. Anything else is left as it is, and so is a
+scanned layer stack (`nn.scan`), whose layers are single operators here (`passes.graph`).
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ _BIAS_OPS = _CASTS | {"reshape", "broadcast_in_dim"}
 
 @dataclasses.dataclass(frozen=True)
 class _Chain:
-    """A parameter (or a row of a stacked one) and the ops from it to the matmul or the add,
-    producer first, each with its result's dim of the split axis (None: broadcast along it)."""
+    """A parameter and the ops from it to the matmul or the add, producer first, each with its
+    result's dim of the split axis (None: broadcast along it)."""
 
     source: int
     source_dim: int | None
@@ -83,15 +84,15 @@ def _only_reader(readers, v: int, i: int) -> bool:
 
 
 def _source(program: Program, producer, readers, v: int, dim: int | None, allowed):
-    """The `_Chain` from a parameter (or a row of a stacked one) through ``allowed`` ops, each
-    of whose values only the next reads, to ``v`` (whose dim ``dim`` is the split axis); None
+    """The `_Chain` from a parameter through ``allowed`` ops, each of whose values only the
+    next reads, to ``v`` (whose dim ``dim`` is the split axis); None
     where there is none."""
     params = set(program.param_invars)
     chain: list[tuple[int, int | None]] = []
     while True:
-        i = producer.get(v)
-        if v in params or (i is not None and program.ops[i].kind == "index"):
+        if v in params:
             return _Chain(source=v, source_dim=dim, ops=tuple(reversed(chain)))
+        i = producer.get(v)
         if i is None or v in program.batch_dependent:
             return None
         op = program.ops[i]
