@@ -35,6 +35,7 @@ from autopipe.passes.layout import StageLayout, placed_sources, stage_layouts
 from autopipe.passes.optimizer_exact import shape_free
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 from autopipe.passes.sharding import strategies as strategies_of
+from autopipe.passes.split_fused import split_fused
 from autopipe.passes.tensor_parallel import LayerShardings
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
@@ -57,6 +58,8 @@ def cuts_fused(optimizer: optax.GradientTransformation, front: Front) -> bool:
     must treat a block of a leaf as it treats the leaf, element by element or with only global
     statistics (`passes.optimizer_exact.shape_free`); else the leaves stay whole."""
     prog = front.uncut[0] if front.uncut else front.program
+    if split_fused(prog) is prog:  # nothing to cut (the check traces the update: seconds)
+        return True
     return shape_free(optimizer, [prog.avals[v] for v in prog.param_invars])
 
 

@@ -47,6 +47,7 @@ by design.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from typing import Any
@@ -68,9 +69,7 @@ from autopipe.passes.sharding_rules import register_strategy_rule as register_st
 # strategy, per replicated free input (so equal-time choices prefer fewer collectives, then
 # replicated operators, then sharded storage of parameters).
 _TIE_COLLECTIVE, _TIE_SHARDED, _TIE_REPLICATED_INPUT = 4e-9, 2e-9, 1e-9
-# backward conjugate of each collective, in units of its own time: an all-reduce's cotangent
-# is already replicated (0), an all-gather's is reduce-scattered (about its time), an
-# all-to-all's moved back (1)
+# backward conjugate of each collective, in units of its own time (see the module docstring)
 _CONJUGATES = {"all_reduce": 0.0, "all_gather": 1.0, "all_to_all": 1.0}
 
 
@@ -310,18 +309,20 @@ def _own_costs(
     return np.array(time, float), np.array(ties)
 
 
-def _backward_sums(seg: _Segment, n: int, comm: Callable) -> dict[int, np.ndarray]:
+def _backward_sums(seg: _Segment, n: int, comm: Callable, readers) -> dict[int, np.ndarray]:
     """Per differentiated value op n reads: sums[c] = the backward all-reduce of its cotangent
     that strategy c implies when the value is replicated (c varies), the value's share over
-    its readers."""
+    its ``readers`` (value → how many ops of the segment read it)."""
     program, i = seg.program, seg.ops[n]
     vary = np.array([s.varies for s in seg.choices[n]], float)
-    out = {}
-    reads = {a for a in program.ops[i].invars if isinstance(a, int)}
-    for a in reads & program.differentiated:
-        readers = sum(a in program.ops[j].invars for j in seg.ops)
-        out[a] = vary * comm("all_reduce", float(program.nbytes(a))) / readers
-    return out
+    return {
+        a: vary * comm("all_reduce", float(program.nbytes(a))) / readers[a]
+        for a in _reads(program.ops[i]) & program.differentiated
+    }
+
+
+def _reads(op: Op) -> set[int]:  # the values (not literals) an op reads
+    return {a for a in op.invars if isinstance(a, int)}
 
 
 def _costs(
@@ -337,9 +338,10 @@ def _costs(
         return tables[key]
 
     costs = _Costs([], {}, [], {})
+    readers = collections.Counter(a for i in seg.ops for a in _reads(program.ops[i]))
     for n in range(len(seg.ops)):
         time, ties = _own_costs(seg, n, op_time, comm, table)
-        sums = _backward_sums(seg, n, comm) if backward else {}
+        sums = _backward_sums(seg, n, comm, readers) if backward else {}
         for v, need in _needs(seg, n).items():
             t, count = table(v)
             src = seg.source(v)

@@ -135,7 +135,7 @@ def _match(program: Program, s: int, producer, readers):
     split = program.ops[s]
     (y,) = split.invars
     axis = split.eqn.params["axis"]
-    if not isinstance(y, int) or not _only_reader(readers, y, s):
+    if y not in program.batch_dependent or not _only_reader(readers, y, s):
         return None
     if any(not readers.get(v) for v in split.outvars):
         return None
