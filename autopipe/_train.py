@@ -21,6 +21,7 @@ from autopipe._front import Front
 from autopipe._plan import Predicted, Stage
 from autopipe._stage_search import count_strategies, make_stage, shard, sum_collectives
 from autopipe.cost_models import comm
+from autopipe.cost_models.comm import link_time
 from autopipe.cost_models.durations import (
     BACKWARD_FACTOR,
     action_durations,
@@ -103,9 +104,9 @@ def _problem(
 ) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
     training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
-    layer's compute is its planned strategies' and its tensor collectives run twice (the
-    forward's, and their conjugates in the backward: Megatron's f/g pairs), three times under
-    remat; parameters, gradients and optimizer state count one shard per device.
+    layer's compute is its planned strategies' and its tensor collectives are the forward's
+    (twice under remat) and the backward conjugates the sharding search priced (Megatron's
+    f/g pairs, `tensor_parallel.LayerShardings.backward_collectives`); parameters, gradients and optimizer state count one shard per device.
     ``rows_scale``: microbatch rows relative to the front's (`_train_factorize` prices every
     layout from one trace): compute, activations and transfers scale with it."""
     c, hw, r = front.costs, front.hardware, rows_scale
@@ -120,7 +121,13 @@ def _problem(
             for a, b in zip(layers[:-1], layers[1:], strict=True)
         )
     else:
-        t = tuple(_tensor_layer_time(front, sh, k, scale, remat, r) for k in range(len(sh.times)))
+        link = hw.axis_link(front.mesh_axes, front.tensor_axis)
+        t = tuple(
+            _tensor_layer_time(
+                sh, k, scale, remat, r, lambda kind, b: link_time(kind, b, sh.tp, link)
+            )
+            for k in range(len(sh.times))
+        )
         cut = tuple(x + r * g for x, g in zip(cut, sh.cut_times, strict=True))  # forward gathers
     return StageProblem(
         layer_time=t,
@@ -209,19 +216,21 @@ def _split_activations(front: Front, sh: LayerShardings):
 
 
 def _tensor_layer_time(
-    front: Front, sh: LayerShardings, k: int, scale: float, remat: bool, rows_scale: float = 1.0
-):
-    """Layer k's training seconds: its sharded compute × ``scale``, its collectives × 2 (+1);
-    ``rows_scale`` scales compute and collective bytes."""
+    sh: LayerShardings, k: int, scale: float, remat: bool, rows_scale: float, seconds
+) -> float:
+    """Layer k's training seconds: its sharded compute × ``scale``, its forward collectives
+    (twice under remat) and their backward conjugates (as the sharding search priced them;
+    the forward's again where none are recorded); ``rows_scale`` scales compute and
+    collective bytes; ``seconds(kind, bytes)`` prices one collective on the tensor axis."""
 
-    def colls(r: float) -> float:
-        return sum(
-            comm.collective_time(kind, r * b, front.tensor_axis, front.mesh_axes, front.hardware)
-            for kind, b in sh.collectives[k]
-        )
+    def colls(r: float, listed) -> float:
+        return sum(seconds(kind, r * b) for kind, b in listed)
 
-    compute = sh.times[k] - colls(1.0)
-    return rows_scale * scale * compute + (3 if remat else 2) * colls(rows_scale)
+    fwd = sh.collectives[k]
+    bwd = sh.backward_collectives[k] if sh.backward_collectives else fwd
+    compute = sh.times[k] - colls(1.0, fwd)
+    forward = (2 if remat else 1) * colls(rows_scale, fwd)
+    return rows_scale * scale * compute + forward + colls(rows_scale, bwd)
 
 
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:

@@ -35,6 +35,7 @@ def cluster(op_times: Sequence[float], cut_bytes: Sequence[int], *, min_layers: 
     cum = np.concatenate([[0.0], np.cumsum(np.asarray(op_times, dtype=np.float64))])
     unit = cum[-1] / target if cum[-1] > 0 else 0.0
     inner = np.arange(1, n)
+    crossing = np.asarray(cut_bytes)
     cuts: list[int] = []
     for w in range(1, target):
         if unit > 0:
@@ -44,7 +45,7 @@ def cluster(op_times: Sequence[float], cut_bytes: Sequence[int], *, min_layers: 
         window = window[window > (cuts[-1] if cuts else 0)]
         if window.size:
             ideal = w * unit if unit > 0 else w * n / target
-            key = np.lexsort((np.abs(cum[window] - ideal), np.asarray(cut_bytes)[window]))
+            key = np.lexsort((np.abs(cum[window] - ideal), crossing[window]))
             cuts.append(int(window[key[0]]))
     if len(cuts) + 1 < min_layers:  # very unequal operators left windows empty: add cheap cuts
         spare = sorted(set(inner.tolist()) - set(cuts), key=lambda k: (cut_bytes[k], k))

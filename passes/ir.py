@@ -68,10 +68,11 @@ class Program:
     # non-batch inputs that are not parameters: keys, counters (`passes.inputs`)
     inputs: frozenset[int] = frozenset()
 
-    @property
+    @functools.cached_property
     def param_invars(self) -> tuple[int, ...]:
         """The inputs placed on the stages as parameters (trained, in training)."""
-        return tuple(v for v in self.invars if v not in self.batch_dependent | self.inputs)
+        others = self.batch_dependent | self.inputs
+        return tuple(v for v in self.invars if v not in others)
 
     @property
     def input_invars(self) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ cache can be shared by calls for different hardware or mesh positions.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -62,8 +63,9 @@ class ShardingCache:
     readers: dict[int, list[int]] | None = None  # local op → the ops reading its results
     live: list | None = None  # values live across each pipeline cut
     segments: list[Segment] | None = None
-    parts: dict[tuple[int, Hardware], OpParts] = dataclasses.field(default_factory=dict)
-    priced: dict[tuple[int, int, Any, Hardware], float] = dataclasses.field(default_factory=dict)
+    parts: dict[Hardware, dict[int, OpParts]] = dataclasses.field(default_factory=dict)
+    # (tp, hardware) → (op, strategy) → seconds
+    priced: dict[tuple[int, Hardware], dict] = dataclasses.field(default_factory=dict)
     solved: dict[SolvedKey, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -78,6 +80,8 @@ class LayerShardings:
     cut_gathers: tuple[float, ...]  # per boundary: their bytes per device (shards)
     dims: Mapping[int, int | None]  # value id → dimension split over the tensor axis
     collectives: tuple[tuple[tuple[str, float], ...], ...]  # per layer: (kind, bytes/device)
+    # training (``backward``): per layer, the backward pass's conjugate collectives
+    backward_collectives: tuple[tuple[tuple[str, float], ...], ...] = ()
     strategies: tuple[tuple[str, ...], ...]  # per layer: strategy name per operator
     op_strategies: Mapping[int, sharding.Strategy]  # op index → its strategy (what emit runs)
     unruled: frozenset[str] = frozenset()  # primitives replicated for want of a strategy rule
@@ -173,34 +177,53 @@ class _Pricing:
     tensor_axis: str | None
     tp: int
 
+    @functools.cached_property
+    def _parts(self) -> dict[int, OpParts]:
+        return self.cache.parts.setdefault(self.hw, {})
+
+    @functools.cached_property
+    def _priced(self) -> dict[tuple[int, sharding.Strategy], float]:
+        return self.cache.priced.setdefault((self.tp, self.hw), {})
+
+    @functools.cached_property
+    def _comm(self) -> dict[tuple[str, float], float]:
+        return {}
+
     def parts(self, i: int) -> OpParts:
-        key = (i, self.hw)
-        if key not in self.cache.parts:
+        got = self._parts.get(i)
+        if got is None:
             cost = op_cost(self.program, self.program.ops[i])
             c, m = compute_time(cost, self.hw), memory_time(cost, self.hw)
             whole = sharding.replicated(self.program.ops[i])
-            self.cache.parts[key] = (
+            got = self._parts[i] = (
                 c,
                 m,
                 op_time(cost, self.hw) - max(c, m),
                 sharding.local_bytes(self.program, i, whole, 1),
             )
-        return self.cache.parts[key]
+        return got
 
     def time_of(self, i: int, strategy: sharding.Strategy) -> float:
         """Roofline of one device's share: its part of the arithmetic, and the bytes of the
         operands and results it holds (a replicated weight is read whole)."""
-        key = (i, self.tp, strategy, self.hw)
-        if key not in self.cache.priced:
+        got = self._priced.get((i, strategy))
+        if got is None:
             c, m, overhead, nbytes = self.parts(i)
             local = (
                 sharding.local_bytes(self.program, i, strategy, self.tp) / nbytes if nbytes else 1.0
             )
-            self.cache.priced[key] = overhead + max(c * strategy.compute_fraction, m * local)
-        return self.cache.priced[key]
+            got = self._priced[i, strategy] = overhead + max(
+                c * strategy.compute_fraction, m * local
+            )
+        return got
 
     def comm_time(self, kind: str, nbytes: float) -> float:
-        return comm.collective_time(kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw)
+        got = self._comm.get((kind, nbytes))
+        if got is None:
+            got = self._comm[kind, nbytes] = comm.collective_time(
+                kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw
+            )
+        return got
 
     def store_cost(self, v: int, dim: int | None) -> float:
         link = self.hw.axis_link(self.mesh_axes, self.tensor_axis)
@@ -257,18 +280,16 @@ def shard_layers(
         )
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
-    dims, chosen, charged, unruled = _solve_segments(
+    dims, chosen, charged, back, unruled = _solve_segments(
         program, split, price, lean, free, pinned, backward
     )
     whole = frozenset(v for _, fixed, _ in cache.segments for v, d in fixed.items() if d is None)
-    times, colls = [], []
-    for ops in per_layer:
-        layer_colls = [c for i in ops for c in charged.get(i, ())]
-        times.append(
-            sum(price.time_of(i, chosen[i]) for i in ops)
-            + sum(price.comm_time(kind, nbytes) for kind, nbytes in layer_colls)
-        )
-        colls.append(tuple(layer_colls))
+    colls = _per_layer(charged, per_layer)
+    times = tuple(
+        sum(price.time_of(i, chosen[i]) for i in ops)
+        + sum(price.comm_time(kind, nbytes) for kind, nbytes in layer_colls)
+        for ops, layer_colls in zip(per_layer, colls, strict=True)
+    )
     live = cache.live
     shards = [
         [program.nbytes(v) / tp for v in live[k] if dims.get(v) is not None] for k in layers[1:-1]
@@ -276,16 +297,22 @@ def shard_layers(
     return LayerShardings(
         tp=tp,
         lean=lean,
-        times=tuple(times),
+        times=times,
         cut_times=tuple(sum(price.comm_time("all_gather", b) for b in cut) for cut in shards),
         cut_gathers=tuple(float(sum(cut)) for cut in shards),
         dims=dims,
-        collectives=tuple(colls),
+        collectives=colls,
+        backward_collectives=_per_layer(back, per_layer) if backward else (),
         strategies=tuple(tuple(chosen[i].name for i in ops) for ops in per_layer),
         op_strategies=chosen,
         unruled=unruled,
         whole=whole,
     )
+
+
+def _per_layer(table: Mapping[int, list], per_layer: Sequence[Sequence[int]]) -> tuple:
+    """Per layer, its operators' entries of ``table`` (op → list) in operator order."""
+    return tuple(tuple(c for i in ops for c in table.get(i, ())) for ops in per_layer)
 
 
 def _segments(
@@ -312,11 +339,13 @@ def _solve_segments(
     pinned=None,
     backward: bool = False,
 ):
-    """(value → split dim, op → strategy, op → its collectives) over every sharding segment,
-    each structure solved once (`ShardingCache.solved`)."""
+    """(value → split dim, op → strategy, op → its collectives, op → its backward conjugate
+    collectives when ``backward``) over every sharding segment, each structure solved once
+    (`ShardingCache.solved`)."""
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
+    back: dict[int, list[tuple[str, float]]] = {}  # op → its backward conjugates
     unruled: set[str] = set()
     for ops, fixed, signature in _segments(program, split, price.cache, free, pinned):
         key = SolvedKey(
@@ -348,7 +377,34 @@ def _solve_segments(
         for kind, v, nbytes in sol.collectives:
             i = made[v] if v in made else _first_reader(program, ops, v)
             charged.setdefault(i, []).append((kind, nbytes))
-    return dims, chosen, charged, frozenset(unruled)
+        for i, kind, nbytes in _conjugates(program, sol) if backward else ():
+            back.setdefault(i, []).append((kind, nbytes))
+    return dims, chosen, charged, back, frozenset(unruled)
+
+
+def _conjugates(program: Program, sol: sharding.Sharding) -> list[tuple[int, str, float]]:
+    """(op, kind, bytes per device) of the backward collectives `sharding.solve` prices for a
+    training step: an all-gather's reduce-scatter, an all-to-all moved back, and the all-reduce
+    of each replicated differentiated value that a varying strategy reads (at its first such
+    reader); an all-reduce's cotangent needs none."""
+    made = {v: i for i in sol.ops for v in program.ops[i].outvars}
+    out = []
+    for kind, v, _ in sol.collectives:
+        conj = {"all_gather": "reduce_scatter", "all_to_all": "all_to_all"}.get(kind)
+        if conj is not None:
+            i = made[v] if v in made else _first_reader(program, sol.ops, v)
+            out.append((i, conj, sharding.collective_bytes(conj, program.nbytes(v), sol.tp)))
+    summed = set()
+    for i in sol.ops:
+        if not sol.strategies[i].varies:
+            continue
+        for a in program.ops[i].invars:
+            if not isinstance(a, int) or a in summed or sol.dims.get(a, 0) is not None:
+                continue
+            if a in program.differentiated:
+                summed.add(a)
+                out.append((i, "all_reduce", float(program.nbytes(a))))
+    return out
 
 
 def time_of_whole(parts: tuple[float, float, float, float]) -> float:
