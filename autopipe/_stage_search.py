@@ -41,9 +41,11 @@ def shard(
     layers: Sequence[int],
     *,
     lean: bool = False,
+    held: float = 1.0,
     mesh_axes: Sequence[tuple[str, int]] | None = None,
     cache: ShardingCache | None = None,
 ) -> LayerShardings:
+    """`shard_layers` of the front's program on its mesh (or ``mesh_axes``)."""
     return shard_layers(
         front.program,
         front.split,
@@ -53,6 +55,7 @@ def shard(
         front.tensor_axis,
         cache,
         lean,
+        held=held,
         backward=front.training,
     )
 

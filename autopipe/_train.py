@@ -37,7 +37,7 @@ from autopipe.passes.optimizer_exact import shape_free
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 from autopipe.passes.sharding import strategies as strategies_of
 from autopipe.passes.split_fused import split_fused
-from autopipe.passes.tensor_parallel import LayerShardings
+from autopipe.passes.tensor_parallel import LayerShardings, ShardingCache
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
@@ -106,7 +106,8 @@ def _problem(
     training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
     layer's compute is its planned strategies' and its tensor collectives are the forward's
     (twice under remat) and the backward conjugates the sharding search priced (Megatron's
-    f/g pairs, `tensor_parallel.LayerShardings.backward_collectives`); parameters, gradients and optimizer state count one shard per device.
+    f/g pairs, `tensor_parallel.LayerShardings.backward_collectives`); parameters, gradients
+    and optimizer state count one shard per device.
     ``rows_scale``: microbatch rows relative to the front's (`_train_factorize` prices every
     layout from one trace): compute, activations and transfers scale with it."""
     c, hw, r = front.costs, front.hardware, rows_scale
@@ -233,6 +234,16 @@ def _tensor_layer_time(
     return rows_scale * scale * compute + forward + colls(rows_scale, bwd)
 
 
+def training_shardings(
+    front: Front, layers, opt_factor: float, cache: ShardingCache | None = None
+) -> LayerShardings:
+    """The tensor strategies of a training step, memory-lean: a device holds each parameter
+    byte with its gradient and ``opt_factor`` bytes of optimizer state, so a weight is split
+    wherever its split's collectives cost less than sending those bytes (Megatron splits
+    every weight, its embeddings included)."""
+    return _held_split(front, shard(front, layers, lean=True, held=2 + opt_factor, cache=cache))
+
+
 def _raw_owner(front: Front, layouts: Sequence[StageLayout], p: int) -> dict[int, dict]:
     """raw parameter value → {piece (None: the whole value; else a row of a stacked one, a
     block of a fused one, see `passes.ir.source_of`): devices holding it}."""
@@ -353,7 +364,7 @@ def search_training(
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
     in_flight = max(sched.in_flight()) / v
-    sh = _held_split(front, shard(front, layers))  # the forward's tensor strategies
+    sh = training_shardings(front, layers, opt_factor)
     seg = segments(front, layers, sh)
     bounds, times, mems, remat_stages = solve_training(
         front,

@@ -44,15 +44,14 @@ from autopipe._front import (
     with_tensor_axis,
 )
 from autopipe._planned import Plan
-from autopipe._stage_search import shard
 from autopipe._staged import trace
 from autopipe._train import (
-    _held_split,
     _opt_factor,
     _zero_replicas,
     cuts_fused,
     segments,
     solve_training,
+    training_shardings,
 )
 from autopipe.cost_models import comm
 from autopipe.cost_models.stage_memory import SegmentBytes
@@ -229,7 +228,7 @@ class _Search:
         key = (layers, tp, id(traced))
         if key not in self.shards:
             cache = self.caches.setdefault(id(traced), ShardingCache())
-            sh = _held_split(front, shard(front, layers, cache=cache))
+            sh = training_shardings(front, layers, self.opt_factor / zero, cache)
             self.shards[key] = sh, segments(front, layers, sh)
         sh, seg = self.shards[key]
         limit = self.plan.get("memory_limit")

@@ -50,6 +50,7 @@ class SolvedKey:
     signature: Any
     tp: int
     lean: bool
+    held: float  # bytes held per parameter byte (see `shard_layers`)
     hardware: Hardware
     mesh_axes: tuple[tuple[str, int], ...]
     tensor_axis: str | None
@@ -176,6 +177,7 @@ class _Pricing:
     mesh_axes: tuple[tuple[str, int], ...]
     tensor_axis: str | None
     tp: int
+    held: float = 1.0
 
     @functools.cached_property
     def _parts(self) -> dict[int, OpParts]:
@@ -227,7 +229,8 @@ class _Pricing:
 
     def store_cost(self, v: int, dim: int | None) -> float:
         link = self.hw.axis_link(self.mesh_axes, self.tensor_axis)
-        return self.program.nbytes(v) / (1 if dim is None else self.tp) / link.bandwidth
+        held = self.held * self.program.nbytes(v) / (1 if dim is None else self.tp)
+        return held / link.bandwidth
 
 
 def shard_layers(
@@ -240,6 +243,7 @@ def shard_layers(
     cache: ShardingCache | None = None,
     lean: bool = False,
     *,
+    held: float = 1.0,
     free: frozenset[int] = frozenset(),
     pinned: Mapping[int, Any] | None = None,
     backward: bool = False,
@@ -253,6 +257,8 @@ def shard_layers(
     a byte of parameter on a device costs the time to send that byte over the tensor link, so
     a weight is split whenever the communication its split causes per microbatch is smaller
     than the weight itself (big matmul weights are, small norms and biases are not).
+    ``held``: bytes a device holds per parameter byte it holds: 1 for a forward plan, in
+    training the parameter, its gradient and the optimizer state (Adam: 4).
 
     ``free``: batch inputs whose split the solver chooses, as for a parameter (a decode step's
     caches); ``pinned``: values held on a given Dim (value → Dim; a cache and its new value on
@@ -263,7 +269,13 @@ def shard_layers(
     tp = dict(mesh_axes).get(tensor_axis, 1) if tensor_axis else 1
     cache = ShardingCache() if cache is None else cache
     price = _Pricing(
-        program=program, cache=cache, hw=hw, mesh_axes=mesh_axes, tensor_axis=tensor_axis, tp=tp
+        program=program,
+        cache=cache,
+        hw=hw,
+        mesh_axes=mesh_axes,
+        tensor_axis=tensor_axis,
+        tp=tp,
+        held=held,
     )
     per_layer = layer_ops(program, split, layers, cache)
     if tp == 1:
@@ -352,6 +364,7 @@ def _solve_segments(
             signature=signature,
             tp=price.tp,
             lean=lean,
+            held=price.held,
             hardware=price.hw,
             mesh_axes=price.mesh_axes,
             tensor_axis=price.tensor_axis,
