@@ -49,10 +49,9 @@ from autopipe._train import (
     _opt_factor,
     _zero_replicas,
     cuts_fused,
-    segments,
     solve_training,
-    training_shardings,
 )
+from autopipe._train_tensor import segments, training_shardings
 from autopipe.cost_models import comm
 from autopipe.cost_models.stage_memory import SegmentBytes
 from autopipe.passes import schedule as schedules

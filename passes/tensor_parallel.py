@@ -279,17 +279,7 @@ def shard_layers(
     )
     per_layer = layer_ops(program, split, layers, cache)
     if tp == 1:
-        return LayerShardings(
-            tp=1,
-            lean=lean,
-            times=tuple(sum(time_of_whole(price.parts(i)) for i in ops) for ops in per_layer),
-            cut_times=tuple(0.0 for _ in layers[2:]),
-            cut_gathers=tuple(0.0 for _ in layers[2:]),
-            dims={},
-            collectives=tuple(() for _ in per_layer),
-            strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
-            op_strategies={},
-        )
+        return _unsplit(price, per_layer, lean)
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
     dims, chosen, charged, back, unruled = _solve_segments(
@@ -319,6 +309,21 @@ def shard_layers(
         op_strategies=chosen,
         unruled=unruled,
         whole=whole,
+    )
+
+
+def _unsplit(price: _Pricing, per_layer: Sequence[Sequence[int]], lean: bool) -> LayerShardings:
+    """Every layer whole (no tensor axis)."""
+    return LayerShardings(
+        tp=1,
+        lean=lean,
+        times=tuple(sum(time_of_whole(price.parts(i)) for i in ops) for ops in per_layer),
+        cut_times=tuple(0.0 for _ in per_layer[1:]),
+        cut_gathers=tuple(0.0 for _ in per_layer[1:]),
+        dims={},
+        collectives=tuple(() for _ in per_layer),
+        strategies=tuple(tuple("replicated" for _ in ops) for ops in per_layer),
+        op_strategies={},
     )
 
 
