@@ -239,23 +239,33 @@ class Lowered:
                     "'inference' schedule. Lower with training=True and pass optimizer=...."
                 )
             return self._at(num_microbatches=num_microbatches)._plan_forward(memory_limit)
-        sched = schedule or "1f1b"
-        if sched == "auto":
-            kw = dict(num_microbatches=num_microbatches, memory_limit=memory_limit, remat=remat)
-            kw |= dict(reduction=reduction, virtual_stages=virtual_stages, zero_stage=zero_stage)
+        kw = dict(num_microbatches=num_microbatches, memory_limit=memory_limit, remat=remat)
+        kw |= dict(reduction=reduction, virtual_stages=virtual_stages, zero_stage=zero_stage)
+        # whether the optimizer lets fused projections be cut: traced once for every schedule
+        kw["split_fused"] = cuts_fused(optimizer, self.front) if self.front.tensor_axis else None
+        if schedule == "auto":
             return self._fastest_schedule(optimizer, kw)
-        v = check_schedule(sched, virtual_stages)
-        fused = cuts_fused(optimizer, self.front) if self.front.tensor_axis else None
+        return self._plan_schedule(optimizer, schedule or "1f1b", kw)
+
+    def _plan_schedule(self, optimizer, schedule: str, options: dict) -> Planned:
+        """The training plan of one schedule (``options``: `plan`'s, ``split_fused`` decided)."""
+        o = options
+        v = check_schedule(schedule, o["virtual_stages"])
         lowered = self._at(
-            num_microbatches=num_microbatches, training=True, virtual_stages=v, split_fused=fused
+            num_microbatches=o["num_microbatches"],
+            training=True,
+            virtual_stages=v,
+            split_fused=o["split_fused"],
         )
-        return lowered._plan_training(optimizer, sched, memory_limit, remat, reduction, zero_stage)
+        return lowered._plan_training(
+            optimizer, schedule, o["memory_limit"], o["remat"], o["reduction"], o["zero_stage"]
+        )
 
     def _fastest_schedule(self, optimizer, options: dict) -> Planned:
         planned, refusals = [], []
         for schedule in TRAINING_SCHEDULES:
             try:
-                planned.append(self.plan(optimizer=optimizer, schedule=schedule, **options))
+                planned.append(self._plan_schedule(optimizer, schedule, options))
             except ValueError as e:  # PlanInfeasible included
                 refusals.append(f"  {schedule}: {str(e).splitlines()[0]}")
         if not planned:
