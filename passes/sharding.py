@@ -69,8 +69,8 @@ from autopipe.passes.sharding_rules import register_strategy_rule as register_st
 # strategy, per replicated free input (so equal-time choices prefer fewer collectives, then
 # replicated operators, then sharded storage of parameters).
 _TIE_COLLECTIVE, _TIE_SHARDED, _TIE_REPLICATED_INPUT = 4e-9, 2e-9, 1e-9
-# backward conjugate of each collective, in units of its own time (see the module docstring)
-_CONJUGATES = {"all_reduce": 0.0, "all_gather": 1.0, "all_to_all": 1.0}
+# backward conjugates (module docstring), each as costly as its forward on the alpha-beta model
+BACKWARD_CONJUGATE = {"all_gather": "reduce_scatter", "all_to_all": "all_to_all"}
 
 
 # --- strategies -------------------------------------------------------------------------------
@@ -386,12 +386,12 @@ def solve(
     ``backward``: price the backward pass's conjugate collectives too (training)."""
     seg = _segment(program, ops, tp, fixed)
     memo: dict[tuple[str, float], float] = {}
-    conjugates = _CONJUGATES if backward else {}
+    conjugates = BACKWARD_CONJUGATE if backward else {}
 
     def comm(kind, nbytes):
         if (kind, nbytes) not in memo:
             t = float(comm_time(kind, nbytes))
-            memo[kind, nbytes] = t * (1 + conjugates.get(kind, 0.0))
+            memo[kind, nbytes] = t * (2 if kind in conjugates else 1)
         return memo[kind, nbytes]
 
     costs = _costs(seg, op_time, comm, store_cost, backward)

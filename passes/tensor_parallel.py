@@ -187,10 +187,6 @@ class _Pricing:
     def _priced(self) -> dict[tuple[int, sharding.Strategy], float]:
         return self.cache.priced.setdefault((self.tp, self.hw), {})
 
-    @functools.cached_property
-    def _comm(self) -> dict[tuple[str, float], float]:
-        return {}
-
     def parts(self, i: int) -> OpParts:
         got = self._parts.get(i)
         if got is None:
@@ -219,13 +215,8 @@ class _Pricing:
             )
         return got
 
-    def comm_time(self, kind: str, nbytes: float) -> float:
-        got = self._comm.get((kind, nbytes))
-        if got is None:
-            got = self._comm[kind, nbytes] = comm.collective_time(
-                kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw
-            )
-        return got
+    def comm_time(self, kind: str, nbytes: float) -> float:  # `sharding.solve` memoizes it
+        return comm.collective_time(kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw)
 
     def store_cost(self, v: int, dim: int | None) -> float:
         link = self.hw.axis_link(self.mesh_axes, self.tensor_axis)
@@ -408,7 +399,7 @@ def _conjugates(program: Program, sol: sharding.Sharding) -> list[tuple[int, str
     made = {v: i for i in sol.ops for v in program.ops[i].outvars}
     out = []
     for kind, v, _ in sol.collectives:
-        conj = {"all_gather": "reduce_scatter", "all_to_all": "all_to_all"}.get(kind)
+        conj = sharding.BACKWARD_CONJUGATE.get(kind)
         if conj is not None:
             i = made[v] if v in made else _first_reader(program, sol.ops, v)
             out.append((i, conj, sharding.collective_bytes(conj, program.nbytes(v), sol.tp)))
