@@ -42,6 +42,7 @@ class DecoderConfig:
     max_len: int = 32  # cache length (positions)
     mlp_ratio: int = 4
     rotary: bool = False  # Llama-style: rotary positions, RMSNorm, SwiGLU (else GPT-style)
+    fused_qkv: bool = False  # linen: GPT-2's one q/k/v matmul with a bias, cut by jnp.split
     init_scale: float = 0.3  # standard deviation of the random weights
     dtype: str = "float32"
 
@@ -91,10 +92,15 @@ def _attend(q, k_cache, v_cache, positions, cfg: DecoderConfig) -> jax.Array:
 
 
 def _qkv(x, wq, wk, wv, positions, cfg: DecoderConfig):
-    b = x.shape[0]
-    q = (x @ wq).reshape(b, cfg.heads, cfg.head_dim)
-    k = (x @ wk).reshape(b, cfg.kv_heads, cfg.head_dim)
-    v = (x @ wv).reshape(b, cfg.kv_heads, cfg.head_dim)
+    return _heads(x @ wq, x @ wk, x @ wv, positions, cfg)
+
+
+def _heads(q, k, v, positions, cfg: DecoderConfig):
+    """The projections (B, width) as heads (B, heads, head_dim), rotated where rotary."""
+    b = q.shape[0]
+    q = q.reshape(b, cfg.heads, cfg.head_dim)
+    k = k.reshape(b, cfg.kv_heads, cfg.head_dim)
+    v = v.reshape(b, cfg.kv_heads, cfg.head_dim)
     if cfg.rotary:
         q, k = _rotate(q, positions), _rotate(k, positions)
     return q, k, v
@@ -125,12 +131,13 @@ class _LinenBlock(nn.Module):
         cfg, d = self.cfg, self.cfg.d_model
         kv = cfg.kv_heads * cfg.head_dim
         init = nn.initializers.normal(cfg.init_scale)
+        projections = [("wq", (d, d)), ("wk", (d, kv)), ("wv", (d, kv))]
+        if cfg.fused_qkv:
+            projections = [("c_attn", (d, d + 2 * kv))]
         p = {
             n: self.param(n, init, shape)
             for n, shape in [
-                ("wq", (d, d)),
-                ("wk", (d, kv)),
-                ("wv", (d, kv)),
+                *projections,
                 ("wo", (d, d)),
                 ("w_in", (d, cfg.mlp_ratio * d)),
                 ("w_gate", (d, cfg.mlp_ratio * d)),
@@ -143,7 +150,12 @@ class _LinenBlock(nn.Module):
         shape = cfg.cache_shape(x.shape[0])
         k_cache = self.variable("cache", "k", jnp.zeros, shape, cfg.dtype)
         v_cache = self.variable("cache", "v", jnp.zeros, shape, cfg.dtype)
-        q, k, v = _qkv(_norm(x, s1, b1, cfg), p["wq"], p["wk"], p["wv"], positions, cfg)
+        h = _norm(x, s1, b1, cfg)
+        if cfg.fused_qkv:
+            fused = h @ p["c_attn"] + self.param("b_attn", init, (d + 2 * kv,))
+            q, k, v = _heads(*jnp.split(fused, [d, d + kv], axis=-1), positions, cfg)
+        else:
+            q, k, v = _qkv(h, p["wq"], p["wk"], p["wv"], positions, cfg)
         k_cache.value = _write(k_cache.value, k, positions)
         v_cache.value = _write(v_cache.value, v, positions)
         x = x + _attend(q, k_cache.value, v_cache.value, positions, cfg) @ p["wo"]
@@ -247,6 +259,7 @@ class NNXDecoder(nnx.Module):
 def nnx_init(cfg: DecoderConfig, batch: int, seed: int = 0) -> tuple[Callable, Any, Any]:
     """(step, params, zero caches) of an `NNXDecoder` for ``batch`` rows: ``nnx.split`` of the
     module into its graph, its ``nnx.Param`` state and its ``nnx.Cache`` state."""
+    _linen_only(cfg, "NNXDecoder")
     graphdef, params, cache = nnx.split(
         NNXDecoder(cfg, batch, rngs=nnx.Rngs(seed)), nnx.Param, nnx.Cache
     )
@@ -291,7 +304,13 @@ def gpt_shapes(cfg: DecoderConfig, batch: int) -> tuple[dict, list]:
     return _gpt_tree(cfg, batch, sds, sds, sds)
 
 
+def _linen_only(cfg: DecoderConfig, form: str) -> None:
+    if cfg.fused_qkv:
+        raise ValueError(f"DecoderConfig(fused_qkv=True) is built by LinenDecoder, not {form}")
+
+
 def _gpt_tree(cfg: DecoderConfig, batch: int, weight, norm, zeros) -> tuple[dict, list]:
+    _linen_only(cfg, "the plain step (init_gpt, gpt_shapes)")
     d, kv, f = cfg.d_model, cfg.kv_heads * cfg.head_dim, cfg.mlp_ratio * cfg.d_model
     scale = cfg.init_scale
     params = {

@@ -87,7 +87,7 @@ def _stage_fn(
     batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
     batch_in += program.input_invars
     key_consts = {v: c for v, c in program.consts if is_key_dtype(program.avals[v].dtype)}
-    split = {v: s.dim for s in params.slots if s.dim is not None for v in s.values}
+    split = params.split
 
     def run(bufs: Sequence[Any], recv: dict, xs: Sequence[Any]):
         """``xs``: this microbatch's batch leaves, then the inputs as it sees them."""
@@ -137,7 +137,9 @@ def emit(
     dp = mesh.shape[data_axis] if data_axis else 1
     tp = mesh.shape[tensor_axis] if tensor_axis else 1
     tensor_axis = tensor_axis if tp > 1 else None
-    layout = param_layout(program, [st.params for st in stages], dims=dims if tensor_axis else None)
+    layout = param_layout(
+        program, [st.params for st in stages], dims=dims if tensor_axis else None, tp=tp
+    )
     tensor = None
     if tensor_axis:
         tensor = TensorPlan(

@@ -163,7 +163,12 @@ def emit_generate(
     mesh = auto_mesh(mesh)
     p = len(stages)
     tensor_axis = tensor.axis if tensor is not None else None
-    params = param_layout(program, [st.params for st in stages], dims=dims if tensor else None)
+    params = param_layout(
+        program,
+        [st.params for st in stages],
+        dims=dims if tensor else None,
+        tp=tensor.tp if tensor else 1,
+    )
     body = _body(program, stages, state, params, caches, decoding, axis, data_axis, tensor)
     stacked = P(axis, None, data_axis)
     per_row = P(None, data_axis)
@@ -218,8 +223,7 @@ def _stage_fn(
     out_of = state.out_of()
     mine = caches.on(device)
     logits_aval = program.avals[state.logits]
-    split = {v: s.dim for s in params.slots if s.dim is not None for v in s.values}
-    split |= {v: s.dim for s in caches.slots if s.dim is not None for v in s.values}
+    split = params.split | caches.split
 
     def evaluate(env):
         """Runs the stage's operators on ``env``; returns how to read a value whole."""

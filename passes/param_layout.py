@@ -6,10 +6,12 @@ into classes — equal dtype and size (``by="size"``: a bitcast reshape turns on
 e.g. a ``(V, D)`` embedding and a ``(D, V)`` head) or equal shape (``by="shape"``) — and aligns
 the k-th value of a class on every device into slot k: one ``(p, *shape)`` array sharded over
 the pipeline axis, row d holding device d's value (zeros where d has fewer of that class).
-Tensor-split values align by shape and split dimension, the slot also sharded over the tensor
-axis there. Inside the program a device reads ``slot[0]`` whole; XLA feeds that to a GEMM in
-place, where a slice of a larger buffer (a flat buffer per stage, a stacked ``(layers, ...)``
-array indexed per layer) is copied on every read.
+A tensor-split value's slot is also sharded over the tensor axis: on its split dimension where
+the slot's values agree in shape and dimension, else (``by="size"``: e.g. an embedding's
+``(V, D/tp)`` shard and an untied head's ``(D, V/tp)``) as ``(tp, size/tp)``, row t holding
+shard t flattened. Inside the program a device reads ``slot[0]`` whole (reshaped: a bitcast);
+XLA feeds that to a GEMM in place, where a slice of a larger buffer (a flat buffer per stage, a
+stacked ``(layers, ...)`` array indexed per layer) is copied on every read.
 
 A value several devices hold (a tied embedding read by the first and the last stage) is one
 row on each; with ``align_shared`` its rows sit in the same slot (`ParamLayout.shared`), which is
@@ -31,6 +33,7 @@ weights, casts) per device and writes each value into its slot; `gather_values` 
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
@@ -43,15 +46,16 @@ from jax.sharding import PartitionSpec as P
 from autopipe._compat import key_impl_of
 from autopipe.passes.ir import Program, eval_ops
 from autopipe.passes.layout import FlatLayout, Split, buffer_sizes, flat_layout, placed_sources
+from autopipe.passes.tensor_local import local_shape
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ParamSlot:
     dtype: str
     shape: tuple[int, ...]  # of one device's block (whole, before any tensor split)
-    dim: int | None  # the dimension split over the tensor axis, or None
+    dim: int | None  # the dimension of `shape` split over the tensor axis, or None
     values: tuple[int | None, ...]  # per device: the value held in this slot (None: zeros)
-    exact: bool = True  # every value held has the slot's shape (else the slot is flat)
+    exact: bool = True  # every value held has the slot's shape and split (else it is flat)
 
     @property
     def nbytes(self) -> int:
@@ -67,6 +71,17 @@ class ParamLayout:
     slots: tuple[ParamSlot, ...]
     num_devices: int
     rest: tuple[FlatLayout, ...] = ()  # per device: values packed into the rest buffers
+    tp: int = 1  # devices of the tensor axis
+    dims: tuple[tuple[int, int], ...] = ()  # (value, its dimension split over the tensor axis)
+
+    @functools.cached_property
+    def split(self) -> dict[int, int]:
+        """Value -> its dimension split over the tensor axis, for every tensor-split value."""
+        return dict(self.dims)
+
+    def shard_shape(self, program: Program, v: int) -> tuple[int, ...]:
+        """The shape of value ``v`` on one device (this device's shard where it is split)."""
+        return local_shape(program.avals[v].shape, self.split.get(v), self.tp)
 
     @property
     def rest_sizes(self) -> dict[str, int]:
@@ -128,31 +143,45 @@ def param_layout(
     groups: Sequence[Sequence[int]],
     *,
     dims: Mapping[int, int | None] | None = None,
+    tp: int = 1,
     by: Literal["size", "shape"] = "size",
     budget: float | None = 1.05,
     align_shared: bool = False,
 ) -> ParamLayout:
-    """Slots for ``groups[d]``, the values device d holds (see the module docstring). With
-    ``by="size"`` values of equal size but different shapes share a slot, shaped like its values
+    """Slots for ``groups[d]``, the values device d holds (see the module docstring), the
+    values of ``dims`` split on that dimension over ``tp`` devices. With ``by="size"`` values of
+    equal size but different shapes (or split dimensions) share a slot, shaped like its values
     when they agree and flat otherwise; ``by="shape"`` keeps every value in a slot of its own
     shape (what per-leaf optimizers need). ``budget``: see the module docstring (None: slots
     only). ``align_shared``: a value held by several devices (a tied parameter) sits in the
     same slot on all of them (`ParamLayout.shared`), so their copies' rows line up."""
-    dims = dims or {}
+    dims = {v: d for v, d in (dims or {}).items() if d is not None}
+    form = lambda v: (tuple(program.avals[v].shape), dims.get(v, -1))  # noqa: E731
     classes: dict[tuple, list[list[int]]] = {}
     for d, values in enumerate(groups):
-        for v in sorted(set(values), key=lambda v: (tuple(program.avals[v].shape), v)):
+        for v in sorted(set(values), key=lambda v: (form(v), v)):
             classes.setdefault(_class(program, v, dims, by), [[] for _ in groups])[d].append(v)
     slots = []
-    for key in sorted(classes, key=str):
-        for values in _align(classes[key], shared_first=align_shared):
-            shapes = {tuple(program.avals[v].shape) for v in values if v is not None}
-            exact = len(shapes) == 1
-            shape = shapes.pop() if exact else (key[2],)
-            slots.append(
-                ParamSlot(dtype=key[0], shape=shape, dim=key[1], values=values, exact=exact)
-            )
-    layout = ParamLayout(slots=tuple(slots), num_devices=len(groups))
+    for (dtype, split, size, *_), per_device in sorted(classes.items(), key=lambda kv: str(kv[0])):
+        for values in _align(per_device, shared_first=align_shared):
+            forms = {form(v) for v in values if v is not None}
+            if len(forms) == 1:
+                ((shape, dim),) = forms
+                slot = ParamSlot(
+                    dtype=dtype, shape=shape, dim=None if dim < 0 else dim, values=values
+                )
+            else:  # flat: row t of a split slot holds shard t
+                assert tp > 1 or not split, "a flat tensor-split slot needs tp"
+                shape, dim = ((tp, size // tp), 0) if split else ((size,), None)
+                slot = ParamSlot(dtype=dtype, shape=shape, dim=dim, values=values, exact=False)
+            slots.append(slot)
+    placed = {v for g in groups for v in g}
+    layout = ParamLayout(
+        slots=tuple(slots),
+        num_devices=len(groups),
+        tp=tp,
+        dims=tuple(sorted((v, d) for v, d in dims.items() if v in placed)),
+    )
     return layout if budget is None else _within(program, layout, groups, budget)
 
 
@@ -193,7 +222,9 @@ def layout_extra_bytes(
     layout: the slots' padding, plus a copy of each value in the rest buffers (a GEMM or
     convolution reading a slice of a buffer gets a copy on XLA:CPU; counted for every rest value,
     an upper bound)."""
-    layout = param_layout(program, [st.params for st in stages], dims=dims if tp > 1 else None)
+    layout = param_layout(
+        program, [st.params for st in stages], dims=dims if tp > 1 else None, tp=tp
+    )
     held = layout.device_bytes(tp)
     out = []
     for s, st in enumerate(stages):
@@ -218,24 +249,18 @@ def _within(program: Program, layout: ParamLayout, groups, budget: float) -> Par
             flat_layout(program, [v for k in moved if (v := slots[k].values[d]) is not None])
             for d in range(layout.num_devices)
         )
-        current = ParamLayout(slots=kept, num_devices=layout.num_devices, rest=rest)
+        current = dataclasses.replace(layout, slots=kept, rest=rest)
     return current
 
 
-def _class(program: Program, v: int, dims: Mapping[int, int | None], by: str) -> tuple:
+def _class(program: Program, v: int, dims: Mapping[int, int], by: str) -> tuple:
+    """(dtype, split over the tensor axis, size), and by shape also (shape, split dim)."""
     aval = program.avals[v]
-    dt, dim = str(np.dtype(aval.dtype)), dims.get(v)
-    if dim is not None or by == "shape":
-        return (dt, dim, int(np.prod(aval.shape, dtype=np.int64)), tuple(aval.shape))
-    return (dt, None, int(np.prod(aval.shape, dtype=np.int64)))
+    key = (str(np.dtype(aval.dtype)), v in dims, int(np.prod(aval.shape, dtype=np.int64)))
+    return (*key, tuple(aval.shape), dims.get(v, -1)) if by == "shape" else key
 
 
 # --- reading and writing slots ----------------------------------------------------------------
-
-
-def read_value(program: Program, local_slot: Any, v: int) -> Any:
-    """Value ``v`` from its slot's local ``(1, *shape)`` block: a bitcast, no copy."""
-    return local_slot[0].reshape(program.avals[v].shape)
 
 
 def read_params(
@@ -244,10 +269,8 @@ def read_params(
     """The values device ``device`` holds (those in ``wanted``, if given) from its local blocks
     of the buffers (`ParamLayout.avals` order)."""
     n = len(layout.slots)
-    env = {  # a tensor-split slot holds this device's shard (of the value's shape: exact)
-        v: local[k][0] if layout.slots[k].dim is not None else read_value(program, local[k], v)
-        for k, v in layout.on(device)
-    }
+    # a bitcast of the local block, no copy; of a tensor-split slot: this device's shard
+    env = {v: local[k][0].reshape(layout.shard_shape(program, v)) for k, v in layout.on(device)}
     if layout.rest:
         rest = {dt: b[0] for dt, b in zip(layout.rest_sizes, local[n:], strict=True)}
         unpack_flat(env, layout.rest[device], rest)
@@ -291,7 +314,13 @@ def blocks(
     out = []
     for s in layout.slots:
         v = s.values[device]
-        x = jnp.zeros(s.shape, s.dtype) if v is None else jnp.asarray(env[v]).reshape(s.shape)
+        if v is None:
+            x = jnp.zeros(s.shape, s.dtype)
+        elif s.exact or s.dim is None:
+            x = jnp.asarray(env[v]).reshape(s.shape)
+        else:  # flat tensor-split: row t is shard t
+            shards = jnp.split(jnp.asarray(env[v]), layout.tp, axis=layout.split[v])
+            x = jnp.stack(shards).reshape(s.shape)
         out.append(x[None] if lead else x)
     if layout.rest:
         rest = pack_flat(env, layout.rest[device], layout.rest_sizes)
@@ -364,8 +393,13 @@ def gather_values(
     for k, s in enumerate(layout.slots):
         held = rows(k)
         for d, v in enumerate(s.values):
-            if v is not None and v not in out:
-                out[v] = np.asarray(held[d]).reshape(program.avals[v].shape)
+            if v is None or v in out:
+                continue
+            block = np.asarray(held[d])
+            if not s.exact and s.dim is not None:  # flat tensor-split: row t is shard t
+                shard = layout.shard_shape(program, v)
+                block = np.concatenate([r.reshape(shard) for r in block], layout.split[v])
+            out[v] = block.reshape(program.avals[v].shape)
     for i, dt in enumerate(layout.rest_sizes):
         held = rows(len(layout.slots) + i)
         for d, lay in enumerate(layout.rest):

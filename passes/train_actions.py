@@ -206,17 +206,23 @@ class Actions:
         ``mesh``: stages run their planned tensor strategies on shards."""
         S = len(stages)
         dims = dict(dims or {}) if tensor is not None else {}
+        tp = tensor.tp if tensor is not None else 1
         layout = param_layout(
-            program, device_groups(stages, p), dims=dims, by=by, budget=None, align_shared=True
+            program,
+            device_groups(stages, p),
+            dims=dims,
+            tp=tp,
+            by=by,
+            budget=None,
+            align_shared=True,
         )
-        split = {v: sl.dim for sl in layout.slots if sl.dim is not None for v in sl.values}
+        split = layout.split
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
         consts = dict(program.consts)
         fns = tuple(
             _apply_fn(program, st, io, consts, tensor, split)
             for st, io in zip(stages, ios, strict=True)
         )
-        tp = tensor.tp if tensor is not None else 1
         aval = lambda v: jax.ShapeDtypeStruct(  # noqa: E731
             local_shape(program.avals[v].shape, split.get(v), tp), program.avals[v].dtype
         )

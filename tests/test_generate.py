@@ -305,6 +305,31 @@ def test_pp2_tp2_greedy_equals_single_device_with_caches_split_by_heads(form):
             assert groups == tp_groups, (kind, groups)
 
 
+def test_fused_qkv_cut_by_split_decodes_on_a_tensor_axis_like_separate_projections():
+    """GPT-2's attention as users write it — one ``c_attn`` matmul with a bias, its output cut
+    into q, k and v by ``jnp.split`` — at pp 2 × tp 2: 32 greedy tokens equal single-device
+    generation, and the compiled program holds exactly the collectives of the same decoder with
+    separate q/k/v projections (`passes.split_fused` cuts the fused kernel per piece, each
+    column-parallel: nothing of the fused output is gathered)."""
+    fused, plain = (dataclasses.replace(GPT, fused_qkv=f) for f in (True, False))
+    prompts, lengths = _prompts(GPT)
+    counts = []
+    for cfg in (fused, plain):
+        step, params, cache = _linen(cfg)
+        assert ("c_attn" in params["block_0"]) == cfg.fused_qkv
+        plan = autopipe.plan_generation(step, params, cache, mesh=_mesh((2, 1, 2)),
+                                        hardware=SPLIT_PAYS)  # fmt: skip
+        assert plan.split_caches == plan.state.paths
+        _, compiled = plan.lower(_decoding(plan))
+        counts.append(sorted(_collectives(compiled.as_text())))
+        if cfg.fused_qkv:
+            want, count = reference(step, params, cache, prompts, lengths, 32)
+            got = plan.generate(params, cache, prompts, lengths, max_new_tokens=32)
+            np.testing.assert_array_equal(got.tokens, want)
+            np.testing.assert_array_equal(got.lengths, count)
+    assert counts[0] == counts[1]
+
+
 def test_cache_write_strategies_run_on_shards_and_equal_the_whole_write():
     """The scatter of a KV-cache write (``vmap`` of ``dynamic_update_slice``, `decoders._write`)
     under each of its split strategies (`sharding_rules._scatter_rule`), on shards with the

@@ -13,7 +13,7 @@ import pytest
 import autopipe
 from autopipe import models
 from autopipe.passes.optimizer import choose_mode
-from autopipe.passes.param_layout import param_layout
+from autopipe.passes.param_layout import blocks, gather_values, param_layout, read_params
 from conftest import BATCH, fill, mesh
 
 # --- the standard weight-heavy model (bench/ carries the full size: D 512, hidden 2048, 8 blocks)
@@ -85,6 +85,43 @@ def test_slots_align_equal_sizes_and_pad_only_what_differs(cases):
         for d, values in enumerate(groups):
             assert sorted(layout.held(d)) == sorted(set(values))
     assert by_shape.exact_shapes
+
+
+def test_split_values_of_equal_size_share_a_flat_slot(cases):
+    """At tp 2 a (V, D) value split on D on the first stage (the embedding) and a (D, V) value
+    split on V on the last (a head, an MLP weight) are equal in size but not in shape: they
+    share one ``(tp, size / tp)`` slot, row t shard t, instead of each padding the other stage.
+    Each tensor device reads its shard of the value back (a reshape), and the whole values
+    gather back."""
+    fn, args = cases["linen_gpt"]
+    plan = autopipe.plan(fn, *args, mesh=mesh(2), num_microbatches=2)
+    prog, groups = plan.program, [st.params for st in plan.layouts]
+    emb, head = (
+        next(v for v in g if prog.avals[v].shape == shape)
+        for g, shape in zip(groups, [(64, 32), (32, 64)], strict=True)
+    )
+    dims = {emb: 1, head: 1}
+    layout = param_layout(prog, groups, dims=dims, tp=2, budget=None)
+    (flat,) = [s for s in layout.slots if not s.exact]
+    assert (flat.shape, flat.dim, flat.values) == ((2, 64 * 32 // 2), 0, (emb, head))
+    by_shape = param_layout(prog, groups, dims=dims, tp=2, by="shape", budget=None)
+    assert by_shape.device_bytes(2) - layout.device_bytes(2) == prog.nbytes(emb) // 2
+    rng = np.random.default_rng(0)
+    env = {v: rng.normal(size=prog.avals[v].shape).astype(np.float32) for g in groups for v in g}
+    rows = [blocks(layout, d, env, lead=False) for d in range(2)]
+    for d, values in enumerate(groups):
+        for t in range(2):  # tensor device t's local blocks of device d's rows
+            local = [
+                b[None] if s.dim is None else np.split(np.asarray(b), 2, axis=s.dim)[t][None]
+                for s, b in zip(layout.slots, rows[d], strict=True)
+            ]
+            got = read_params(prog, layout, d, local)
+            for v in values:
+                want = env[v] if v not in dims else np.split(env[v], 2, axis=dims[v])[t]
+                np.testing.assert_array_equal(got[v], want)
+    back = gather_values(prog, layout, lambda k: {d: rows[d][k] for d in range(2)})
+    for v, x in env.items():
+        np.testing.assert_array_equal(back[v], x)
 
 
 # --- optimizers see the leaves with their own shapes ------------------------------------------

@@ -284,12 +284,6 @@ _WHOLE = pytest.mark.xfail(
     reason="the 512 × 256 embedding stays whole at tp 4: on MEGATRON_PAYS its split's "
     "latency-bound all-gathers cost more than holding it even priced lean; 1.137 ×",
 )
-_BY_SHAPE = pytest.mark.xfail(
-    strict=True,
-    reason="the embedding's (4096, 64) shard on stage 0 and the head's (256, 1024) on stage 1 "
-    "are equal in size, but tensor-split slots align by shape and split dim, so each pads "
-    "the other stage: 1.22 ×",
-)
 
 
 @pytest.mark.slow
@@ -298,7 +292,7 @@ _BY_SHAPE = pytest.mark.xfail(
     [
         (2, 512, 2),
         pytest.param(4, 512, 2, marks=_WHOLE),
-        pytest.param(4, 4096, 2, marks=_BY_SHAPE),
+        (4, 4096, 2),  # the embedding's (4096, 64) and head's (256, 1024) shards share a slot
         (4, 4096, 1),
     ],
 )
@@ -321,6 +315,47 @@ def test_training_prices_parameter_memory_and_splits_the_embedding(tp):
     plan = _llama_plan(2, tp, vocab=4096, compile=False)
     (stage,) = plan.stages
     assert stage.device_param_bytes <= 1.02 * stage.param_bytes / tp
+
+
+def test_untied_embedding_and_head_shards_share_a_slot():
+    """pp 2 × tp 2, Llama with a 4096-token embedding and untied head, both held split: the
+    embedding's (4096, 32) shard on stage 0 and the head's (64, 2048) on stage 1 share one flat
+    slot (by shape each padded the other stage: + 0.5 MB × 3 with Adam's moments). Arguments
+    are exactly 3 × the larger device's parameters; 3 AdamW steps equal the reference, and
+    unplace gathers the shards back into whole leaves."""
+    cfg = lm.DecoderConfig(vocab=4096, seq=8, layers=2, d_model=64, heads=4, kv_heads=2)
+    model = lm.LinenLlama(dataclasses.replace(cfg, d_ff=128, dropout=0.0))
+    tokens = _tokens(8, 4096)
+    batch = (tokens, jnp.roll(tokens, -1, axis=1))
+
+    def loss_fn(params, batch):
+        logits = model.apply(params, batch[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]).mean()
+
+    params = fill(models.abstract_linen(model, tokens))
+    plan = autopipe.train(
+        loss_fn,
+        OPTIMIZER,
+        params,
+        batch,
+        mesh=mesh(2, tp=2),
+        num_microbatches=2,
+        hardware=MEGATRON_PAYS,
+    )
+    layout = plan._runtime.emitted.params
+    (flat,) = [s for s in layout.slots if not s.exact]
+    assert flat.dim == 0 and None not in flat.values
+    args = plan.compiled.memory_analysis().argument_size_in_bytes
+    held = max(s.device_param_bytes for s in plan.stages)
+    assert args - sum(x.nbytes for x in batch) == pytest.approx(3 * held, rel=1e-3)
+    state, losses = plan.init(params), []
+    for _ in range(STEPS):
+        state, loss = plan.step(state, batch)
+        losses.append(float(loss))
+    want_losses, want = reference_training(loss_fn, params, batch, 2, 1, OPTIMIZER, STEPS)
+    np.testing.assert_allclose(losses, want_losses, rtol=RTOL, atol=ATOL)
+    for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
+        np.testing.assert_allclose(a, b, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.slow
