@@ -58,6 +58,11 @@ class ParamSlot:
     exact: bool = True  # every value held has the slot's shape and split (else it is flat)
 
     @property
+    def flat_shards(self) -> bool:
+        """A flat tensor-split slot: ``(tp, size / tp)``, row t holding shard t flattened."""
+        return not self.exact and self.dim is not None
+
+    @property
     def nbytes(self) -> int:
         return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
 
@@ -316,9 +321,9 @@ def blocks(
         v = s.values[device]
         if v is None:
             x = jnp.zeros(s.shape, s.dtype)
-        elif s.exact or s.dim is None:
+        elif not s.flat_shards:
             x = jnp.asarray(env[v]).reshape(s.shape)
-        else:  # flat tensor-split: row t is shard t
+        else:
             shards = jnp.split(jnp.asarray(env[v]), layout.tp, axis=layout.split[v])
             x = jnp.stack(shards).reshape(s.shape)
         out.append(x[None] if lead else x)
@@ -396,7 +401,7 @@ def gather_values(
             if v is None or v in out:
                 continue
             block = np.asarray(held[d])
-            if not s.exact and s.dim is not None:  # flat tensor-split: row t is shard t
+            if s.flat_shards:
                 shard = layout.shard_shape(program, v)
                 block = np.concatenate([r.reshape(shard) for r in block], layout.split[v])
             out[v] = block.reshape(program.avals[v].shape)

@@ -224,7 +224,7 @@ class Actions:
             for st, io in zip(stages, ios, strict=True)
         )
         aval = lambda v: jax.ShapeDtypeStruct(  # noqa: E731
-            local_shape(program.avals[v].shape, split.get(v), tp), program.avals[v].dtype
+            layout.shard_shape(program, v), program.avals[v].dtype
         )
         batch = tuple(
             jax.ShapeDtypeStruct((mb, *program.avals[v].shape[1:]), program.avals[v].dtype)
