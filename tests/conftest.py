@@ -45,9 +45,27 @@ def microbatch_grads(grad_fn, params, batch, m: int, dp: int = 1, extra=lambda k
             rows = jax.tree.map(lambda x, k=k: x[k * mb : (k + 1) * mb], batch)
             part, g = grad_fn(params, rows, *extra(k))
             loss += float(part)
-            acc = g if acc is None else jax.tree.map(jnp.add, acc, g)
-        total = acc if total is None else jax.tree.map(jnp.add, total, acc)
+            acc = g if acc is None else tree_add(acc, g)
+        total = acc if total is None else tree_add(total, acc)
     return loss, total
+
+
+@jax.jit
+def tree_add(a, b):
+    """Leafwise a + b, compiled once per tree structure (the eager map compiles each leaf's
+    add on its own)."""
+    return jax.tree.map(jnp.add, a, b)
+
+
+def update_fn(optimizer):
+    """``(grads, state, params) -> (params, state)``: the optax update and its application,
+    compiled as one program as the pipeline's step compiles it."""
+
+    def update(grads, state, params):
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return jax.jit(update)
 
 
 def reference_training(loss_fn, params, batch, m: int, dp: int, optimizer, steps: int):
@@ -56,12 +74,12 @@ def reference_training(loss_fn, params, batch, m: int, dp: int, optimizer, steps
     optax update. Per-step losses and final parameters."""
     scale = 1.0 / (m * dp)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) * scale))
+    update = update_fn(optimizer)
     state = optimizer.init(params)
     losses = []
     for _ in range(steps):
         loss, grads = microbatch_grads(grad_fn, params, batch, m, dp)
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = update(grads, state, params)
         losses.append(loss)
     return np.array(losses), params
 

@@ -22,7 +22,7 @@ import pytest
 import autopipe
 from autopipe import library_models as lm
 from autopipe import models
-from conftest import BATCH, fill, mesh, microbatch_grads
+from conftest import BATCH, fill, mesh, microbatch_grads, update_fn
 
 CFG = lm.DecoderConfig(layers=2)  # 2 blocks keep compiles short; still ≥ 4 stages of operators
 STEPS = 3
@@ -92,23 +92,27 @@ def _step_keys():
 # --- the reference -------------------------------------------------------------------------
 
 
+@functools.cache
+def _grad_fn(loss_fn, m, dp):
+    scale = 1.0 / (m * dp)
+    return jax.jit(jax.value_and_grad(lambda p, b, *k: loss_fn(p, b, *k) * scale))
+
+
 def _microbatch_grads(loss_fn, params, batch, key, m, dp):
     """Gradient and loss of one step as the pipeline sums them (see the module docstring)."""
-    scale = 1.0 / (m * dp)
     args = lambda k: () if key is None else (jax.random.fold_in(key, k),)  # noqa: E731
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b, *k: loss_fn(p, b, *k) * scale))
-    return microbatch_grads(grad_fn, params, batch, m, dp, args)
+    return microbatch_grads(_grad_fn(loss_fn, m, dp), params, batch, m, dp, args)
 
 
 @functools.cache
 def _reference(name, m, dp):
     loss_fn, params, batch, keyed = _task(name)
+    update = update_fn(OPTIMIZER)
     state = OPTIMIZER.init(params)
     losses = []
     for key in _step_keys():
         loss, grads = _microbatch_grads(loss_fn, params, batch, key if keyed else None, m, dp)
-        updates, state = OPTIMIZER.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = update(grads, state, params)
         losses.append(loss)
     return np.array(losses), params
 

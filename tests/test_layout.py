@@ -14,7 +14,7 @@ import autopipe
 from autopipe import models
 from autopipe.passes.optimizer import choose_mode
 from autopipe.passes.param_layout import blocks, gather_values, param_layout, read_params
-from conftest import BATCH, fill, mesh
+from conftest import BATCH, fill, mesh, reference_training
 
 # --- the standard weight-heavy model (bench/ carries the full size: D 512, hidden 2048, 8 blocks)
 
@@ -173,24 +173,6 @@ def _mlp_task():
     return loss_fn, fill(models.abstract_linen(model, x)), (x, y)
 
 
-def _microbatch_reference(loss_fn, optimizer, params, batch, m: int, steps: int):
-    """One device, the microbatches' gradients accumulated in order (what the pipeline sums)."""
-    grad_fn = jax.jit(jax.value_and_grad(loss_fn))
-    state, losses = optimizer.init(params), []
-    for _ in range(steps):
-        total, grads = 0.0, None
-        for j in range(m):
-            mb = jax.tree.map(lambda x, j=j: x[j * (BATCH // m) : (j + 1) * (BATCH // m)], batch)
-            loss, g = grad_fn(params, mb)
-            g = jax.tree.map(lambda a: a / m, g)
-            grads = g if grads is None else jax.tree.map(jnp.add, grads, g)
-            total += float(loss) / m
-        updates, state = optimizer.update(grads, state, params)
-        params = optax.apply_updates(params, updates)
-        losses.append(total)
-    return np.array(losses), params
-
-
 @pytest.mark.parametrize(
     "optimizer",
     [optax.lamb(1e-2), optax.adamw(1e-2, eps=1e-6, weight_decay=0.1, mask=NDIM_MASK)],
@@ -208,7 +190,7 @@ def test_per_leaf_optimizers_train_exactly(optimizer):
     for _ in range(3):
         state, loss = plan.step(state, batch)
         losses.append(float(loss))
-    want_losses, want = _microbatch_reference(loss_fn, optimizer, params, batch, 4, 3)
+    want_losses, want = reference_training(loss_fn, params, batch, 4, 1, optimizer, 3)
     np.testing.assert_allclose(losses, want_losses, rtol=1e-5)
     for a, b in zip(jax.tree.leaves(plan.unplace(state)), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

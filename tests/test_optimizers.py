@@ -19,7 +19,7 @@ import pytest
 
 import autopipe
 from autopipe import models
-from conftest import BATCH, fill, mesh
+from conftest import BATCH, fill, mesh, reference_training
 
 M, STEPS = 4, 3
 
@@ -73,20 +73,7 @@ def _task():
 
 
 def _reference(optimizer):
-    loss_fn, params, batch = _task()
-    mb = BATCH // M
-    grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / M))
-    state, losses = optimizer.init(params), []
-    for _ in range(STEPS):
-        total, loss = None, 0.0
-        for j in range(M):
-            value, g = grad_fn(params, jax.tree.map(lambda x, j=j: x[j * mb : (j + 1) * mb], batch))
-            loss += float(value)
-            total = g if total is None else jax.tree.map(jnp.add, total, g)
-        updates, state = optimizer.update(total, state, params)
-        params = optax.apply_updates(params, updates)
-        losses.append(loss)
-    return np.array(losses), params
+    return reference_training(*_task(), M, 1, optimizer, STEPS)
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from flax import nnx
 import autopipe
 from autopipe import library_models as lm
 from autopipe import models
-from conftest import GPT, fill, mesh, microbatch_grads
+from conftest import GPT, fill, mesh, microbatch_grads, update_fn
 
 CFG = lm.DecoderConfig(layers=2)  # two blocks: enough for 4 stages, quicker to compile
 BATCH = 16
@@ -146,15 +146,14 @@ def _reference(style: str, opt: str, m: int, dp: int = 1):
     loss_fn, params, batch = _task(style)
     optimizer = OPTIMIZERS[opt]
     grad_fn = jax.jit(jax.value_and_grad(lambda p, b: loss_fn(p, b) / (m * dp)))
-    update = jax.jit(optimizer.update)
+    update = update_fn(optimizer)
     state = optimizer.init(params)
     losses = []
     for _ in range(STEPS):
         loss, total = microbatch_grads(grad_fn, params, batch, m, dp)
         if opt == "clip_adamw":
             assert float(optax.tree.norm(total)) > CLIP_NORM  # the clip is active
-        updates, state = update(total, state, params)
-        params = optax.apply_updates(params, updates)
+        params, state = update(total, state, params)
         losses.append(loss)
     return np.array(losses), params
 
