@@ -84,7 +84,7 @@ def split_activations(front: Front, sh: LayerShardings):
     if sh.tp == 1:
         return front.costs
     prog, c = front.program, front.costs
-    acts = []
+    acts, saved = [], []
     for k, i in enumerate(front.split.pipeline):
         s = sh.op_strategies.get(i)
         outs = s.outs if s is not None else (None,) * len(prog.ops[i].outvars)
@@ -94,7 +94,8 @@ def split_activations(front: Front, sh: LayerShardings):
             for v, d in zip(prog.ops[i].outvars, outs, strict=True)
         )
         acts.append(int(c.act_bytes[k] * held / whole))
-    return dataclasses.replace(c, act_bytes=tuple(acts))
+        saved.append(c.saved_bytes[k] * held / whole)
+    return dataclasses.replace(c, act_bytes=tuple(acts), saved_bytes=tuple(saved))
 
 
 def tensor_layer_time(

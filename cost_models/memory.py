@@ -269,6 +269,26 @@ def _sub_jaxprs(params: dict) -> list[Any]:
     return found
 
 
+# The outputs a training stage's VJP keeps per microbatch: the stage runs under
+# `jax.checkpoint_policies.dots_saveable` (`passes.train_actions`), so matmul and convolution
+# results are residuals and everything else is recomputed in the backward.
+SAVED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated", "scaled_matmul_wrapper"})
+
+
+def saved_bytes(primitive: str, params: dict, avals_out: Sequence[Any]) -> float:
+    """Residual bytes one operator leaves for its backward (`SAVED_PRIMITIVES`' outputs),
+    through calls, a scan's iterations (× length) and a cond's largest branch."""
+    if primitive in SAVED_PRIMITIVES:
+        return float(sum(nbytes(a) for a in avals_out))
+    per = [
+        sum(saved_bytes(e.primitive.name, e.params, [v.aval for v in e.outvars]) for e in j.eqns)
+        for j in _sub_jaxprs(params)
+    ]
+    if primitive == "cond":
+        return max(per, default=0.0)
+    return sum(per) * (params["length"] if primitive == "scan" else 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Body:
     whole: frozenset[int]  # positions of the inputs that a library call inside reads whole

@@ -30,18 +30,20 @@ class OperatorFacts(Protocol):
     cut_bytes: tuple[int, ...]
     reads: tuple[frozenset[int], ...]
     act_bytes: tuple[int, ...]
+    saved_bytes: tuple[float, ...]
     working: memory.WorkingSet
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SegmentBytes:
     """Per candidate stage [i, j) of layers (arrays indexed [i, j], i < j): parameter bytes,
-    the largest live-values footprint inside it, and the bytes of all values it makes."""
+    the largest live-values footprint inside it, the residual bytes its backward reads and
+    the bytes it receives."""
 
     params: np.ndarray
     peak: np.ndarray
-    made: np.ndarray
     inputs: np.ndarray  # bytes received at its first layer
+    saved: np.ndarray  # residual bytes its backward reads (`memory.saved_bytes`)
 
 
 def segment_bytes(
@@ -78,11 +80,11 @@ def segment_bytes(
     peak = np.zeros((n + 1, n + 1))
     for i in range(n):
         peak[i, i + 1 :] = np.maximum.accumulate(layer_peak[i:])
-    made = np.concatenate([[0.0], np.cumsum([sum(costs.act_bytes[a:b]) for a, b in pairs])])
-    made = (made[None, :] - made[:, None]) * upper
+    total = np.concatenate([[0.0], np.cumsum([sum(costs.saved_bytes[a:b]) for a, b in pairs])])
+    saved = (total[None, :] - total[:, None]) * upper
     cut_in = np.array([0.0, *(costs.cut_bytes[layers[i]] for i in range(1, n + 1))])
     inputs = cut_in[:, None] * upper
-    return SegmentBytes(params=params, peak=peak, made=made, inputs=inputs)
+    return SegmentBytes(params=params, peak=peak, inputs=inputs, saved=saved)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -141,12 +143,14 @@ def training_segment_memory(
     """mem[i, j] = per-device bytes of a training stage of layers [i, j) from its
     `segment_bytes`: parameters × (1 + gradient + ``optimizer_factor`` optimizer-state bytes
     per parameter byte), the residuals of the ``in_flight`` microbatches its schedule keeps
-    (under remat only the stage inputs and the residuals of the one microbatch being
-    recomputed), and twice the live peak (forward and backward working sets). Tensor shards
-    enter through the segments' ``param_scale`` (gradients and optimizer state are split
-    alike). ``rows_scale``: microbatch rows relative to the traced program's (activations
-    scale, parameters do not)."""
-    residuals = seg.inputs + seg.made if remat else seg.made * in_flight
+    (the stage input and its matmul/convolution results, `memory.saved_bytes`; under remat
+    only their stage inputs, and those results of the one microbatch being recomputed), and twice
+    the live peak (forward and backward working sets). Tensor shards enter through the
+    segments' ``param_scale`` (gradients and optimizer state are split alike).
+    ``rows_scale``: microbatch rows relative to the traced program's (activations scale,
+    parameters do not)."""
+    kept = seg.inputs if remat else seg.inputs + seg.saved
+    residuals = kept * in_flight + (seg.saved if remat else 0.0)
     acts = rows_scale * (residuals + 2 * seg.peak)
     return _only_stages(seg.params * (2 + optimizer_factor) + acts)
 

@@ -28,6 +28,7 @@ class OperatorCosts:
     cut_bytes: tuple[int, ...]
     reads: tuple[frozenset[int], ...]  # placed parameter values each operator reads
     act_bytes: tuple[int, ...]  # output bytes per operator
+    saved_bytes: tuple[float, ...]  # residual bytes per operator (`memory.saved_bytes`)
     narrow_cuts: tuple[int, ...]  # cuts where one value is live (e.g. between blocks)
     unruled: tuple[str, ...]
     working: memory.WorkingSet  # materialised bytes live at each operator (XLA's fusion)
@@ -55,10 +56,19 @@ def operator_costs(program: Program, split: Split, hw: Hardware) -> OperatorCost
         act_bytes=tuple(
             sum(program.nbytes(v) for v in program.ops[i].outvars) for i in split.pipeline
         ),
+        saved_bytes=tuple(_saved(program.ops[i]) for i in split.pipeline),
         unruled=tuple(unruled),
         narrow_cuts=tuple(k for k in range(1, len(times)) if len(live[k]) == 1),
         working=working_set(program, split),
     )
+
+
+def _saved(op) -> float:
+    if op.kind == "eqn":
+        return memory.saved_bytes(op.primitive, op.eqn.params, [v.aval for v in op.eqn.outvars])
+    if op.kind == "scan_step":  # one iteration of the body
+        return memory.saved_bytes("closed_call", {"jaxpr": op.eqn.params["jaxpr"]}, ())
+    return 0.0
 
 
 def working_set(program: Program, split: Split) -> memory.WorkingSet:

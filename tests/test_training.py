@@ -327,6 +327,35 @@ def test_1f1b_keeps_p_residual_sets_where_gpipe_keeps_m():
     assert temp["1f1b"] < temp["gpipe"]
 
 
+@pytest.mark.parametrize(("name", "pp"), [("scanned_gpt", 2), ("cnn", 4)])
+def test_memory_model_counts_the_residuals_each_stage_keeps(cases, name, pp):
+    """The residuals a stage writes per microbatch (its VJP under `dots_saveable`: matmul and
+    convolution results and the stage input) are at most what the training memory model
+    charges (`memory.saved_bytes` + the bytes received; a first stage also keeps its batch
+    rows), and at least half of it (a result its backward never reads is charged too)."""
+    fn, (params, x) = cases[name]
+
+    def loss_fn(p, b):
+        return jnp.mean(fn(p, b).astype(jnp.float32) ** 2)
+
+    plan = autopipe.train(
+        loss_fn, OPTIMIZER, params, x, mesh=mesh(pp), num_microbatches=2, remat=False
+    )
+    chunks = plan._runtime.emitted.residual_chunks
+    kept = [
+        sum(q.size * np.dtype(chunks.chunks[q.chunk][0]).itemsize for q in pieces)
+        for pieces in chunks.pieces
+    ]
+    lowered = autopipe.trace(loss_fn, params, x).lower(mesh(pp), num_microbatches=2, training=True)
+    costs = lowered.costs
+    charged = []
+    for s, (st, got) in enumerate(zip(plan.stages, kept, strict=True)):
+        a, b = st.operators
+        charged.append((costs.cut_bytes[a] if s else 0) + sum(costs.saved_bytes[a:b]))
+        assert got <= charged[-1] + x.nbytes // 2, (name, pp, s, got, charged[-1])
+    assert sum(charged) <= 2 * sum(kept), (name, pp, kept, charged)
+
+
 def test_residual_chunks_hold_every_stage_without_overlap():
     """`plan_chunks` against hand-checkable cases and the flat layout's size (the reference:
     one vector per dtype as long as the widest stage's residuals)."""
