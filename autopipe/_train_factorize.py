@@ -18,8 +18,10 @@ estimate is a refined one, the best is priced again from a trace at its own micr
 (its schedule's lock-step timeline, reusing that trace); if the exact plan refuses it, the
 next. ``plan.factorizations`` holds the estimates (the refined ones where refined).
 
-``num_microbatches=None``: the default count (`_front.default_microbatches`) or, where that
-does not fit in memory, the next larger divisor of the replica's rows that does. A layout that
+``num_microbatches=None``: from the default count (`_front.default_microbatches`) up through
+the divisors of the replica's rows, the fastest estimate that fits in memory (counts are tried
+while the estimate improves, each at least 1.5 × the last tried: more microbatches shrink the
+bubble until their fixed costs dominate, and need less memory). A layout that
 nothing fits is priced ``inf``; if every one is refused, the first refusal is raised.
 """
 
@@ -192,21 +194,27 @@ class _Search:
         return out
 
     def price(self, pp: int, dp: int, tp: int) -> Factorization:
-        """The layout's estimate at the default microbatch count, or the next larger that fits."""
+        """The layout's fastest fitting estimate from the default microbatch count up."""
         rows = self.batch // dp
         asked = self.lower.get("num_microbatches")
         if asked is not None and rows % asked:
             return _priced(pp, dp, tp, 0, math.inf, math.inf)
         first = asked or default_microbatches(rows, pp)
         counts = [first] if asked else [d for d in range(first, rows + 1) if rows % d == 0]
+        best, last = _priced(pp, dp, tp, 0, math.inf, math.inf), 0
         for m in counts:
+            if m < 1.5 * last:
+                continue
+            last = m
             try:
                 step, mem = self._estimate(pp, dp, tp, m, self.base)
             except (PlanInfeasible, ValueError) as e:
                 self.refusals.append(e)
                 continue
-            return _priced(pp, dp, tp, m, step, mem)
-        return _priced(pp, dp, tp, 0, math.inf, math.inf)
+            if step >= best.step_time:
+                break
+            best = _priced(pp, dp, tp, m, step, mem)
+        return best
 
     def _estimate(self, pp: int, dp: int, tp: int, m: int, traced: Front) -> tuple[float, float]:
         """(step seconds, largest bytes per device) of the layout, priced from ``traced`` with

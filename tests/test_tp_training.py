@@ -401,16 +401,16 @@ def test_layout_search_for_training_plans_many_devices_from_shapes():
     assert steps == sorted(steps) and np.isfinite(steps[0])
 
     # pp 2 × tp 4 at its default (4 microbatches of 2 rows) and at 8 microbatches of 1 row:
-    # under a limit between the two (and no remat to fit it otherwise), the search takes 8
+    # under a limit between their memories (and no remat to fit it otherwise), it takes 8
     def layout(**options):
         p = autopipe.train(
             loss_fn, OPTIMIZER, *shapes, mesh=8, compile=False, remat=False, **options
         )
         return next(f for f in p.factorizations if (f.pp, f.dp, f.tp) == (2, 1, 4)), p
 
-    default, _ = layout()
+    assert default_microbatches(8, 2) == 4
+    default, _ = layout(num_microbatches=4)
     finer, _ = layout(num_microbatches=8)
-    assert default.num_microbatches == default_microbatches(8, 2) == 4
     assert finer.memory < default.memory
     limit = (finer.memory + default.memory) / 2
     chosen, tight = layout(memory_limit=limit)
