@@ -1,8 +1,8 @@
 """The actions of a training table, per stage: F (forward under ``jax.vjp``, its matmul and
 convolution results written into their residual slots in place, the rest recomputed by B), B
 (input gradient, and the weight gradient unless W is split off) and W (weight gradient from the
-stored cotangent). See `passes.emit_train` for how a tick runs
-them; parameters are read from the device's rows of the slots of a `ParamLayout`.
+stored cotangent). See `passes.emit_train` for how a tick runs them; parameters are read from
+the device's rows of the slots of a `ParamLayout`.
 
 With a tensor axis every operator of a stage runs its planned strategy on this device's shards
 (`passes.tensor_local.LocalEnv` with ``conjugate=True``), inside ``jax.vjp``: tensor-split
