@@ -98,6 +98,7 @@ def _problem(
     opt_factor,
     remat,
     rows_scale: float = 1.0,
+    deferred: float = 0.0,
 ) -> StageProblem:
     """Stage time = forward + backward (+ a recomputed forward under remat); memory: the
     training memory model (`training_segment_memory`). With a tensor axis (``sh.tp > 1``) a
@@ -109,7 +110,12 @@ def _problem(
     layout from one trace): compute, activations and transfers scale with it."""
     c, hw, r = front.costs, front.hardware, rows_scale
     mem = training_segment_memory(
-        seg, optimizer_factor=opt_factor, in_flight=in_flight, remat=remat, rows_scale=r
+        seg,
+        optimizer_factor=opt_factor,
+        in_flight=in_flight,
+        remat=remat,
+        rows_scale=r,
+        deferred=deferred,
     )
     scale = training_stage_scale(remat)
     cut = tuple(2 * transfer_time(r * c.cut_bytes[k], hw) for k in layers[1:-1])
@@ -268,6 +274,7 @@ def search_training(
         in_flight=in_flight,
         opt_factor=opt_factor,
         remat=remat,
+        deferred=max(sched.deferred()) / v,
     )
     op_bounds = tuple(layers[b] for b in bounds)
     layouts = list(
@@ -324,6 +331,7 @@ def solve_training(
     opt_factor: float,
     remat: bool | None,
     rows_scale: float = 1.0,
+    deferred: float = 0.0,
 ):
     """The stage DP on the training problem (`_problem`; both remat choices when ``remat``
     is None): (boundaries, stage times, stage memory, remat per stage)."""
@@ -338,6 +346,7 @@ def solve_training(
             opt_factor=opt_factor,
             remat=r,
             rows_scale=rows_scale,
+            deferred=deferred,
         )
         for r in ([remat] if remat is not None else [False, True])
     }

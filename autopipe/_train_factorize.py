@@ -254,6 +254,7 @@ class _Search:
             opt_factor=self.opt_factor / zero,
             remat=remat,
             rows_scale=rows_scale,
+            deferred=schedules.peak_deferred(kind, pp, m, v) / v,
         )
         per_device = [sum(times[d::pp]) for d in range(pp)]
         step = (m + (pp - 1) / v) * max(per_device) + self._grad_sum(front, seg, bounds)

@@ -139,6 +139,7 @@ def training_segment_memory(
     in_flight: float,
     remat: bool,
     rows_scale: float = 1.0,
+    deferred: float = 0.0,
 ) -> np.ndarray:
     """mem[i, j] = per-device bytes of a training stage of layers [i, j) from its
     `segment_bytes`: parameters × (1 + gradient + ``optimizer_factor`` optimizer-state bytes
@@ -148,9 +149,10 @@ def training_segment_memory(
     the live peak (forward and backward working sets). Tensor shards enter through the
     segments' ``param_scale`` (gradients and optimizer state are split alike).
     ``rows_scale``: microbatch rows relative to the traced program's (activations scale,
-    parameters do not)."""
+    parameters do not). ``deferred``: microbatches whose W waits (`Schedule.deferred`), each
+    keeping the cotangents of its tapped matmul results, counted as its matmul results."""
     kept = seg.inputs if remat else seg.inputs + seg.saved
-    residuals = kept * in_flight + (seg.saved if remat else 0.0)
+    residuals = kept * in_flight + (seg.saved if remat else 0.0) + deferred * seg.saved
     acts = rows_scale * (residuals + 2 * seg.peak)
     return _only_stages(seg.params * (2 + optimizer_factor) + acts)
 

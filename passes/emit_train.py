@@ -30,11 +30,13 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
      rematerialises) into their residual slot in place, and sets the activation to send (or
      adds the microbatch loss);
   3. the device's backward action runs the same way, one loop per action: ``B`` (rebuild the
-     VJP from the residual slot and pull the cotangent back; with ``W`` split off, only the
-     input gradient is computed and XLA drops the weight-gradient half) or ``W`` (weight
-     gradient from the same residuals and the stored cotangent). It adds its parameter
-     gradients into its own rows of the gradient sums in place, and sets the gradient to send
-     (or stores the cotangent for W). A tick without a backward touches no gradient buffer;
+     VJP from the residual slot and pull the cotangent back) or, with ``W`` split off
+     (`passes.split_backward`), ``B`` (the input gradient and the cheap weight gradients,
+     storing the cotangents of the matmuls that read parameters) and ``W`` (those matmuls'
+     weight gradients from the same residuals and the stored cotangents: no second pass back
+     through the stage). It adds its parameter gradients into its own rows of the gradient
+     sums in place, and sets the gradient to send. A tick without a backward touches no
+     gradient buffer;
   4. one ``ppermute`` per direction and dtype runs unconditionally.
 After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
 copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
@@ -143,9 +145,8 @@ def emit_train(
     leaves = [program.avals[v] for v in program.param_invars]
     by = "size" if shape_free(optimizer, leaves) else "shape"
     tensor = _tensor_plan(tensor_axis, tp, strategies, whole)
-    acts = Actions.build(
-        program, stages, p, mb, remat, loss_scale, by=by, tensor=tensor, dims=dims, mesh=mesh
-    )
+    opts = dict(by=by, tensor=tensor, dims=dims, mesh=mesh, split_backward=schedule.split_backward)
+    acts = Actions.build(program, stages, p, mb, remat, loss_scale, **opts)
     buffers = acts.params.avals(mesh, axis, tensor_axis)
     shared = check_aligned(acts.params)
     zero_axis = data_axis if zero_stage else None
@@ -270,7 +271,9 @@ def _initial_carry(acts: Actions, n: dict[str, int]) -> tuple:
         loss=jnp.zeros((), jnp.float32),
         send_f=_zeros(b),
     )
-    back = BackwardState(send_b=_zeros(g), cots=_zeros(g, n["cot"]), grads=acts.zero_grads())
+    back = BackwardState(
+        send_b=_zeros(g), cots=_zeros(acts.cot_sizes, n["cot"]), grads=acts.zero_grads()
+    )
     return _zeros(b), _zeros(g), _zeros(b, n["act"]), _zeros(g, n["grad"]), state, back
 
 

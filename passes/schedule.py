@@ -108,6 +108,19 @@ class Schedule:
             peak.append(best)
         return peak
 
+    def deferred(self) -> list[int]:
+        """Per device: the most microbatches whose W waits at once (B run, W not yet), whose
+        tapped results' cotangents it keeps (`passes.split_backward`); 0 without W."""
+        peak = []
+        for d in range(self.num_devices):
+            live = best = 0
+            for row in self.table:
+                for a in actions(row[d]):
+                    live += {"B": 1, "W": -1}.get(a.kind, 0) if self.split_backward else 0
+                    best = max(best, live)
+            peak.append(best)
+        return peak
+
 
 _UNIT = {"F": 1.0, "B": 1.0, "W": 1.0}
 
@@ -467,6 +480,13 @@ def peak_in_flight(kind: str, p: int, m: int, v: int = 1) -> int:
     if kind == "interleaved_1f1b":
         return v * p if m <= p else (v + 1) * p - 1
     raise ValueError(f"schedule={kind!r} is not a training schedule.")
+
+
+def peak_deferred(kind: str, p: int, m: int, v: int = 1) -> int:
+    """``max(make(kind, p, m, v).deferred())`` without building the table: zb_h1 runs each
+    W at most one backward after its B (tests/test_schedules.py proves it on the tables)."""
+    peak_in_flight(kind, p, m, v)  # checks the kind
+    return 1 if kind == "zb_h1" else 0
 
 
 def make(kind: str, p: int, m: int, v: int = 1) -> Schedule:

@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from autopipe._compat import bind_eqn
-from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops
+from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops, read_atom
 from autopipe.passes.sharding import replicated
 from autopipe.passes.sharding_rules import Dim, Strategy
 
@@ -279,6 +279,7 @@ class LocalEnv:
     env: dict[int, Any]
     held: dict[int, Dim]
     cache: dict[tuple[int, Dim], Any] = dataclasses.field(default_factory=dict)
+    hook: Any = None  # a `split_backward.Hook`: applied to each operator's inputs and results
 
     def get(self, a: Atom, dim: Dim) -> Any:
         if isinstance(a, Lit):
@@ -314,9 +315,13 @@ class LocalEnv:
                 for a, d, x in zip(op.invars, s.ins, args, strict=True)
             ]
         shapes = [tuple(program.avals[v].shape) for v in op.outvars]
+        if self.hook is not None:
+            args = self.hook.args(i, op.invars, args)
         outs = run_local(
             op, s, args, shapes, self.plan.axis, self.plan.tp, conjugate=self.plan.conjugate
         )
+        if self.hook is not None:
+            outs = self.hook.outs(i, outs)
         for v, y, d in zip(op.outvars, outs, s.outs, strict=True):
             self.env[v], self.held[v] = y, d
             if v in self.plan.whole and d is not None:
@@ -324,15 +329,27 @@ class LocalEnv:
 
 
 def eval_stage(
-    program: Program, ops: Sequence[int], env: dict, tensor: TensorPlan | None, split: Mapping
+    program: Program,
+    ops: Sequence[int],
+    env: dict,
+    tensor: TensorPlan | None,
+    split: Mapping,
+    hook: Any = None,
 ) -> Callable[[int], Any]:
     """Evaluates ``program.ops[i]`` for ``i`` in ``ops`` on ``env``: whole, or without a tensor
     plan, or each under its planned strategy on this device's shards (values of ``env`` held
-    split as ``split`` says: value → dim). Returns how to read a value whole."""
-    if tensor is None:
+    split as ``split`` says: value → dim). ``hook`` (a `split_backward.Hook`) wraps each
+    operator's inputs and results. Returns how to read a value whole."""
+    if tensor is None and hook is None:
         eval_ops(program, ops, env)
         return env.__getitem__
-    local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
+    if tensor is None:
+        for i in ops:
+            op = program.ops[i]
+            args = hook.args(i, op.invars, [read_atom(env, a) for a in op.invars])
+            env.update(zip(op.outvars, hook.outs(i, apply_op(op, args)), strict=True))
+        return env.__getitem__
+    local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env}, hook=hook)
     for i in ops:
         local.run(program, i)
     return lambda v: local.get(v, None)

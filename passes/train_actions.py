@@ -1,8 +1,9 @@
 """The actions of a training table, per stage: F (forward under ``jax.vjp``, its matmul and
 convolution results written into their residual slots in place, the rest recomputed by B), B
-(input gradient, and the weight gradient unless W is split off) and W (weight gradient from the
-stored cotangent). See `passes.emit_train` for how a tick runs them; parameters are read from
-the device's rows of the slots of a `ParamLayout`.
+(input gradient, and the weight gradient unless W is split off) and W (the weight gradients of
+the matmuls that read parameters, from the cotangents B stored: `passes.split_backward`). See
+`passes.emit_train` for how a tick runs them; parameters are read from the device's rows of the
+slots of a `ParamLayout`.
 
 With a tensor axis every operator of a stage runs its planned strategy on this device's shards
 (`passes.tensor_local.LocalEnv` with ``conjugate=True``), inside ``jax.vjp``: tensor-split
@@ -35,7 +36,18 @@ from autopipe.passes.param_layout import (
     read_params,
     unpack_flat,
 )
-from autopipe.passes.residuals import ResidualChunks, plan_chunks
+from autopipe.passes.residuals import ResidualChunks, plan_chunks, saving
+from autopipe.passes.split_backward import (
+    Hook,
+    Mode,
+    WeightUses,
+    pack_list,
+    tap_avals,
+    tap_sizes,
+    unpack_list,
+    w_treedef,
+    weight_uses,
+)
 from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_shape
 
 
@@ -94,24 +106,30 @@ def _apply_fn(
     consts: dict,
     tensor: TensorPlan | None = None,
     split: Mapping[int, int] | None = None,
+    uses: WeightUses | None = None,
+    mode: Mode = "B",
 ) -> Callable:
-    """``apply(params, recv, fixed, xs) -> (outputs, aux)``: the stage, differentiable in its
-    first two arguments (`jax.vjp` with ``has_aux``). With a tensor axis (``tensor``, conjugate)
-    every operator runs its planned strategy on this device's shards (`passes.tensor_local`):
-    parameters in ``split`` (value → dim) arrive as shards, everything else whole, and the
-    values leaving the stage are made whole."""
-    batch_in = [*(v for v in program.invars if v in program.batch_dependent)]
-    batch_in += program.input_invars  # as this microbatch sees them (`passes.inputs`)
+    """``apply(params, recv, fixed, xs, probes) -> (outputs, aux)``: the stage,
+    differentiable in its first two arguments and ``probes`` (`jax.vjp` with ``has_aux``).
+    With a tensor axis (``tensor``, conjugate) every operator runs its planned strategy on
+    this device's shards (`passes.tensor_local`): parameters in ``split`` (value → dim) arrive
+    as shards, everything else whole, and the values leaving the stage are made whole.
+    With ``uses`` the backward is split as ``mode``'s action needs (`passes.split_backward`):
+    the tapped results follow the outputs (as this device holds them), ``probes`` one zero
+    per tapped result (None: no tapping, to learn their shapes)."""
+    batch_in = batch_values(program)
     split = split or {}
 
-    def apply(param_vals, recv_vals, fixed_vals, xs):
+    def apply(param_vals, recv_vals, fixed_vals, xs, probes=()):
         env = dict(consts)
         env.update(zip(io.params, param_vals, strict=True))
         env.update(zip(io.recv, recv_vals, strict=True))
         env.update(zip(io.fixed, fixed_vals, strict=True))
         env.update(zip(batch_in, xs, strict=True))
-        whole = eval_stage(program, layout.ops, env, tensor, split)
-        return tuple(whole(v) for v in io.outputs), tuple(whole(v) for v in io.aux)
+        hook = None if uses is None else Hook(uses=uses, mode=mode, probes=probes)
+        whole = eval_stage(program, layout.ops, env, tensor, split, hook)
+        taps = tuple(hook.taps) if hook is not None else ()
+        return tuple(whole(v) for v in io.outputs) + taps, tuple(whole(v) for v in io.aux)
 
     return apply
 
@@ -126,29 +144,10 @@ class _Residuals:
     stored: tuple[jax.ShapeDtypeStruct, ...]  # the stored leaves, in order
 
 
-def _saving(fn: Callable, fixed: Sequence[Any], xs: Sequence[Any]) -> Callable:
-    """``(pv, rv) -> fn(pv, rv, fixed, xs)`` whose VJP keeps only its matmul and convolution
-    results (and its inputs) as residuals and recomputes the rest in the backward
-    (`memory.SAVED_PRIMITIVES`): on a GPT block a quarter of what plain ``jax.vjp`` keeps,
-    which every F writes into the residual slots and every B reads back. A PRNG key among
-    ``fixed`` or ``xs`` (a dropout key the recomputation needs) is kept as its raw data."""
-    raw = [tuple(map(_key_data, vals)) for vals in (fixed, xs)]
-
-    def f(pv, rv):
-        return fn(pv, rv, *(tuple(_typed(*k) for k in vals) for vals in raw))
-
-    return jax.checkpoint(f, policy=jax.checkpoint_policies.dots_saveable)
-
-
-def _key_data(x: Any) -> tuple[Any, Any]:
-    """(x, None), or (its raw data, its PRNG implementation) for a typed key array."""
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-        return jax.random.key_data(x), jax.random.key_impl(x)
-    return x, None
-
-
-def _typed(x: Any, impl: Any) -> Any:
-    return x if impl is None else jax.random.wrap_key_data(x, impl=impl)
+def batch_values(program: Program) -> list[int]:
+    """The values a stage reads per microbatch: batch leaves, then the inputs as this
+    microbatch sees them (`passes.inputs`)."""
+    return [*(v for v in program.invars if v in program.batch_dependent), *program.input_invars]
 
 
 def _residual_spec(
@@ -160,14 +159,14 @@ def _residual_spec(
     collectives), ``args`` being one device's local shapes."""
     found = {}
 
-    def probe(param_vals, recv_vals, fixed_vals, xs):
+    def probe(param_vals, recv_vals, fixed_vals, xs, probes):
         if remat:  # the stage input: its float values and the received int/bool ones
             got = (*recv_vals, *fixed_vals[len(fixed_vals) - n_fixed_recv :])
             leaves, treedef = jax.tree.flatten(got)
             found["spec"] = (treedef, [-1] * len(leaves))
             return leaves
-        f = _saving(fn, fixed_vals, xs)
-        _, vjp_fn, _ = jax.vjp(f, param_vals, recv_vals, has_aux=True)
+        f = saving(fn, fixed_vals, xs)
+        _, vjp_fn, _ = jax.vjp(f, param_vals, recv_vals, probes, has_aux=True)
         leaves, treedef = jax.tree.flatten(vjp_fn)
         index = [next((i for i, q in enumerate(param_vals) if q is x), -1) for x in leaves]
         found["spec"] = (treedef, index)
@@ -185,6 +184,23 @@ def _residual_spec(
     stored = jax.eval_shape(probe, *args)
     treedef, index = found["spec"]
     return _Residuals(treedef=treedef, param_index=tuple(index), stored=tuple(stored))
+
+
+def _stage_fns(program, stages, ios, tensor, split, uses) -> tuple[tuple, tuple]:
+    """Every stage's `_apply_fn` as B differentiates it, and as W does."""
+    consts = dict(program.consts)
+    return tuple(
+        tuple(
+            _apply_fn(program, st, io, consts, tensor, split, u, mode)
+            for st, io, u in zip(stages, ios, uses, strict=True)
+        )
+        for mode in ("B", "W")
+    )
+
+
+def _weight_uses(program: Program, layout: StageLayout, io: _StageIO) -> WeightUses:
+    acts = (*io.recv, *io.fixed_recv, *batch_values(program))
+    return weight_uses(program, layout.ops, io.params, acts, (*io.outputs, *io.aux))
 
 
 class ForwardState(NamedTuple):
@@ -213,6 +229,7 @@ class Actions:
     stages: tuple[StageLayout, ...]
     ios: tuple[_StageIO, ...]
     fns: tuple[Callable, ...]
+    fns_w: tuple[Callable, ...]  # the same, differentiated as W (with W split off)
     specs: tuple[_Residuals, ...]
     chunks: ResidualChunks
     params: ParamLayout  # the slots of every device's stages (by size or by shape)
@@ -221,15 +238,32 @@ class Actions:
     remat: tuple[bool, ...]
     seed: float
     tp: int = 1  # tensor-split slots hold 1/tp of their shape on each device
+    # with W split off (`passes.split_backward`), per stage:
+    uses: tuple[WeightUses, ...] = ()
+    w_treedefs: tuple[Any, ...] = ()  # the VJP's structure as W differentiates
+    taps: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # the tapped results' avals
+    cot_sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # B → W, per dtype
 
     @classmethod
     def build(
-        cls, program, stages, p, mb, remat, seed, by="shape", tensor=None, dims=None, mesh=None
+        cls,
+        program,
+        stages,
+        p,
+        mb,
+        remat,
+        seed,
+        by="shape",
+        tensor=None,
+        dims=None,
+        mesh=None,
+        split_backward=False,
     ) -> Actions:
         """``by``: how parameters align into slots (`passes.param_layout`): by shape, or by
         size where the optimizer does not read shapes (`optimizer_exact.shape_free`).
         ``tensor`` (a conjugate `TensorPlan`), ``dims`` (value → dim split over its axis) and
-        ``mesh``: stages run their planned tensor strategies on shards."""
+        ``mesh``: stages run their planned tensor strategies on shards. ``split_backward``:
+        B and W share the backward's work (`passes.split_backward`)."""
         S = len(stages)
         dims = dict(dims or {}) if tensor is not None else {}
         tp = tensor.tp if tensor is not None else 1
@@ -244,11 +278,9 @@ class Actions:
         )
         split = layout.split
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
-        consts = dict(program.consts)
-        fns = tuple(
-            _apply_fn(program, st, io, consts, tensor, split)
-            for st, io in zip(stages, ios, strict=True)
-        )
+        uses = tuple(_weight_uses(program, st, io) for st, io in zip(stages, ios, strict=True))
+        uses = uses if split_backward else (None,) * S
+        fns, fns_w = _stage_fns(program, stages, ios, tensor, split, uses)
         aval = lambda v: jax.ShapeDtypeStruct(  # noqa: E731
             layout.shard_shape(program, v), program.avals[v].dtype
         )
@@ -257,21 +289,25 @@ class Actions:
             for v in program.invars
             if v in program.batch_dependent
         ) + tuple(map(aval, program.input_invars))
-        specs = tuple(
-            _residual_spec(
-                fns[s],
-                (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch),
-                remat[s],
-                len(io.fixed_recv),
-                mesh if tensor is not None else None,
-            )
-            for s, io in enumerate(ios)
+        mesh = mesh if tensor is not None else None
+        args = [
+            (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch) for io in ios
+        ]
+        taps = tuple(
+            tap_avals(fns[s], a, len(io.outputs), mesh) if split_backward else ()
+            for s, (io, a) in enumerate(zip(ios, args, strict=True))
         )
+        spec = lambda f, s: _residual_spec(  # noqa: E731
+            f[s], (*args[s], taps[s]), remat[s], len(ios[s].fixed_recv), mesh
+        )
+        specs = tuple(spec(fns, s) for s in range(S))
+        w_treedefs = tuple(w_treedef(specs[s], spec(fns_w, s)) for s in range(S) if uses[s])
         return cls(
             program=program,
             stages=tuple(stages),
             ios=ios,
             fns=fns,
+            fns_w=fns_w,
             specs=specs,
             chunks=plan_chunks([r.stored for r in specs]),
             params=layout,
@@ -280,6 +316,10 @@ class Actions:
             remat=tuple(remat),
             seed=seed,
             tp=tp,
+            uses=uses if split_backward else (),
+            w_treedefs=w_treedefs,
+            taps=taps,
+            cot_sizes=tap_sizes(taps),
         )
 
     def _params(self, s: int, slots: Sequence[Any]) -> dict:
@@ -321,7 +361,9 @@ class Actions:
             pv = tuple(env[v] for v in io.params)
             rv = tuple(recv_env[v] for v in io.recv)
             fv = tuple(env[v] if v in env else recv_env[v] for v in io.fixed)
-            outs, f_vjp, aux = jax.vjp(_saving(self.fns[s], fv, x.xs), pv, rv, has_aux=True)
+            f = saving(self.fns[s], fv, x.xs)
+            outs, f_vjp, aux = jax.vjp(f, pv, rv, self._probes(s), has_aux=True)
+            outs = outs[: len(io.outputs)]
             if self.remat[s]:
                 stored = [*rv, *(recv_env[v] for v in io.fixed_recv)]
             else:
@@ -355,8 +397,12 @@ class Actions:
             ress[c] = set_row(ress[c], slot, xs[0] if len(xs) == 1 else jnp.concatenate(xs))
         return tuple(ress)
 
-    def _vjp(self, s: int, env: dict, x: TickInputs, ress: tuple) -> Callable:
-        """The stage's VJP rebuilt from its residual slot (or recomputed from the saved input)."""
+    def _probes(self, s: int) -> tuple:
+        return tuple(jnp.zeros(t.shape, t.dtype) for t in self.taps[s]) if self.taps else ()
+
+    def _vjp(self, s: int, env: dict, x: TickInputs, ress: tuple, w: bool = False) -> Callable:
+        """The stage's VJP rebuilt from its residual slot (or recomputed from the saved input),
+        as B (or with ``w``, as W) differentiates it."""
         io, spec = self.ios[s], self.specs[s]
         pv = tuple(env[v] for v in io.params)
         pieces = self.chunks.pieces[s]
@@ -372,49 +418,61 @@ class Actions:
             n = len(io.recv)
             rv, got = stored[:n], dict(zip(io.fixed_recv, stored[n:], strict=True))
             fv = tuple(env[v] if v in env else got[v] for v in io.fixed)
-            return jax.vjp(_saving(self.fns[s], fv, x.xs), pv, tuple(rv), has_aux=True)[1]
+            f = saving((self.fns_w if w else self.fns)[s], fv, x.xs)
+            return jax.vjp(f, pv, tuple(rv), self._probes(s), has_aux=True)[1]
         it = iter(stored)
         leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
-        return jax.tree.unflatten(spec.treedef, leaves)
+        return jax.tree.unflatten(self.w_treedefs[s] if w else spec.treedef, leaves)
 
     def backward(self, s: int, *, weights: bool, inputs: bool) -> Callable:
-        """B (``inputs``: the input gradient, sent back; with ``weights`` too unless W is split
-        off, in which case the cotangent is stored for W) or W (``weights`` only: from the
-        stored cotangent), as an in-place action ``(state, (x, ress)) -> state``: the
+        """B (``inputs``: the input gradient, sent back; with ``weights`` the weight gradient
+        too) or, with W split off, B (``inputs`` only: the gradients of the parameters no
+        tapped operator reads, and the tapped results' cotangents stored for W) and W
+        (``weights`` only: the tapped operators' weight gradients from those cotangents; see
+        `passes.split_backward`), as an in-place action ``(state, (x, ress)) -> state``: the
         parameter gradients are added into this stage's rows of the gradient sums."""
         io, st = self.ios[s], self.stages[s]
-        S = len(self.stages)
+        S, split = len(self.stages), bool(self.uses)
+        late = split and not inputs  # W
+        adds = None if not split else self.uses[s].late if late else self.uses[s].early
 
         def action(state: BackwardState, inputs_: tuple) -> BackwardState:
             x, ress = inputs_
             env = self._params(s, x.params)
-            if s == S - 1:
-                out = self.program.avals[io.outputs[0]]
-                g = (jnp.full(out.shape, self.seed, out.dtype),)
-            else:  # from the next stage, or for W the cotangent B stored
-                got = x.grad if inputs else tuple(row(b, x.slots["cot_read"]) for b in state.cots)
-                g_env = self._unpack(float_part(st.send), got, self.grad_sizes)
-                g = tuple(g_env[v] for v in io.outputs)
-            d_params, d_recv = self._vjp(s, env, x, ress)(g)
-            if weights:
-                state = state._replace(grads=self._add_grads(s, state.grads, d_params))
+            outs = [self.program.avals[v] for v in io.outputs]
+            if late:  # every cotangent W needs enters at the tapped results
+                g = tuple(jnp.zeros(a.shape, a.dtype) for a in outs)
+                cot = tuple(row(b, x.slots["cot_read"]) for b in state.cots)
+                g_taps = unpack_list(cot, self.taps[s])
+            else:
+                if s == S - 1:
+                    g = (jnp.full(outs[0].shape, self.seed, outs[0].dtype),)
+                else:  # from the next stage
+                    g_env = self._unpack(float_part(st.send), x.grad, self.grad_sizes)
+                    g = tuple(g_env[v] for v in io.outputs)
+                g_taps = self._probes(s)
+            d_params, d_recv, d_taps = self._vjp(s, env, x, ress, late)((*g, *g_taps))
+            if weights or split:
+                state = state._replace(grads=self._add_grads(s, state.grads, d_params, adds))
             if inputs and s > 0:
                 d_env = dict(zip(io.recv, d_recv, strict=True))
                 send = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
                 state = state._replace(send_b=send)
-            if inputs and not weights and s < S - 1:
-                g_env = dict(zip(io.outputs, g, strict=True))
-                cot = pack_flat(g_env, float_part(st.send), self.grad_sizes)
+            if split and inputs and d_taps:
+                cot = pack_list(d_taps, self.cot_sizes)
                 slot = x.slots["cot_store"]
                 state = state._replace(cots=tuple(map(set_row, state.cots, [slot] * len(cot), cot)))
             return state
 
         return action
 
-    def _add_grads(self, s: int, sums: tuple, d_params: Sequence[Any]) -> tuple:
-        """``sums`` with stage s's parameter gradients added into their slots (this device's
-        slot shapes); the other slots are left as they are."""
+    def _add_grads(
+        self, s: int, sums: tuple, d_params: Sequence[Any], only: frozenset | None = None
+    ) -> tuple:
+        """``sums`` with stage s's parameter gradients (``only`` those of these values) added
+        into their slots (this device's slot shapes); the other slots are left as they are."""
         env = dict(zip(self.ios[s].params, d_params, strict=True))
+        env = env if only is None else {v: g for v, g in env.items() if v in only}
         d = s % self.params.num_devices
         return tuple(
             acc + env[sl.values[d]].reshape(acc.shape) if sl.values[d] in env else acc

@@ -91,6 +91,8 @@ def test_peak_in_flight_formula_equals_the_tables():
                         continue
                     table = max(S.make(kind, p, m, v).in_flight())
                     assert S.peak_in_flight(kind, p, m, v) == table, (kind, p, m, v)
+                    deferred = max(S.make(kind, p, m, v).deferred())
+                    assert S.peak_deferred(kind, p, m, v) == deferred, (kind, p, m, v)
 
 
 def _swap(s: S.Schedule, t1: int, t2: int, d: int) -> S.Schedule:
