@@ -13,8 +13,9 @@ all-reduce; schedules enter through their peak microbatches in flight
 
 Scaling compute by rows is exact for the roofline part of a large operator but not for fixed
 costs (kernel overheads, weight reads), which dominate at small rows; so, until the best
-estimate is a refined one, the best is priced again from a trace at its own microbatch rows
-(one trace per row count, at most `REFINED_TRACES`), and the best is then planned exactly
+estimate is a refined one, the best is priced again from a trace at its own microbatch rows,
+and so is its layout at the microbatch count tried before (one trace per row count, at most
+`REFINED_TRACES`; the faster of the two stays), and the best is then planned exactly
 (its schedule's lock-step timeline, reusing that trace); if the exact plan refuses it, the
 next. ``plan.factorizations`` holds the estimates (the refined ones where refined).
 
@@ -178,34 +179,51 @@ class _Search:
         out, refined = list(estimates), set()
         while out and math.isfinite(out[0].step_time):
             f = out[0]
-            rows = self.rows_of(f)
-            traced = (None if rows == self.batch else rows) in self.fronts
-            if (f.pp, f.dp, f.tp) in refined or (not traced and len(self.fronts) > REFINED_TRACES):
+            if (f.pp, f.dp, f.tp) in refined or not self._may_trace(f, f.num_microbatches):
                 break
             refined.add((f.pp, f.dp, f.tp))
-            try:
-                step, mem = self._estimate(
-                    f.pp, f.dp, f.tp, f.num_microbatches, self.front_at(rows)
-                )
-            except (PlanInfeasible, ValueError) as e:
-                self.refusals.append(e)
-                step = mem = math.inf
-            out = _sorted([dataclasses.replace(f, step_time=step, memory=mem), *out[1:]])
+            counts = self._counts(f.pp, f.dp)
+            k = counts.index(f.num_microbatches) if f.num_microbatches in counts else 0
+            # and the count tried before, worse from the whole batch's trace (whose fixed costs,
+            # scaled by rows, favour many microbatches), if traced or a trace is left
+            prev = [m for m in counts[max(k - 1, 0) : k] if self._may_trace(f, m)]
+            tried = [self._refined(f, m) for m in (f.num_microbatches, *prev)]
+            out = _sorted([min(tried, key=lambda g: g.step_time), *out[1:]])
         return out
+
+    def _may_trace(self, f: Factorization, m: int) -> bool:
+        rows = self.batch // (f.dp * m)
+        return (None if rows == self.batch else rows) in self.fronts or (
+            len(self.fronts) <= REFINED_TRACES
+        )
+
+    def _refined(self, f: Factorization, m: int) -> Factorization:
+        """``f`` at ``m`` microbatches priced from a trace at those microbatch rows."""
+        try:
+            front = self.front_at(self.batch // (f.dp * m))
+            step, mem = self._estimate(f.pp, f.dp, f.tp, m, front)
+        except (PlanInfeasible, ValueError) as e:
+            self.refusals.append(e)
+            step = mem = math.inf
+        return dataclasses.replace(f, num_microbatches=m, step_time=step, memory=mem)
+
+    def _counts(self, pp: int, dp: int) -> list[int]:
+        """The microbatch counts `price` tries, in order: the asked one, or from the default
+        count up through the divisors of the replica's rows, each ≥ 1.5 × the last."""
+        rows = self.batch // dp
+        asked = self.lower.get("num_microbatches")
+        if asked is not None:
+            return [asked] if rows % asked == 0 else []
+        counts: list[int] = []
+        for m in range(default_microbatches(rows, pp), rows + 1):
+            if rows % m == 0 and m >= 1.5 * (counts[-1] if counts else 0):
+                counts.append(m)
+        return counts
 
     def price(self, pp: int, dp: int, tp: int) -> Factorization:
         """The layout's fastest fitting estimate from the default microbatch count up."""
-        rows = self.batch // dp
-        asked = self.lower.get("num_microbatches")
-        if asked is not None and rows % asked:
-            return _priced(pp, dp, tp, 0, math.inf, math.inf)
-        first = asked or default_microbatches(rows, pp)
-        counts = [first] if asked else [d for d in range(first, rows + 1) if rows % d == 0]
-        best, last = _priced(pp, dp, tp, 0, math.inf, math.inf), 0
-        for m in counts:
-            if m < 1.5 * last:
-                continue
-            last = m
+        best = _priced(pp, dp, tp, 0, math.inf, math.inf)
+        for m in self._counts(pp, dp):
             try:
                 step, mem = self._estimate(pp, dp, tp, m, self.base)
             except (PlanInfeasible, ValueError) as e:
