@@ -14,10 +14,11 @@ all-reduce; schedules enter through their peak microbatches in flight
 Scaling compute by rows is exact for the roofline part of a large operator but not for fixed
 costs (kernel overheads, weight reads), which dominate at small rows; so, until the best
 estimate is a refined one, the best is priced again from a trace at its own microbatch rows,
-and so is its layout at the microbatch count tried before (one trace per row count, at most
-`REFINED_TRACES`; the faster of the two stays), and the best is then planned exactly
-(its schedule's lock-step timeline, reusing that trace); if the exact plan refuses it, the
-next. ``plan.factorizations`` holds the estimates (the refined ones where refined).
+and, where that refined estimate is more than `RESCALED_ERROR` × the rescaled one (the scaling
+underpriced those small microbatches), so is its layout at the microbatch count tried before
+(one trace per row count, at most `REFINED_TRACES`; the faster stays), and the best is then
+planned exactly (its schedule's lock-step timeline, reusing that trace); if the exact plan
+refuses it, the next. ``plan.factorizations`` holds the estimates (the refined ones where refined).
 
 ``num_microbatches=None``: from the default count (`_front.default_microbatches`) up through
 the divisors of the replica's rows, the fastest estimate that fits in memory (counts are tried
@@ -118,6 +119,7 @@ def train_on_devices(
 
 
 REFINED_TRACES = 4  # microbatch row counts traced to refine estimates
+RESCALED_ERROR = 1.15  # a refined estimate this much above the rescaled one re-prices a count
 
 
 @dataclasses.dataclass
@@ -182,12 +184,14 @@ class _Search:
             if (f.pp, f.dp, f.tp) in refined or not self._may_trace(f, f.num_microbatches):
                 break
             refined.add((f.pp, f.dp, f.tp))
-            counts = self._counts(f.pp, f.dp)
-            k = counts.index(f.num_microbatches) if f.num_microbatches in counts else 0
-            # and the count tried before, worse from the whole batch's trace (whose fixed costs,
-            # scaled by rows, favour many microbatches), if traced or a trace is left
-            prev = [m for m in counts[max(k - 1, 0) : k] if self._may_trace(f, m)]
-            tried = [self._refined(f, m) for m in (f.num_microbatches, *prev)]
+            tried = [self._refined(f, f.num_microbatches)]
+            if tried[0].step_time > RESCALED_ERROR * f.step_time:
+                # the whole batch's trace, its fixed costs scaled by rows, underpriced these
+                # microbatches: the count tried before them may be faster (if a trace is left)
+                counts = self._counts(f.pp, f.dp)
+                k = counts.index(f.num_microbatches) if f.num_microbatches in counts else 0
+                prev = [m for m in counts[max(k - 1, 0) : k] if self._may_trace(f, m)]
+                tried += [self._refined(f, m) for m in prev]
             out = _sorted([min(tried, key=lambda g: g.step_time), *out[1:]])
         return out
 

@@ -33,7 +33,6 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program
 
@@ -165,22 +164,14 @@ def _floating(x: Any) -> bool:
     return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
 
 
-def tap_avals(fn: Callable, args: tuple, n_out: int, mesh: Any) -> tuple:
-    """The avals of a stage's tapped results as one device holds them."""
+def tap_avals(fn: Callable, args: tuple, n_out: int, local: Callable) -> tuple:
+    """The avals of a stage's tapped results as one device holds them (``local``: how the
+    stage is traced as one device runs it)."""
 
     def taps(param_vals, recv_vals, fixed_vals, xs):
         return fn(param_vals, recv_vals, fixed_vals, xs, None)[0][n_out:]
 
-    if mesh is not None:
-        taps = jax.shard_map(
-            taps,
-            mesh=mesh,
-            in_specs=P(),
-            out_specs=P(),
-            axis_names=set(mesh.axis_names),
-            check_vma=False,
-        )
-    return tuple(jax.eval_shape(taps, *args))
+    return tuple(jax.eval_shape(local(taps), *args))
 
 
 def w_treedef(b: Any, w: Any) -> Any:

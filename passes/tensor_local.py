@@ -34,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from autopipe._compat import bind_eqn
 from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops, read_atom
@@ -379,3 +380,17 @@ def _pad_to(x: Any, shape: tuple[int, ...]) -> Any:
 
 
 LOCAL_EVAL_RULES["custom_jvp_call"] = _custom_jvp_local
+
+
+def as_one_device(fn: Callable, mesh: Any) -> Callable:
+    """``fn`` traced as one device of ``mesh`` runs it (None: as it is)."""
+    if mesh is None:
+        return fn
+    return jax.shard_map(
+        fn,
+        mesh=mesh,
+        in_specs=P(),
+        out_specs=P(),
+        axis_names=set(mesh.axis_names),
+        check_vma=False,  # as the pipeline's shard_map (`passes.emit_train`)
+    )

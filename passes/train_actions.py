@@ -25,7 +25,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec as P
 
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
@@ -48,7 +47,7 @@ from autopipe.passes.split_backward import (
     w_treedef,
     weight_uses,
 )
-from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_shape
+from autopipe.passes.tensor_local import TensorPlan, as_one_device, eval_stage, local_shape
 
 
 def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
@@ -172,16 +171,7 @@ def _residual_spec(
         found["spec"] = (treedef, index)
         return [x for x, i in zip(leaves, index, strict=True) if i < 0]
 
-    if mesh is not None:
-        probe = jax.shard_map(
-            probe,
-            mesh=mesh,
-            in_specs=P(),
-            out_specs=P(),
-            axis_names=set(mesh.axis_names),
-            check_vma=False,  # as the pipeline's shard_map (`passes.emit_train`)
-        )
-    stored = jax.eval_shape(probe, *args)
+    stored = jax.eval_shape(as_one_device(probe, mesh), *args)
     treedef, index = found["spec"]
     return _Residuals(treedef=treedef, param_index=tuple(index), stored=tuple(stored))
 
@@ -294,7 +284,9 @@ class Actions:
             (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch) for io in ios
         ]
         taps = tuple(
-            tap_avals(fns[s], a, len(io.outputs), mesh) if split_backward else ()
+            tap_avals(fns[s], a, len(io.outputs), lambda f: as_one_device(f, mesh))
+            if split_backward
+            else ()
             for s, (io, a) in enumerate(zip(ios, args, strict=True))
         )
         spec = lambda f, s: _residual_spec(  # noqa: E731

@@ -118,7 +118,7 @@ def _grid(grid, every: int):
             yield pytest.param(schedule, pp, m, marks=marks, id=f"{schedule}-{pp}-{m}")
 
 
-@pytest.mark.parametrize(("schedule", "pp", "m"), list(_grid(GRID, 3)))
+@pytest.mark.parametrize(("schedule", "pp", "m"), list(_grid(GRID, 4)))
 def test_mlp_training_matches_single_device(schedule, pp, m):
     plan = _check_training("mlp", schedule, pp, m)
     assert plan.schedule.kind == schedule and plan.training
