@@ -133,9 +133,13 @@ def _local_closure(program: Program, split: Split, ops: Sequence[int]) -> list[i
 
 def flat_layout(program: Program, values: Sequence[int]) -> FlatLayout:
     """`values` packed end to end into one flat buffer per dtype."""
+    return packed({v: program.avals[v] for v in sorted(set(values))})
+
+
+def packed(avals: Mapping[int, Any]) -> FlatLayout:
+    """Values (key → aval, in order) packed end to end into one flat buffer per dtype."""
     by_dtype: dict[str, list[Slot]] = {}
-    for v in sorted(set(values)):
-        aval = program.avals[v]
+    for v, aval in avals.items():
         key = aval.dtype if is_key_dtype(aval.dtype) else None
         data = jax.eval_shape(jax.random.key_data, aval) if key is not None else aval
         slots = by_dtype.setdefault(str(np.dtype(data.dtype)), [])

@@ -95,28 +95,24 @@ class Schedule:
         backward (or W) not yet — and 1 for a forward-only table (nothing waits)."""
         if not self.training:
             return [1] * self.num_devices
-        peak = []
-        for d in range(self.num_devices):
-            live = best = 0
-            for row in self.table:
-                for a in actions(row[d]):  # a pair's forward runs before its backward
-                    if a.kind == "F":
-                        live += 1
-                    elif a.kind == ("W" if self.split_backward else "B"):
-                        live -= 1
-                    best = max(best, live)
-            peak.append(best)
-        return peak
+        return self._peak("F", "W" if self.split_backward else "B")
 
     def deferred(self) -> list[int]:
         """Per device: the most microbatches whose W waits at once (B run, W not yet), whose
         tapped results' cotangents it keeps (`passes.split_backward`); 0 without W."""
+        if not self.split_backward:
+            return [0] * self.num_devices
+        return self._peak("B", "W")
+
+    def _peak(self, opens: str, closes: str) -> list[int]:
+        """Per device: the most microbatches at once between their ``opens`` action and their
+        ``closes`` action (a pair's forward runs before its backward)."""
         peak = []
         for d in range(self.num_devices):
             live = best = 0
             for row in self.table:
                 for a in actions(row[d]):
-                    live += {"B": 1, "W": -1}.get(a.kind, 0) if self.split_backward else 0
+                    live += (a.kind == opens) - (a.kind == closes)
                     best = max(best, live)
             peak.append(best)
         return peak

@@ -32,7 +32,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from autopipe.passes.ir import Program
 
@@ -64,16 +63,19 @@ def weight_uses(
     origin: dict[int, frozenset[int]] = {v: frozenset({v}) for v in params}
     act = set(activations)
     tapped, gated, late, early = [], set(), set(), set()
-    is_float = lambda v: jnp.issubdtype(program.avals[v].dtype, jnp.inexact)  # noqa: E731
     for i in ops:
         op = program.ops[i]
         ins = [a for a in op.invars if isinstance(a, int)]
-        weights = [a for a in ins if a in origin and is_float(a)]
+        weights = [a for a in ins if a in origin and is_float(program.avals[a])]
         if any(a in act for a in ins):
             act.update(op.outvars)
             if not weights:
                 continue
-            if op.kind == "eqn" and op.primitive in TAPPED_PRIMITIVES and is_float(op.outvars[0]):
+            if (
+                op.kind == "eqn"
+                and op.primitive in TAPPED_PRIMITIVES
+                and is_float(program.avals[op.outvars[0]])
+            ):
                 tapped.append(i)
                 late.update(*(origin[a] for a in weights))
             else:
@@ -146,7 +148,7 @@ class Hook:
             return args
         derived = self.uses.derived
         return [
-            _gate(x, keep) if isinstance(a, int) and a in derived and _floating(x) else x
+            _gate(x, keep) if isinstance(a, int) and a in derived and is_float(x) else x
             for a, x in zip(invars, args, strict=True)
         ]
 
@@ -160,8 +162,9 @@ class Hook:
         return [_tap(y, self.probes[len(self.taps) - 1], self.mode)]
 
 
-def _floating(x: Any) -> bool:
-    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+def is_float(x: Any) -> bool:
+    """Whether an aval or array is of a float (inexact) dtype."""
+    return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
 def tap_avals(fn: Callable, args: tuple, n_out: int, local: Callable) -> tuple:
@@ -182,41 +185,3 @@ def w_treedef(b: Any, w: Any) -> Any:
             f"the split backward's W residuals differ from B's: {w.stored} vs {b.stored}"
         )
     return w.treedef
-
-
-def tap_sizes(taps: Sequence[Sequence[jax.ShapeDtypeStruct]]) -> dict[str, int]:
-    """Per dtype, the most elements any stage's tapped results take (one flat buffer)."""
-    sizes: dict[str, int] = {}
-    for ts in taps:
-        mine: dict[str, int] = {}
-        for t in ts:
-            mine[str(t.dtype)] = mine.get(str(t.dtype), 0) + int(np.prod(t.shape))
-        for dt, n in mine.items():
-            sizes[dt] = max(sizes.get(dt, 0), n)
-    return sizes
-
-
-def pack_list(xs: Sequence[Any], sizes: dict[str, int]) -> tuple:
-    """``xs`` flattened end to end into one zero-padded buffer per dtype of ``sizes``."""
-    parts: dict[str, list] = {dt: [] for dt in sizes}
-    for x in xs:
-        parts[str(x.dtype)].append(x.reshape(-1))
-    out = []
-    for dt, n in sizes.items():
-        used = sum(x.size for x in parts[dt])
-        pad = [jnp.zeros((n - used,), dt)] if used < n else []
-        out.append(jnp.concatenate(parts[dt] + pad) if parts[dt] + pad else jnp.zeros((0,), dt))
-    return tuple(out)
-
-
-def unpack_list(bufs: Sequence[Any], avals: Sequence[jax.ShapeDtypeStruct]) -> tuple:
-    """The inverse of `pack_list` for ``avals`` (buffers in the order of their dtypes)."""
-    by_dtype = {str(b.dtype): b for b in bufs}
-    offset: dict[str, int] = {}
-    out = []
-    for a in avals:
-        dt, n = str(a.dtype), int(np.prod(a.shape))
-        k = offset.get(dt, 0)
-        out.append(jax.lax.slice(by_dtype[dt], (k,), (k + n,)).reshape(a.shape))
-        offset[dt] = k + n
-    return tuple(out)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autopipe.passes.ir import Program
-from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
+from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes, packed
 from autopipe.passes.param_layout import (
     ParamLayout,
     pack_flat,
@@ -40,10 +40,8 @@ from autopipe.passes.split_backward import (
     Hook,
     Mode,
     WeightUses,
-    pack_list,
+    is_float,
     tap_avals,
-    tap_sizes,
-    unpack_list,
     w_treedef,
     weight_uses,
 )
@@ -56,10 +54,6 @@ def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
 
 
 # --- stage functions under vjp -------------------------------------------------------------
-
-
-def _is_float(aval: Any) -> bool:
-    return jnp.issubdtype(aval.dtype, jnp.inexact)
 
 
 def float_part(layout: FlatLayout) -> FlatLayout:
@@ -85,8 +79,8 @@ class _StageIO:
 def _stage_io(program: Program, layout: StageLayout, last: bool) -> _StageIO:
     params = layout.params
     recv = layout.recv.values()
-    floats = lambda vs: tuple(v for v in vs if _is_float(program.avals[v]))  # noqa: E731
-    others = lambda vs: tuple(v for v in vs if not _is_float(program.avals[v]))  # noqa: E731
+    floats = lambda vs: tuple(v for v in vs if is_float(program.avals[v]))  # noqa: E731
+    others = lambda vs: tuple(v for v in vs if not is_float(program.avals[v]))  # noqa: E731
     sent = tuple(program.outvars) if last else layout.send.values()
     return _StageIO(
         params=floats(params),
@@ -232,7 +226,12 @@ class Actions:
     uses: tuple[WeightUses, ...] = ()
     w_treedefs: tuple[Any, ...] = ()  # the VJP's structure as W differentiates
     taps: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # the tapped results' avals
-    cot_sizes: dict[str, int] = dataclasses.field(default_factory=dict)  # B → W, per dtype
+    cots: tuple[FlatLayout, ...] = ()  # their cotangents B stores for W (keyed by tap index)
+
+    @property
+    def cot_sizes(self) -> dict[str, int]:
+        """The cotangent buffers' elements per dtype (one flat buffer each)."""
+        return buffer_sizes(self.cots)
 
     @classmethod
     def build(
@@ -311,7 +310,7 @@ class Actions:
             uses=uses if split_backward else (),
             w_treedefs=w_treedefs,
             taps=taps,
-            cot_sizes=tap_sizes(taps),
+            cots=tuple(packed(dict(enumerate(t))) for t in taps),
         )
 
     def _params(self, s: int, slots: Sequence[Any]) -> dict:
@@ -435,7 +434,8 @@ class Actions:
             if late:  # every cotangent W needs enters at the tapped results
                 g = tuple(jnp.zeros(a.shape, a.dtype) for a in outs)
                 cot = tuple(row(b, x.slots["cot_read"]) for b in state.cots)
-                g_taps = unpack_list(cot, self.taps[s])
+                g_env = self._unpack(self.cots[s], cot, self.cot_sizes)
+                g_taps = tuple(g_env[k] for k in range(len(self.taps[s])))
             else:
                 if s == S - 1:
                     g = (jnp.full(outs[0].shape, self.seed, outs[0].dtype),)
@@ -451,7 +451,7 @@ class Actions:
                 send = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
                 state = state._replace(send_b=send)
             if split and inputs and d_taps:
-                cot = pack_list(d_taps, self.cot_sizes)
+                cot = pack_flat(dict(enumerate(d_taps)), self.cots[s], self.cot_sizes)
                 slot = x.slots["cot_store"]
                 state = state._replace(cots=tuple(map(set_row, state.cots, [slot] * len(cot), cot)))
             return state
