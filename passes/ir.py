@@ -92,15 +92,24 @@ class Program:
 
     @functools.cached_property
     def differentiated(self) -> frozenset[int]:
-        """Float values that depend on a parameter: those whose cotangents a training step's
-        backward computes (constants, integers and masks have none)."""
-        out = set(self.param_invars)
-        for op in self.ops:
-            if any(isinstance(a, int) and a in out for a in op.invars):
-                out.update(
-                    v for v in op.outvars if jnp.issubdtype(self.avals[v].dtype, jnp.inexact)
-                )
-        return frozenset(v for v in out if jnp.issubdtype(self.avals[v].dtype, jnp.inexact))
+        """Float values whose cotangents a training step's backward computes: those that depend
+        on a parameter and reach an output, both through operators that pass cotangents (not
+        `stop_gradient`, not integer values). JAX's AD drops the symbolic zeros of the rest:
+        constants, masks, a softmax's stop_gradient'd max, values only integers are read from."""
+
+        def inexact(v: int) -> bool:
+            return jnp.issubdtype(self.avals[v].dtype, jnp.inexact)
+
+        passing = [op for op in self.ops if op.primitive != "stop_gradient"]
+        depends = set(self.param_invars)
+        for op in passing:
+            if any(isinstance(a, int) and a in depends for a in op.invars):
+                depends.update(v for v in op.outvars if inexact(v))
+        reaches = set(self.outvars)
+        for op in reversed(passing):
+            if any(v in reaches and inexact(v) for v in op.outvars):
+                reaches.update(a for a in op.invars if isinstance(a, int))
+        return frozenset(v for v in depends & reaches if inexact(v))
 
     @functools.cached_property
     def _producers(self) -> dict[int, int]:

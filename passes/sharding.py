@@ -91,15 +91,15 @@ def _is_unruled(op: Op) -> bool:
 
 
 def _view(program: Program, op: Op, tp: int) -> OpView:
+    # the IR's avals (a rewrite such as cutting fused projections changes them, not the eqn's)
+    avals = [np.asarray(a.val) if isinstance(a, Lit) else program.avals[a] for a in op.invars]
     return OpView(
         primitive=op.primitive,
-        in_shapes=tuple(
-            np.shape(a.val) if isinstance(a, Lit) else tuple(program.avals[a].shape)
-            for a in op.invars
-        ),
+        in_shapes=tuple(tuple(a.shape) for a in avals),
         out_shapes=tuple(tuple(program.avals[v].shape) for v in op.outvars),
         params=op.eqn.params,
         tp=tp,
+        dtypes=tuple(a.dtype for a in avals),
         weights=tuple(
             not isinstance(a, Lit) and a not in program.batch_dependent for a in op.invars
         ),

@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from autopipe._compat import CALL_JAXPR_PARAM
@@ -51,6 +52,7 @@ class OpView:
     params: Mapping[str, Any]
     tp: int
     weights: tuple[bool, ...] = ()  # per operand: batch-independent (a parameter or made of them)
+    dtypes: tuple[Any, ...] = ()  # per operand
 
     def split(
         self, name: str, ins: Sequence[Dim], outs: Sequence[Dim], collective: str | None = None
@@ -208,8 +210,11 @@ def _conv_rule(view: OpView) -> Iterable[Strategy]:
 
 @register_strategy_rule("gather")
 def _gather_rule(view: OpView) -> Iterable[Strategy]:
-    """An operand dim taken whole by every slice and not indexed (an embedding's hidden dim)
-    passes through to its offset dim of the result; indices stay replicated."""
+    """``gather``: an operand dim taken whole by every slice and not indexed (an embedding's
+    hidden dim) passes through to its offset dim of the result; ``vocab``: a float operand dim
+    indexed one row at a time (an embedding's rows) is split, every device gathers the rows it
+    holds and zeros for the others, and an all-reduce sums them (also with batching dims: the
+    label's logit in a cross-entropy over vocab-split logits). Indices stay replicated."""
     dn, sizes = view.params["dimension_numbers"], view.params["slice_sizes"]
     operand = view.in_shapes[0]
     skipped = {*dn.collapsed_slice_dims, *getattr(dn, "operand_batching_dims", ())}
@@ -217,6 +222,17 @@ def _gather_rule(view: OpView) -> Iterable[Strategy]:
     for d, o in zip(passthrough, dn.offset_dims, strict=True):
         if sizes[d] == operand[d] and d not in dn.start_index_map:
             yield view.split("gather", (d, None), (o,))
+    if not _inexact(view):
+        return
+    for d in dn.start_index_map:
+        if sizes[d] == 1:
+            # Megatron's vocab-parallel embedding: each device looks up the rows it holds
+            # (zeros elsewhere), partial results summed; every device does the whole lookup
+            yield Strategy("vocab", (d, None), (None,), "all_reduce", 1.0)
+
+
+def _inexact(view: OpView) -> bool:
+    return bool(view.dtypes) and jax.dtypes.issubdtype(view.dtypes[0], jax.numpy.inexact)
 
 
 @register_strategy_rule("scatter")

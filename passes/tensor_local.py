@@ -55,6 +55,9 @@ COMBINE: dict[str, Callable[[Any, str], Any]] = {
 # primitives whose local form is not the same primitive with other parameters: op, args -> outs
 LOCAL_EVAL_RULES: dict[str, Callable[[Op, Sequence[Any]], list[Any]]] = {}
 
+# (primitive, strategy name) whose local form differs too: op, strategy, args, axis -> outs
+STRATEGY_EVAL_RULES: dict[tuple[str, str], Callable[..., list[Any]]] = {}
+
 
 def register_local_param_rule(*names: str) -> Callable[[LocalParamRule], LocalParamRule]:
     """Registers how the shape-naming parameters of primitives `names` become local."""
@@ -196,6 +199,8 @@ def run_local(
     outs_local = [local_shape(s, d, tp) for s, d in zip(out_shapes, strategy.outs, strict=True)]
     if all(d is None for d in (*strategy.ins, *strategy.outs)):
         outs = apply_op(op, list(args))
+    elif (op.primitive, strategy.name) in STRATEGY_EVAL_RULES:
+        outs = STRATEGY_EVAL_RULES[op.primitive, strategy.name](op, strategy, args, axis)
     elif op.primitive in LOCAL_EVAL_RULES:
         outs = LOCAL_EVAL_RULES[op.primitive](op, args)
     else:
@@ -380,6 +385,38 @@ def _pad_to(x: Any, shape: tuple[int, ...]) -> Any:
 
 
 LOCAL_EVAL_RULES["custom_jvp_call"] = _custom_jvp_local
+
+
+def _vocab_gather_local(op: Op, strategy: Strategy, args: Sequence[Any], axis: str) -> list[Any]:
+    """A lookup of rows split over the tensor axis (`sharding_rules._gather_rule`'s ``vocab``):
+    each device gathers the rows it holds from indices shifted to its block, zeros for the rest
+    (the caller sums them). The whole lookup's index semantics are kept: clamped indices
+    (``clip`` / ``promise_in_bounds``, as XLA clamps) are clamped to the whole table first; an
+    index outside it under ``fill`` gives the fill value, from the first device only."""
+    table, indices = args
+    params = op.eqn.params
+    d = strategy.ins[0]
+    k = params["dimension_numbers"].start_index_map.index(d)
+    rows = table.shape[d]
+    whole = rows * jax.lax.axis_size(axis)
+    t = jax.lax.axis_index(axis)
+    idx = indices[..., k]
+    fill = params["mode"] == jax.lax.GatherScatterMode.FILL_OR_DROP
+    if not fill:
+        idx = jnp.clip(idx, 0, whole - 1)
+    shifted = indices.at[..., k].set(idx - t * rows)
+    local = dict(params, mode=jax.lax.GatherScatterMode.FILL_OR_DROP, fill_value=0)
+    (y,) = bind_eqn(op.eqn.replace(params=local), table, shifted)
+    if fill:
+        outside = ((idx < 0) | (idx >= whole)) & (t == 0)
+        batch = [a for a in range(y.ndim) if a not in params["dimension_numbers"].offset_dims]
+        outside = jax.lax.broadcast_in_dim(outside, y.shape, tuple(batch))
+        value = jnp.nan if params["fill_value"] is None else params["fill_value"]
+        y = jnp.where(outside, jnp.asarray(value, y.dtype), y)
+    return [y]
+
+
+STRATEGY_EVAL_RULES["gather", "vocab"] = _vocab_gather_local
 
 
 def as_one_device(fn: Callable, mesh: Any) -> Callable:

@@ -23,6 +23,7 @@ cache can be shared by calls for different hardware or mesh positions.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import itertools
@@ -273,10 +274,10 @@ def shard_layers(
         return _unsplit(price, per_layer, lean)
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
-    dims, chosen, charged, back, unruled = _solve_segments(
-        program, split, price, lean, free, pinned, backward
-    )
-    whole = frozenset(v for _, fixed, _ in cache.segments for v, d in fixed.items() if d is None)
+    segments = _segments(program, split, cache, free, pinned)
+    segments = _with_shared(program, segments, _shared_dims(price, segments, lean, backward))
+    dims, chosen, charged, back, unruled = _solve_segments(price, segments, lean, backward)
+    whole = frozenset(v for _, fixed, _ in segments for v, d in fixed.items() if d is None)
     colls = _per_layer(charged, per_layer)
     times = tuple(
         sum(price.time_of(i, chosen[i]) for i in ops)
@@ -338,47 +339,96 @@ def _segments(
     return cache.segments
 
 
+def _shared_params(program: Program, segments: Sequence[Segment]) -> list[int]:
+    """Parameters several segments read (a tied embedding: the lookup and the output head),
+    which `_fixed` holds whole."""
+    made = {v for ops, _, _ in segments for i in ops for v in program.ops[i].outvars}
+    reads = collections.Counter(
+        v for _, fixed, _ in segments for v, d in fixed.items() if d is None
+    )
+    outs = set(program.outvars)
+    return sorted(
+        v
+        for v, n in reads.items()
+        if n > 1 and v not in made and v not in outs and v not in program.batch_dependent
+    )
+
+
+def _with_shared(
+    program: Program, segments: Sequence[Segment], shared: Mapping[int, Any]
+) -> list[Segment]:
+    """``segments`` with each value of ``shared`` held on its Dim where they fix it."""
+    out = []
+    for ops, fixed, signature in segments:
+        if any(v in fixed for v in shared):
+            fixed = {**fixed, **{v: d for v, d in shared.items() if v in fixed}}
+            signature = sharding.signature(program, ops, fixed)
+        out.append((ops, fixed, signature))
+    return out
+
+
+def _shared_dims(
+    price: _Pricing, segments: Sequence[Segment], lean: bool, backward: bool
+) -> dict[int, Any]:
+    """The Dim each shared parameter is held on, one parameter at a time: the one minimising the
+    time of the segments that read it plus, ``lean``, the price of holding it. A tied
+    embedding held split on its vocab dim is Megatron's vocab-parallel lookup and head."""
+    program, chosen = price.program, {}
+    for v in _shared_params(program, segments):
+        best = None
+        for d in sharding.value_dims(program, v, price.tp):
+            trial = _with_shared(program, segments, {**chosen, v: d})
+            t = sum(_solved(price, seg, lean, backward).time for seg in trial if v in seg[1])
+            t += price.store_cost(v, d) if lean else 0.0
+            if best is None or t < best[0]:
+                best = (t, d)
+        if best[1] is not None:
+            chosen[v] = best[1]
+    return chosen
+
+
+def _solved(price: _Pricing, segment: Segment, lean: bool, backward: bool) -> sharding.Sharding:
+    """One segment solved, each structure once (`ShardingCache.solved`)."""
+    ops, fixed, signature = segment
+    key = SolvedKey(
+        signature=signature,
+        tp=price.tp,
+        lean=lean,
+        held=price.held,
+        hardware=price.hw,
+        mesh_axes=price.mesh_axes,
+        tensor_axis=price.tensor_axis,
+        backward=backward,
+    )
+    if key not in price.cache.solved:
+        price.cache.solved[key] = sharding.solve(
+            price.program,
+            ops,
+            tp=price.tp,
+            fixed=fixed,
+            op_time=price.time_of,
+            comm_time=price.comm_time,
+            store_cost=price.store_cost if lean else None,
+            backward=backward,
+        )
+    sol = price.cache.solved[key]
+    return sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, price.program, ops)
+
+
 def _solve_segments(
-    program: Program,
-    split: Split,
-    price: _Pricing,
-    lean: bool,
-    free=frozenset(),
-    pinned=None,
-    backward: bool = False,
+    price: _Pricing, segments: Sequence[Segment], lean: bool, backward: bool = False
 ):
     """(value → split dim, op → strategy, op → its collectives, op → its backward conjugate
-    collectives when ``backward``) over every sharding segment, each structure solved once
-    (`ShardingCache.solved`)."""
+    collectives when ``backward``) over every sharding segment."""
+    program = price.program
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
     back: dict[int, list[tuple[str, float]]] = {}  # op → its backward conjugates
     unruled: set[str] = set()
-    for ops, fixed, signature in _segments(program, split, price.cache, free, pinned):
-        key = SolvedKey(
-            signature=signature,
-            tp=price.tp,
-            lean=lean,
-            held=price.held,
-            hardware=price.hw,
-            mesh_axes=price.mesh_axes,
-            tensor_axis=price.tensor_axis,
-            backward=backward,
-        )
-        if key not in price.cache.solved:
-            price.cache.solved[key] = sharding.solve(
-                program,
-                ops,
-                tp=price.tp,
-                fixed=fixed,
-                op_time=price.time_of,
-                comm_time=price.comm_time,
-                store_cost=price.store_cost if lean else None,
-                backward=backward,
-            )
-        sol = price.cache.solved[key]
-        sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, program, ops)
+    for segment in segments:
+        ops = segment[0]
+        sol = _solved(price, segment, lean, backward)
         dims.update(sol.dims)
         unruled |= sol.unruled
         chosen.update(sol.strategies)

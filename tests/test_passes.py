@@ -38,6 +38,26 @@ def test_calls_are_inlined_and_custom_jvp_kept():
     assert all(op.where.startswith("inner/") for op in prog.ops)
 
 
+def test_differentiated_values_are_those_the_backward_reaches():
+    """A softmax's stop_gradient'd max, a value only an argmax reads and the mask get no
+    cotangent (JAX's AD drops their symbolic zeros), so no backward collective is priced
+    for them; the logits and what reaches the loss through them do."""
+
+    def fn(w, x):
+        h = x @ w
+        m = jax.lax.stop_gradient(h.max(axis=1, keepdims=True))
+        picked = jnp.argmax(h * 3.0, axis=1).astype(jnp.float32)  # through integers only
+        mask = x[:, :1] > 0
+        return (jnp.where(mask, jnp.exp(h - m), 0.0).sum() + picked.sum()).reshape(())
+
+    _, prog = _program(fn, jnp.ones((4, 3)), jnp.ones((2, 4)))
+    out = {op.primitive: op.outvars[0] for op in prog.ops}
+    (w,) = prog.param_invars
+    assert {w, out["dot_general"], out["sub"], out["exp"]} <= prog.differentiated
+    for prim in ("stop_gradient", "mul", "convert_element_type", "gt"):
+        assert out[prim] not in prog.differentiated, prim
+
+
 def test_layer_scan_split_by_iterations(cases):
     fn, args = cases["scanned_gpt"]
     _, prog = _program(fn, *args)

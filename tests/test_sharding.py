@@ -232,12 +232,15 @@ def test_cnn_rules(cases):
     _solve(prog, ops, fixed, 2, FAST)
 
 
-def test_embedding_gather_splits_hidden_dim(cases):
+def test_embedding_gather_splits_hidden_dim_or_vocab(cases):
     fn, args = cases["linen_gpt"]
     prog = _program(fn, *args)
     assert _rules(prog, "gather", 2) == {
         ("replicated", (None, None), (None,), None),
         ("gather", (1, None), (2,), None),  # table [vocab, d] split on d: output [b, s, d] on d
+        # split on vocab (Megatron's vocab-parallel lookup): each device gathers the rows it
+        # holds, zeros elsewhere, and an all-reduce sums the partial outputs
+        ("vocab", (0, None), (None,), "all_reduce"),
     }
 
 

@@ -128,8 +128,11 @@ def _loss(model):
 def test_training_plans_megatrons_collectives_for_fused_qkv():
     """GPT-2 (fused qkv + split, tied head) planned for training at tp 2 from shapes, under a
     preset where Megatron's split pays: q, k and v are column-parallel pieces of the cut
-    kernel and the only tensor collectives are all-reduces (no gather, no all-to-all)."""
-    cfg = lm.DecoderConfig(vocab=512, seq=32, layers=2, d_model=256, heads=8, d_ff=1024)
+    kernel, the tied embedding is vocab-parallel (lookup and label pick), and the only tensor
+    collectives are all-reduces (no gather, no all-to-all). (At vocab 512 the planner holds the
+    embedding split on its hidden dim instead: the lookup's output is all-gathered and the
+    row-parallel logits' all-reduce costs less than the loss's latency-bound small ones.)"""
+    cfg = lm.DecoderConfig(vocab=4096, seq=32, layers=2, d_model=256, heads=8, d_ff=1024)
     model = lm.LinenGPT2(cfg)
     tokens = jax.ShapeDtypeStruct((BATCH, 32), jnp.int32)
     params = models.abstract_linen(model, tokens)
@@ -146,6 +149,7 @@ def test_training_plans_megatrons_collectives_for_fused_qkv():
     assert sum(op.kind == "block" for op in plan.program.ops) == 2 * 3 * cfg.layers
     (stage,) = plan.stages
     assert dict(stage.strategies)["column"] >= 3 * cfg.layers
+    assert dict(stage.strategies)["vocab"] == 2
     assert {k for k, n in stage.collectives if n} == {"all_reduce"}
 
 

@@ -56,7 +56,11 @@ def _primitives(w, x):
     e = jax.lax.integer_pow(d, 3) + jax.scipy.special.erf(d) + jax.nn.sigmoid(d) + jax.nn.relu(d)
     vals, ix = jax.lax.top_k(e, 3)
     m = jnp.max(e, axis=0) - jnp.min(e, axis=2, keepdims=True).sum()
+    tokens = jnp.argmax(x, axis=-1) * 3 - 8  # -8 … 37: wrapped, in range and past the table
     return (
+        w[tokens % 16],  # promise_in_bounds
+        jnp.take(w, tokens, axis=0),  # fill: NaN past the table
+        jnp.take(w, tokens, axis=0, mode="clip"),
         jnp.argmax(e, axis=-1),
         jnp.argmin(e, axis=1),
         vals,
@@ -92,7 +96,7 @@ def test_every_strategy_runs_locally_and_equals_the_whole_operator(tp):
     prog = build_program(traced.jaxpr, traced.spec.batch_leaves)
     env = _whole_env(prog, args)
     tp_mesh = jax.make_mesh((tp,), ("tp",), devices=jax.devices()[:tp])
-    checked = set()
+    checked, names = set(), set()
     for i, op in enumerate(prog.ops):
         ins = [a for a in op.invars if isinstance(a, int)]
         for s in strategies(prog, i, tp)[1:]:
@@ -120,10 +124,12 @@ def test_every_strategy_runs_locally_and_equals_the_whole_operator(tp):
                 np.testing.assert_allclose(
                     y, env[v], rtol=1e-6, atol=1e-6, err_msg=str((op.primitive, s))
                 )
+                names.add(s.name)
     expected = "split concatenate pad slice dynamic_slice dynamic_update_slice cumsum rev clamp "
     expected += "integer_pow erf logistic custom_jvp_call argmax argmin top_k sort reduce_max "
-    expected += "reduce_min select_n dot_general broadcast_in_dim reshape"
+    expected += "reduce_min select_n dot_general broadcast_in_dim reshape gather"
     assert set(expected.split()) <= checked, set(expected.split()) - checked
+    assert "vocab" in names
 
 
 # --- models as users write them --------------------------------------------------------------
