@@ -14,21 +14,27 @@ on a device that did not write (idle, or no leaf in that slot).
 A slot is lifted when every device that holds a leaf in it writes it the same way (the same
 primitive, dimension numbers, mode and operand shapes), the write reads the step's own
 input leaf, and its output is the leaf's new value. Any other slot keeps the copy-back.
+
+On a tensor axis (``tensor``) the write runs on shards: a cache split by heads is written on
+the dim the slot holds it split on (the write's planned strategy keeps it there, its window
+covering the dim whole), the updates on their planned dim, the indices whole; operands and
+block are this device's shards.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from autopipe.passes.decode_state import DecodeState
-from autopipe.passes.ir import Lit, Program, read_atom
+from autopipe.passes.ir import Lit, Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.param_layout import ParamLayout
+from autopipe.passes.tensor_local import TensorPlan, local_shape
 
 _MODE = jax.lax.GatherScatterMode
 
@@ -39,8 +45,9 @@ class SlotWrite:
 
     primitive: str  # "scatter" | "dynamic_update_slice"
     params: tuple[tuple[str, Any], ...]  # the scatter's parameters (dnums, mode, flags)
-    block: tuple[int, ...]  # one group's block of the slot: the leaf's shape
+    block: tuple[int, ...]  # one group's block of the slot: the leaf's shape (this shard's)
     operands: tuple[jax.ShapeDtypeStruct, ...]  # indices then updates, as the branch returns
+    dims: tuple[int | None, ...]  # each operand's Dim on the tensor axis (None: whole)
     ops: tuple[int | None, ...]  # per device: the write's op index (None: nothing to write)
 
     def no_write(self) -> tuple:
@@ -49,7 +56,11 @@ class SlotWrite:
 
 
 def slot_writes(
-    program: Program, stages: Sequence[StageLayout], state: DecodeState, caches: ParamLayout
+    program: Program,
+    stages: Sequence[StageLayout],
+    state: DecodeState,
+    caches: ParamLayout,
+    tensor: TensorPlan | None = None,
 ) -> dict[int, SlotWrite]:
     """Slot index → its write, for the slots whose write can be lifted out of the branch."""
     producer = program.producers()
@@ -57,23 +68,40 @@ def slot_writes(
     writes: dict[int, SlotWrite] = {}
     for k, slot in enumerate(caches.slots):
         found = [
-            _write_of(program, producer, stages[d], v, out_of[v]) if v is not None else None
+            _write_of(program, producer, stages[d], v, out_of[v], slot.dim, tensor)
+            if v is not None
+            else None
             for d, v in enumerate(slot.values)
         ]
         held = [w for w, v in zip(found, slot.values, strict=True) if v is not None]
         if not held or any(w is None for w in held) or len({w[0] for w in held}) != 1:
             continue
-        primitive, params, operands = held[0][0]
+        primitive, params, operands, dims = held[0][0]
         ops = tuple(w[1] if w is not None else None for w in found)
+        tp = tensor.tp if tensor is not None else 1
         writes[k] = SlotWrite(
-            primitive=primitive, params=params, block=slot.shape, operands=operands, ops=ops
+            primitive=primitive,
+            params=params,
+            block=local_shape(slot.shape, slot.dim, tp),
+            operands=operands,
+            dims=dims,
+            ops=ops,
         )
     return writes
 
 
-def _write_of(program: Program, producer: Mapping[int, int], stage: StageLayout, v: int, w):
+def _write_of(
+    program: Program,
+    producer: Mapping[int, int],
+    stage: StageLayout,
+    v: int,
+    w,
+    dim,
+    tensor: TensorPlan | None,
+):
     """``(signature, op index)`` of the write that makes ``w`` from ``v`` on ``stage``, or
-    None when it is not a liftable write."""
+    None when it is not a liftable write (on a tensor axis: one that keeps the leaf on the
+    slot's ``dim``)."""
     i = producer.get(w) if isinstance(w, int) else None
     if i is None or i not in set(stage.ops):
         return None
@@ -89,32 +117,40 @@ def _write_of(program: Program, producer: Mapping[int, int], stage: StageLayout,
         params = ()
     else:
         return None
-    operands = tuple(_aval(program, a) for a in _operand_atoms(op))
-    return (op.primitive, params, operands), i
+    s = tensor.strategies.get(i) if tensor is not None else None
+    ins = s.ins if s is not None else (None,) * len(op.invars)
+    if ins[0] != dim or (s.outs[0] if s is not None else None) != dim:
+        return None
+    tp = tensor.tp if tensor is not None else 1
+    at = _operand_positions(op)
+    dims = tuple(ins[j] for j in at)
+    operands = tuple(_aval(program, op.invars[j], ins[j], tp) for j in at)
+    return (op.primitive, params, operands, dims), i
 
 
-def _aval(program: Program, a) -> jax.ShapeDtypeStruct:
-    if isinstance(a, Lit):
-        x = jnp.asarray(a.val)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype)
-    return jax.ShapeDtypeStruct(program.avals[a].shape, program.avals[a].dtype)
+def _aval(program: Program, a, dim, tp: int) -> jax.ShapeDtypeStruct:
+    x = jnp.asarray(a.val) if isinstance(a, Lit) else program.avals[a]
+    return jax.ShapeDtypeStruct(local_shape(x.shape, dim, tp), x.dtype)
 
 
-def write_operands(program: Program, write: SlotWrite, device: int, env: Mapping) -> tuple:
-    """The indices and updates of ``device``'s write into its slot (read from the branch's
-    values), in `SlotWrite.operands` order."""
+def write_operands(program: Program, write: SlotWrite, device: int, get: Callable) -> tuple:
+    """The indices and updates of ``device``'s write into its slot, in `SlotWrite.operands`
+    order: ``get(atom, dim)`` reads each from the branch's values on its Dim."""
     op = program.ops[write.ops[device]]
+    at = _operand_positions(op)
     return tuple(
-        jnp.asarray(read_atom(env, a), aval.dtype)
-        for a, aval in zip(_operand_atoms(op), write.operands, strict=True)
+        jnp.asarray(get(op.invars[j], d), aval.dtype)
+        for j, d, aval in zip(at, write.dims, write.operands, strict=True)
     )
 
 
-def _operand_atoms(op) -> tuple:
-    """A write's operands after the cache leaf: indices, then the updates."""
+def _operand_positions(op) -> tuple[int, ...]:
+    """Where a write's operands after the cache leaf sit in ``op.invars``: indices, then the
+    updates."""
+    n = len(op.invars)
     if op.primitive == "dynamic_update_slice":  # (operand, update, *start indices)
-        return (*op.invars[2:], op.invars[1])
-    return op.invars[1:]  # scatter: (operand, indices, updates)
+        return (*range(2, n), 1)
+    return tuple(range(1, n))  # scatter: (operand, indices, updates)
 
 
 def apply_write(slot, g, wrote, write: SlotWrite, operands: Sequence[Any]):

@@ -28,9 +28,10 @@ import jax.numpy as jnp
 
 from autopipe.passes.cache_writes import SlotWrite, apply_write, write_operands
 from autopipe.passes.decode_state import DecodeState
-from autopipe.passes.ir import Program, apply_op, read_atom
-from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes, flat_layout
+from autopipe.passes.ir import Program
+from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes, packed
 from autopipe.passes.param_layout import ParamLayout, pack_flat, read_params, unpack_flat
+from autopipe.passes.tensor_local import TensorPlan, eval_stage
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -53,10 +54,11 @@ def cut(
     device: int,
     *,
     last: bool,
+    aval: Callable[[int], Any] | None = None,
 ) -> tuple[Segment, ...] | None:
     """``layout``'s batch operators on ``device`` cut before the first operator that reads a
     value written in the current segment; None when a written leaf is read by anything but
-    its write."""
+    its write. ``aval``: a carried value's aval as a device holds it (default: whole)."""
     lifted = {w.ops[device]: k for k, w in writes.items() if w.ops[device] is not None}
     written = {program.ops[i].outvars[0]: k for i, k in lifted.items()}
     old = {program.ops[i].invars[0] for i in lifted}
@@ -98,13 +100,15 @@ def cut(
         ]
         for j in range(len(parts))
     ]
+    aval = aval or program.avals.__getitem__
+    layouts = [packed({v: aval(v) for v in sorted(c)}) for c in carry]
     return tuple(
         Segment(
             ops=tuple(ops),
             writes=tuple(wr),
             reads=tuple(sorted(reads[j])),
-            carry_in=flat_layout(program, carry[j - 1] if j else []),
-            carry_out=flat_layout(program, carry[j]),
+            carry_in=layouts[j - 1] if j else packed({}),
+            carry_out=layouts[j],
         )
         for j, (ops, wr) in enumerate(parts)
     )
@@ -137,10 +141,17 @@ def segmented_tick(
     writes: Mapping[int, SlotWrite],
     cuts: Sequence[Sequence[Segment]],
     send_sizes: Mapping[str, int],
+    tensor: TensorPlan | None = None,
+    split: Mapping[int, Any] | None = None,
+    made: Mapping[int, Any] | None = None,
 ) -> Callable:
     """``tick(pslots, cache, g, recv, tok, pos, which) -> (send, cache, logits)``: every
     segment of the stages as one ``switch`` on ``which`` (device d's branch d, or p: idle),
-    the writes in place on ``cache`` after each."""
+    the writes in place on ``cache`` after each. With a tensor axis (``tensor``) operators
+    run their planned strategies on this device's shards (`passes.tensor_local`): ``split``
+    holds the Dim of each split parameter and cache leaf, ``made`` the Dim a value is made on
+    (a carried value crosses to the next segment on it)."""
+    split, made = split or {}, made or {}
     p, s = len(stages), max(len(c) for c in cuts)
     aligned = [[None] * (s - len(c)) + list(c) for c in cuts]
     carry_sizes = buffer_sizes([seg.carry_out for c in cuts for seg in c])
@@ -169,18 +180,18 @@ def segmented_tick(
             env.update(
                 (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, False)) for k, v in seg.reads
             )
-            for i in fixed + list(seg.ops):
-                op = program.ops[i]
-                outs = apply_op(op, [read_atom(env, a) for a in op.invars])
-                env.update(zip(op.outvars, outs, strict=True))
+            crossing = (*seg.carry_in.values(), *(v for _, v in seg.reads))
+            dims = {**split, **{v: made.get(v) for v in crossing}}
+            get = eval_stage(program, fixed + list(seg.ops), env, tensor, dims)
             _, wr, sent, logits = nothing(j)
             for k in after[j]:
                 if writes[k].ops[d] in seg.writes:
-                    wr[k] = (*write_operands(program, writes[k], d, env), jnp.bool_(True))
+                    wr[k] = (*write_operands(program, writes[k], d, get), jnp.bool_(True))
             if j == s - 1:
-                sent = pack_flat(env, stage.send, send_sizes)
-                logits = env[state.logits] if d == p - 1 else logits
-            return pack_flat(env, seg.carry_out, carry_sizes), wr, sent, logits
+                sent = pack_flat({v: get(v) for v in stage.send.values()}, stage.send, send_sizes)
+                logits = get(state.logits) if d == p - 1 else logits
+            out = {v: get(v, made.get(v)) for v in seg.carry_out.values()}
+            return pack_flat(out, seg.carry_out, carry_sizes), wr, sent, logits
 
         return run
 

@@ -50,7 +50,7 @@ from autopipe.passes.cache_writes import SlotWrite, apply_write, slot_writes, wr
 from autopipe.passes.decode_segments import cut, segmented_tick
 from autopipe.passes.decode_state import DecodeState
 from autopipe.passes.emit import auto_mesh
-from autopipe.passes.ir import Program, apply_op, read_atom
+from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
     ParamLayout,
@@ -59,7 +59,7 @@ from autopipe.passes.param_layout import (
     read_params,
     unpack_flat,
 )
-from autopipe.passes.tensor_local import LocalEnv, TensorPlan
+from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_shape, made_dims
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -225,19 +225,6 @@ def _stage_fn(
     logits_aval = program.avals[state.logits]
     split = params.split | caches.split
 
-    def evaluate(env):
-        """Runs the stage's operators on ``env``; returns how to read a value whole."""
-        if tensor is None:
-            for i in layout.ops:
-                op = program.ops[i]
-                outs = apply_op(op, [read_atom(env, a) for a in op.invars])
-                env.update(zip(op.outvars, outs, strict=True))
-            return env.__getitem__, None
-        local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env})
-        for i in layout.ops:
-            local.run(program, i)
-        return (lambda v: local.get(v, None)), local.get
-
     def run(bufs, slots, g, recv, tok, pos):
         env: dict = dict(key_consts)
         unpack_flat(env, layout.recv, recv)
@@ -246,15 +233,15 @@ def _stage_fn(
             (v, jax.lax.dynamic_index_in_dim(slots[k], g, 0, keepdims=False)) for k, v in mine
         )
         env.update(read_params(program, params, device, bufs))
-        whole, held = evaluate(env)
+        get = eval_stage(program, layout.ops, env, tensor, split)
         new = [_nothing(writes.get(k), x, g, block=False) for k, x in enumerate(slots)]
         for k, v in mine:  # a split cache leaf's new value stays on this device's shard
             if k in writes:
-                new[k] = (*write_operands(program, writes[k], device, env), jnp.bool_(True))
+                new[k] = (*write_operands(program, writes[k], device, get), jnp.bool_(True))
             else:
-                new[k] = whole(out_of[v]) if tensor is None else held(out_of[v], split.get(v))
-        logits = whole(state.logits) if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
-        sent = {v: whole(v) for v in layout.send.values()}
+                new[k] = get(out_of[v], split.get(v) if tensor is not None else None)
+        logits = get(state.logits) if last else jnp.zeros(logits_aval.shape, logits_aval.dtype)
+        sent = {v: get(v) for v in layout.send.values()}
         return pack_flat(sent, layout.send, sizes), tuple(new), logits
 
     return run
@@ -354,11 +341,10 @@ def _set_group(rows: Rows, g, new: Rows) -> Rows:
 def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, tensor) -> Callable:
     p, b = len(stages), d.rows
     c = max(d.groups, p)
-    # one stage updates its caches in place without help (no conditional); the tensor axis
-    # keeps the copy-back (its writes are of local shards)
-    writes = slot_writes(program, stages, state, caches) if tensor is None and p > 1 else {}
+    # one stage updates its caches in place without help (no conditional)
+    writes = slot_writes(program, stages, state, caches, tensor) if p > 1 else {}
     branches, sizes = _branches(program, stages, state, params, caches, tensor, writes)
-    segmented = _segmented(program, stages, state, params, caches, writes, sizes)
+    segmented = _segmented(program, stages, state, params, caches, writes, sizes, tensor)
 
     def one_branch(pslots, cache, g, recv, tok, pos, which):
         """The tick as one branch per stage (``which``: this device's, or p: idle); blocks
@@ -417,16 +403,27 @@ def _body(program, stages, state, params, caches, d: Decoding, axis, data_axis, 
     return body
 
 
-def _segmented(program, stages, state, params, caches, writes, sizes) -> Callable | None:
+def _segmented(program, stages, state, params, caches, writes, sizes, tensor) -> Callable | None:
     """The segmented tick (`passes.decode_segments`) when every cache slot's write is lifted
-    and every stage can be cut at its writes; None otherwise (one branch per stage)."""
+    and every stage can be cut at its writes; None otherwise (one branch per stage). On a
+    tensor axis values cross between segments as this device's shards."""
     if not writes or len(writes) != len(caches.slots):
         return None
-    p = len(stages)
-    cuts = [cut(program, st, state, writes, d, last=d == p - 1) for d, st in enumerate(stages)]
+    p, made = len(stages), made_dims(program, tensor)
+
+    def aval(v):
+        a = program.avals[v]
+        return jax.ShapeDtypeStruct(local_shape(a.shape, made.get(v), tensor.tp), a.dtype)
+
+    local = aval if tensor is not None else None
+    cuts = [
+        cut(program, st, state, writes, d, last=d == p - 1, aval=local)
+        for d, st in enumerate(stages)
+    ]
     if any(c is None for c in cuts):
         return None
-    return segmented_tick(program, stages, state, params, writes, cuts, sizes)
+    split = params.split | caches.split
+    return segmented_tick(program, stages, state, params, writes, cuts, sizes, tensor, split, made)
 
 
 def fresh_rows(prompts: np.ndarray, lengths: np.ndarray, n: int) -> tuple[Rows, np.ndarray]:

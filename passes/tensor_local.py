@@ -334,6 +334,18 @@ class LocalEnv:
                 self.get(v, None)
 
 
+def made_dims(program: Program, tensor: TensorPlan | None) -> dict[int, Dim]:
+    """Value → the Dim its operator's planned strategy makes it on (none: whole)."""
+    if tensor is None:
+        return {}
+    return {
+        v: d
+        for i, s in tensor.strategies.items()
+        for v, d in zip(program.ops[i].outvars, s.outs, strict=True)
+        if d is not None
+    }
+
+
 def eval_stage(
     program: Program,
     ops: Sequence[int],
@@ -345,20 +357,21 @@ def eval_stage(
     """Evaluates ``program.ops[i]`` for ``i`` in ``ops`` on ``env``: whole, or without a tensor
     plan, or each under its planned strategy on this device's shards (values of ``env`` held
     split as ``split`` says: value → dim). ``hook`` (a `split_backward.Hook`) wraps each
-    operator's inputs and results. Returns how to read a value whole."""
+    operator's inputs and results. Returns how to read a value: ``get(atom, dim=None)``, whole
+    or on ``dim`` (on this device's shard)."""
     if tensor is None and hook is None:
         eval_ops(program, ops, env)
-        return env.__getitem__
+        return lambda a, dim=None: read_atom(env, a)
     if tensor is None:
         for i in ops:
             op = program.ops[i]
             args = hook.args(i, op.invars, [read_atom(env, a) for a in op.invars])
             env.update(zip(op.outvars, hook.outs(i, apply_op(op, args)), strict=True))
-        return env.__getitem__
+        return lambda a, dim=None: read_atom(env, a)
     local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env}, hook=hook)
     for i in ops:
         local.run(program, i)
-    return lambda v: local.get(v, None)
+    return lambda a, dim=None: local.get(a, dim)
 
 
 def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:
