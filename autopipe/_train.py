@@ -39,11 +39,9 @@ from autopipe.passes.cluster import cluster
 from autopipe.passes.ir import source_of
 from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.optimizer_exact import shape_free
-from autopipe.passes.param_layout import param_layout
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
 from autopipe.passes.split_fused import split_fused
 from autopipe.passes.tensor_parallel import LayerShardings
-from autopipe.passes.train_actions import device_groups
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
@@ -298,7 +296,6 @@ def search_training(
         )
         for s, lay in enumerate(layouts)
     )
-    stages = _with_layout_padding(front, optimizer, stages, layouts, p, sh, opt_factor)
     return TrainingSearch(
         layers=tuple(layers),
         boundaries=tuple(bounds),
@@ -309,30 +306,6 @@ def search_training(
         remat=remat_stages,
         shared=shared_params(front, layouts, p),
         shardings=sh,
-    )
-
-
-def _with_layout_padding(front: Front, optimizer, stages, layouts, p: int, sh, opt_factor):
-    """``stages`` with each device's share of the parameter layout's padding (`passes.
-    param_layout`: slots aligned across devices by size, or by shape where the optimizer reads
-    shapes, hold zeros where a device lacks a value) added to the memory of its first stage,
-    as parameter, gradient and optimizer-state bytes: every device holds the layout's bytes."""
-    prog = front.program
-    by = "size" if shape_free(optimizer, [prog.avals[v] for v in prog.param_invars]) else "shape"
-    dims = dict(sh.dims) if sh.tp > 1 else {}
-    groups = device_groups(layouts, p)
-    layout = param_layout(prog, groups, dims=dims, tp=sh.tp, by=by, budget=None, align_shared=True)
-    held = layout.device_bytes(sh.tp)
-    own = [
-        sum(prog.nbytes(v) // (sh.tp if dims.get(v) is not None else 1) for v in set(g))
-        for g in groups
-    ]
-    factor = 2 + opt_factor
-    return tuple(
-        dataclasses.replace(st, memory=st.memory + factor * (held - own[s]))
-        if s < p and held > own[s]
-        else st
-        for s, st in enumerate(stages)
     )
 
 
