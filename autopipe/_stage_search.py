@@ -148,6 +148,13 @@ class Assembled:
     stages: tuple[Stage, ...]
     predicted: Predicted
 
+    def memory(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """Per device: the bytes it needs, and the part of them the stage DP did not price
+        (the parameter layout's padding and rest-buffer copies; `passes.partition.refit`)."""
+        seg, b = self.search.problem.segment_memory, self.search.boundaries
+        need = self.predicted.memory_per_device
+        return need, tuple(n - float(seg[b[s], b[s + 1]]) for s, n in enumerate(need))
+
 
 def assemble(front: Front, layers: Sequence[int], search: Search) -> Assembled:
     b = search.boundaries

@@ -25,13 +25,13 @@ import optax
 from autopipe._front import Front, FrontOptions, make_front
 from autopipe._plan import PlanRecord
 from autopipe._planned import Planned, forward_planned, replay_record, training_planned
-from autopipe._stage_search import assemble, layer_problem, layers_for, shard, solve
+from autopipe._stage_search import Assembled, assemble, layer_problem, layers_for, shard, solve
 from autopipe._train import TRAINING_SCHEDULES, check_schedule, cuts_fused, search_training
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.costs import OperatorCosts
 from autopipe.passes.graph import build_program
 from autopipe.passes.ir import Program
-from autopipe.passes.partition import PlanInfeasible, StageProblem
+from autopipe.passes.partition import PlanInfeasible, StageProblem, refit
 from autopipe.passes.tensor_parallel import LayerShardings, ShardingCache
 from autopipe.passes.trace import ArgSpec, make_arg_spec
 from autopipe.passes.trace import Traced as TracedProgram
@@ -292,7 +292,11 @@ class Lowered:
         front = self.front
         limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
         layers = self.layers
-        done = assemble(front, layers, solve(front, layers, limit))
+        done = refit(  # the layout's padding and rest-buffer copies counted
+            lambda lim: assemble(front, layers, solve(front, layers, lim)),
+            Assembled.memory,
+            limit,
+        )
         return forward_planned(
             front,
             done,

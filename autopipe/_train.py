@@ -38,10 +38,11 @@ from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
 from autopipe.passes.ir import source_of
 from autopipe.passes.layout import StageLayout, stage_layouts
-from autopipe.passes.optimizer_exact import shape_free
-from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages
+from autopipe.passes.optimizer_exact import layout_by, shape_free
+from autopipe.passes.partition import PlanInfeasible, StageProblem, refit, solve_stages
 from autopipe.passes.split_fused import split_fused
 from autopipe.passes.tensor_parallel import LayerShardings
+from autopipe.passes.train_actions import device_groups, training_layout
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
@@ -262,27 +263,31 @@ def search_training(
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
-    in_flight = max(sched.in_flight()) / v
     sh = training_shardings(front, layers, opt_factor)
     seg = segments(front, layers, sh)
-    bounds, times, mems, remat_stages = solve_training(
-        front,
-        layers,
-        sh,
-        seg,
-        limit=limit / v,
-        in_flight=in_flight,
-        opt_factor=opt_factor,
-        remat=remat,
-        deferred=max(sched.deferred()) / v,
-    )
+    prog = front.program
+    by = layout_by(optimizer, [prog.avals[x] for x in prog.param_invars])
+
+    def fit(lim: float):  # the DP under ``lim``, the layout's padding added per device
+        bounds, times, mems, remat_stages = solve_training(
+            front,
+            layers,
+            sh,
+            seg,
+            limit=lim / v,
+            in_flight=max(sched.in_flight()) / v,
+            opt_factor=opt_factor,
+            remat=remat,
+            deferred=max(sched.deferred()) / v,
+        )
+        layouts = _layouts(front, tuple(layers[b] for b in bounds), sh, p)
+        pad = [(2 + opt_factor) * x for x in _layout_padding(front, layouts, p, sh, by)]
+        mems = tuple(x + pad[s] if s < p else x for s, x in enumerate(mems))
+        return bounds, times, mems, remat_stages, layouts, pad
+
+    per_device = lambda found: ([sum(found[2][d::p]) for d in range(p)], found[5])  # noqa: E731
+    bounds, times, mems, remat_stages, layouts, _ = refit(fit, per_device, limit)
     op_bounds = tuple(layers[b] for b in bounds)
-    layouts = list(
-        stage_layouts(front.program, front.split, op_bounds, training=True, dims=sh.dims, tp=sh.tp)
-    )
-    owner = _raw_owner(front, layouts, p)
-    _check_stacked(front, owner)
-    layouts = tuple(_with_orphans(front, layouts, owner))
     stages = tuple(
         make_stage(
             front,
@@ -307,6 +312,31 @@ def search_training(
         shared=shared_params(front, layouts, p),
         shardings=sh,
     )
+
+
+def _layouts(front: Front, op_bounds, sh: LayerShardings, p: int) -> tuple[StageLayout, ...]:
+    """The stages' parameter layouts (checked; unread parameters kept on the last stage)."""
+    layouts = list(
+        stage_layouts(front.program, front.split, op_bounds, training=True, dims=sh.dims, tp=sh.tp)
+    )
+    owner = _raw_owner(front, layouts, p)
+    _check_stacked(front, owner)
+    return tuple(_with_orphans(front, layouts, owner))
+
+
+def _layout_padding(front: Front, layouts, p: int, sh: LayerShardings, by: str) -> list[int]:
+    """Per device, the bytes of the training layout's slots (`train_actions.training_layout`)
+    beyond its own parameters: zeros where another device holds a value it lacks. Each such
+    byte is also held as gradient and optimizer state."""
+    prog = front.program
+    dims = dict(sh.dims) if sh.tp > 1 else {}
+    layout = training_layout(prog, layouts, p, by=by, dims=dims, tp=sh.tp)
+    held = layout.device_bytes(sh.tp)
+    own = (
+        sum(prog.nbytes(x) // (sh.tp if dims.get(x) is not None else 1) for x in set(g))
+        for g in device_groups(layouts, p)
+    )
+    return [max(held - o, 0) for o in own]
 
 
 def _tensor_facts(sh: LayerShardings, lay: StageLayout, lo: int, hi: int) -> dict:

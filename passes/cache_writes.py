@@ -34,7 +34,7 @@ from autopipe.passes.decode_state import DecodeState
 from autopipe.passes.ir import Lit, Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.param_layout import ParamLayout
-from autopipe.passes.tensor_local import TensorPlan, local_shape
+from autopipe.passes.tensor_local import TensorPlan, local_aval, local_shape
 
 _MODE = jax.lax.GatherScatterMode
 
@@ -129,8 +129,7 @@ def _write_of(
 
 
 def _aval(program: Program, a, dim, tp: int) -> jax.ShapeDtypeStruct:
-    x = jnp.asarray(a.val) if isinstance(a, Lit) else program.avals[a]
-    return jax.ShapeDtypeStruct(local_shape(x.shape, dim, tp), x.dtype)
+    return local_aval(jnp.asarray(a.val) if isinstance(a, Lit) else program.avals[a], dim, tp)
 
 
 def write_operands(program: Program, write: SlotWrite, device: int, get: Callable) -> tuple:

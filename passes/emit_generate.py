@@ -59,7 +59,7 @@ from autopipe.passes.param_layout import (
     read_params,
     unpack_flat,
 )
-from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_shape, made_dims
+from autopipe.passes.tensor_local import TensorPlan, eval_stage, local_aval, made_dims
 from autopipe.passes.trace import is_key_dtype
 
 
@@ -411,13 +411,12 @@ def _segmented(program, stages, state, params, caches, writes, sizes, tensor) ->
         return None
     p, made = len(stages), made_dims(program, tensor)
 
-    def aval(v):
-        a = program.avals[v]
-        return jax.ShapeDtypeStruct(local_shape(a.shape, made.get(v), tensor.tp), a.dtype)
+    def local(v):  # a value crossing between segments: this device's shard
+        return local_aval(program.avals[v], made.get(v), tensor.tp)
 
-    local = aval if tensor is not None else None
+    aval = local if tensor is not None else None
     cuts = [
-        cut(program, st, state, writes, d, last=d == p - 1, aval=local)
+        cut(program, st, state, writes, d, last=d == p - 1, aval=aval)
         for d, st in enumerate(stages)
     ]
     if any(c is None for c in cuts):

@@ -72,7 +72,7 @@ from autopipe.passes.inputs import first_microbatch, key_inputs, per_microbatch
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import StageLayout
 from autopipe.passes.optimizer import optimizer_step, zero_spec
-from autopipe.passes.optimizer_exact import shape_free
+from autopipe.passes.optimizer_exact import layout_by
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
 from autopipe.passes.schedule import Schedule
@@ -143,7 +143,7 @@ def emit_train(
     tensor_axis = tensor_axis if tp > 1 else None
     mb = batch_size // (m * dp)
     leaves = [program.avals[v] for v in program.param_invars]
-    by = "size" if shape_free(optimizer, leaves) else "shape"
+    by = layout_by(optimizer, leaves)
     tensor = _tensor_plan(tensor_axis, tp, strategies, whole)
     opts = dict(by=by, tensor=tensor, dims=dims, mesh=mesh, split_backward=schedule.split_backward)
     acts = Actions.build(program, stages, p, mb, remat, loss_scale, **opts)

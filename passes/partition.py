@@ -54,9 +54,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import numpy as np
 
+T = TypeVar("T")
 SegmentMemory = np.ndarray | Callable[[int, int], float]
 
 # Relative tolerance under which two objective values count as a tie.
@@ -367,6 +369,44 @@ def _memory_error(memory: np.ndarray, problem: StageProblem) -> PlanInfeasible:
         f"memory_limit={problem.memory_limit:.6g} bytes: the smallest achievable largest "
         f"stage memory is {smallest:.6g} bytes{where}; use more stages, a larger "
         "memory_limit, or less memory per layer (e.g. rematerialisation)"
+    )
+
+
+def refit(
+    solve: Callable[[float], T],
+    memory: Callable[[T], tuple[Sequence[float], Sequence[float]]],
+    limit: float,
+) -> T:
+    """``solve(limit)`` such that its memory fits ``limit`` with what a per-stage model cannot
+    price (the parameter layout's padding: it depends on every stage). ``memory(found)``: per
+    device, the bytes it needs and the unpriced part of them. While a device does not fit,
+    re-solved with the limit lowered by that device's unpriced bytes (a split needing as much
+    padding then fits); `PlanInfeasible` with the numbers when no lower limit helps."""
+    target, found, best = limit, solve(limit), (math.inf, 0.0)
+    for attempt in range(4):
+        need, unpriced = memory(found)
+        over = [d for d, n in enumerate(need) if n > limit]
+        if not over:
+            return found
+        best = min(best, max((need[d], unpriced[d]) for d in over))
+        lower = limit - max(unpriced[d] for d in over)
+        if attempt == 3 or lower >= target:
+            break
+        target = lower
+        try:
+            found = solve(target)
+        except PlanInfeasible as e:
+            raise PlanInfeasible(_refit_message(limit, *best)) from e
+    raise PlanInfeasible(_refit_message(limit, *best))
+
+
+def _refit_message(limit: float, need: float, padding: float) -> str:
+    return (
+        f"no stage split fits memory_limit={limit:.6g} bytes once the parameter layout is "
+        f"counted: the best needs {need:.6g} bytes on a device, {padding:.6g} of them padding "
+        "(slots hold zeros where another device has a parameter of a shape this one lacks); "
+        "use a larger memory_limit, more devices or a tensor axis (in training, an optimizer "
+        "that reads no shapes aligns slots by size, which pads less)"
     )
 
 

@@ -75,6 +75,11 @@ def local_shape(shape: Sequence[int], dim: Dim, tp: int) -> tuple[int, ...]:
     return tuple(n // tp if d == dim else n for d, n in enumerate(shape))
 
 
+def local_aval(x: Any, dim: Dim, tp: int) -> jax.ShapeDtypeStruct:
+    """The aval of one device's shard of ``x`` (an aval or an array) split on `dim`."""
+    return jax.ShapeDtypeStruct(local_shape(x.shape, dim, tp), x.dtype)
+
+
 def reshard(x: Any, src: Dim, dst: Dim, axis: str, tp: int, *, conjugate: bool = False) -> Any:
     """``x`` (a local shard split on `src`, or whole for None) as split on `dst`. ``conjugate``:
     differentiated with Megatron's conjugate collectives (`block`, `gather`), for gradients

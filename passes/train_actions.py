@@ -53,6 +53,23 @@ def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
     return [[v for s in range(d, len(stages), p) for v in stages[s].params] for d in range(p)]
 
 
+def training_layout(
+    program: Program,
+    stages: Sequence[StageLayout],
+    p: int,
+    *,
+    by: str,
+    dims: Mapping[int, int | None] | None = None,
+    tp: int = 1,
+) -> ParamLayout:
+    """A training plan's parameter layout (`passes.param_layout`) over its ``p`` devices: slots
+    only (the optimizer sees every leaf as an array), a value several devices hold in one slot
+    (their gradients are summed row against row). The planner prices it, the emitter runs it."""
+    return param_layout(
+        program, device_groups(stages, p), dims=dims, tp=tp, by=by, budget=None, align_shared=True
+    )
+
+
 # --- stage functions under vjp -------------------------------------------------------------
 
 
@@ -256,15 +273,7 @@ class Actions:
         S = len(stages)
         dims = dict(dims or {}) if tensor is not None else {}
         tp = tensor.tp if tensor is not None else 1
-        layout = param_layout(
-            program,
-            device_groups(stages, p),
-            dims=dims,
-            tp=tp,
-            by=by,
-            budget=None,
-            align_shared=True,
-        )
+        layout = training_layout(program, stages, p, by=by, dims=dims, tp=tp)
         split = layout.split
         ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
         uses = tuple(_weight_uses(program, st, io) for st, io in zip(stages, ios, strict=True))

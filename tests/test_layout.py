@@ -248,6 +248,36 @@ def test_training_aligns_by_size_where_the_optimizer_reads_no_shapes(optimizer, 
         assert held == pytest.approx(largest * (1 + factor), rel=1e-3)
     else:
         assert held > 1.2 * largest * (1 + factor)
+        # the memory model counts the padding as parameter, gradient and state bytes on every
+        # device: against the same stages laid out by size (held: the largest stage's)
+        by_size = autopipe.train(
+            loss_fn,
+            optax.adamw(1e-3),
+            params,
+            batch,
+            mesh=mesh(2),
+            num_microbatches=2,
+            compile=False,
+        )
+        assert by_size.stage_boundaries == plan.stage_boundaries
+        extra = sum(plan.predicted.memory_per_device) - sum(by_size.predicted.memory_per_device)
+        want = 2 * (2 + factor) * (held / (1 + factor) - largest)
+        assert extra == pytest.approx(want, rel=1e-3)
+        # and the stage search weighs it: under a limit the first split does not fit once
+        # padded, it re-solves (moving the cut, or remat) and the padded plan fits
+        limit = 0.98 * max(plan.predicted.memory_per_device)
+        tight = autopipe.train(
+            loss_fn,
+            optimizer,
+            params,
+            batch,
+            mesh=mesh(2),
+            num_microbatches=2,
+            memory_limit=limit,
+            compile=False,
+        )
+        assert tight.stage_boundaries != plan.stage_boundaries or any(tight.remat)
+        assert max(tight.predicted.memory_per_device) <= limit
     state = plan.init(params)
     state, _ = plan.step(state, batch)
     assert jax.tree.structure(plan.unplace(state)) == jax.tree.structure(params)

@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 
 from autopipe.passes.partition import (
+    PlanInfeasible,
     StageProblem,
     StageSolution,
     additive_segment_memory,
     bubble_fraction,
+    refit,
     solve_stages,
     step_time,
 )
@@ -309,6 +311,25 @@ def test_memory_error_reports_smallest_achievable_memory():
         solve_stages(problem)
     with pytest.raises(ValueError, match=r"boundaries \[0, 1, 4\].*use more stages"):
         solve_stages(problem)
+
+
+def test_refit_lowers_the_limit_until_what_the_stages_cannot_price_fits():
+    # layer bytes (30, 10, 10, 10), p = 2, plus 8 bytes the stage DP cannot see (a parameter
+    # layout's padding: it depends on every stage) on the first of the shortest stages
+    kwargs = dict(p=2, m=4, layer_bytes=[30.0, 10.0, 10.0, 10.0])
+    solve = lambda lim: solve_stages(_problem([1.0] * 4, [0.0] * 3, limit=lim, **kwargs))  # noqa: E731
+
+    def padded(sol):
+        pad = [8.0 * (s == int(np.argmin(np.diff(sol.boundaries)))) for s in range(2)]
+        return [m + x for m, x in zip(sol.stage_memory, pad, strict=True)], pad
+
+    # 50: the DP's (0, 2, 4) needs (40 + 8, 20) and fits as it is
+    assert refit(solve, padded, 50.0).boundaries == (0, 2, 4)
+    # 40: it does not (48); re-solved under 40 - 8, (0, 1, 4) needs (30 + 8, 30): fits
+    assert refit(solve, padded, 40.0).boundaries == (0, 1, 4)
+    # 35: (0, 1, 4) needs 38; under 35 - 8 nothing fits
+    with pytest.raises(PlanInfeasible, match=r"memory_limit=35 bytes.*needs 38 bytes.*8 of"):
+        refit(solve, padded, 35.0)
 
 
 # ---------------------------------------------------------------------------- size

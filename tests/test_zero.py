@@ -97,11 +97,13 @@ def test_zero1_memory_is_in_the_plan_and_the_program():
     saved = args[0] - args[1]
     assert 0.95 * state_bytes / 2 <= saved <= 1.05 * state_bytes / 2, (args, state_bytes)
     # the planner's memory model counts the split: AdamW keeps 2 state bytes per parameter
-    # byte, of which each of the 2 replicas now holds half (of the parameter bytes the memory
+    # byte, of which each of the 2 replicas now holds half, of every byte a device holds in
+    # the parameter layout (its stage's, padded by size to the largest stage's; the memory
     # model counts per layer, here 5 % under the stage's: a bias at a cut)
-    for d, stage in enumerate(plans[1].stages):
+    held = max(s.param_bytes for s in plans[1].stages)
+    for d in range(len(plans[1].stages)):
         drop = plans[0].predicted.memory_per_device[d] - plans[1].predicted.memory_per_device[d]
-        assert drop == pytest.approx(stage.param_bytes, rel=0.1), (d, drop, stage.param_bytes)
+        assert drop == pytest.approx(held, rel=0.1), (d, drop, held)
     # the program: gradients reduce-scattered over the replicas and parameters all-gathered
     # (one each per split slot), neither without the split
     hlo = {z: p._runtime.compiled.as_text() for z, p in plans.items()}
