@@ -215,9 +215,8 @@ def make_stage(
 
 def _stages(front: Front, search: Search, op_bounds, layouts) -> tuple[Stage, ...]:
     problem, sh, bounds = search.problem, search.shardings, search.boundaries
-    # the forward layout's slot padding and rest-buffer copies; not yet for tensor-split plans,
-    # whose memory limits the stage DP prices without them
-    extra = layout_extra_bytes(front.program, layouts) if sh.tp == 1 else [0] * len(layouts)
+    # the forward layout's slot padding and rest-buffer copies (`refit` weighs them)
+    extra = layout_extra_bytes(front.program, layouts, dims=sh.dims, tp=sh.tp)
     out = []
     for s, lay in enumerate(layouts):
         lo, hi = bounds[s], bounds[s + 1]
