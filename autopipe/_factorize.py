@@ -137,21 +137,31 @@ def plan_on_devices(
             f"the memory limit (or divides the batch); tried {len(candidates)}. Use more "
             f"devices, a smaller batch per device, or a larger memory_limit."
         )
-    shape = (best.pp, best.dp, best.tp)
     names = (pipeline_axis, data_axis, tensor_axis)
-    if n == jax.device_count():
-        mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), names)
+    traced = trace(fn, *args, batch_argnums=options.get("batch_argnums", (1,)))
+    refusals = []
+    for f in (f for f in candidates if not math.isinf(f.step_time)):
+        # in estimated order: the exact plan may still refuse (the layout's padding)
+        shape = (f.pp, f.dp, f.tp)
+        if n == jax.device_count():
+            mesh = jax.sharding.Mesh(np.array(jax.devices()).reshape(shape), names)
+        else:
+            mesh = dict(zip(names, shape, strict=True))
+        lowered = traced.lower(
+            mesh,
+            hardware=options.get("hardware"),
+            num_microbatches=f.num_microbatches,
+            pipeline_axis=pipeline_axis,
+            data_axis=data_axis,
+            tensor_axis=tensor_axis,
+        )
+        try:
+            planned = lowered.plan(memory_limit=options.get("memory_limit"))
+            break
+        except PlanInfeasible as e:
+            refusals.append(e)
     else:
-        mesh = dict(zip(names, shape, strict=True))
-    lowered = trace(fn, *args, batch_argnums=options.get("batch_argnums", (1,))).lower(
-        mesh,
-        hardware=options.get("hardware"),
-        num_microbatches=best.num_microbatches,
-        pipeline_axis=pipeline_axis,
-        data_axis=data_axis,
-        tensor_axis=tensor_axis,
-    )
-    planned = lowered.plan(memory_limit=options.get("memory_limit"))
+        raise refusals[0]
     out = planned.finish(compile=compile_)
     return dataclasses.replace(
         out, factorizations=tuple(candidates), planning_seconds=time.perf_counter() - started
