@@ -42,7 +42,7 @@ from autopipe.passes.optimizer_exact import layout_by, shape_free
 from autopipe.passes.partition import PlanInfeasible, StageProblem, refit, solve_stages
 from autopipe.passes.split_fused import split_fused
 from autopipe.passes.tensor_parallel import LayerShardings
-from autopipe.passes.train_actions import device_groups, training_layout
+from autopipe.passes.train_actions import training_layout
 
 TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
 
@@ -283,10 +283,10 @@ def search_training(
         layouts = _layouts(front, tuple(layers[b] for b in bounds), sh, p)
         pad = [(2 + opt_factor) * x for x in _layout_padding(front, layouts, p, sh, by)]
         mems = tuple(x + pad[s] if s < p else x for s, x in enumerate(mems))
-        return bounds, times, mems, remat_stages, layouts, pad
+        per_device = [sum(mems[d::p]) for d in range(p)]
+        return (per_device, pad), (bounds, times, mems, remat_stages, layouts)
 
-    per_device = lambda found: ([sum(found[2][d::p]) for d in range(p)], found[5])  # noqa: E731
-    bounds, times, mems, remat_stages, layouts, _ = refit(fit, per_device, limit)
+    _, (bounds, times, mems, remat_stages, layouts) = refit(fit, lambda found: found[0], limit)
     op_bounds = tuple(layers[b] for b in bounds)
     stages = tuple(
         make_stage(
@@ -325,18 +325,12 @@ def _layouts(front: Front, op_bounds, sh: LayerShardings, p: int) -> tuple[Stage
 
 
 def _layout_padding(front: Front, layouts, p: int, sh: LayerShardings, by: str) -> list[int]:
-    """Per device, the bytes of the training layout's slots (`train_actions.training_layout`)
-    beyond its own parameters: zeros where another device holds a value it lacks. Each such
-    byte is also held as gradient and optimizer state."""
-    prog = front.program
+    """Per device, the zero-filled bytes of the training layout's slots
+    (`train_actions.training_layout`, `ParamLayout.padding`). Each such byte is also held as
+    gradient and optimizer state."""
     dims = dict(sh.dims) if sh.tp > 1 else {}
-    layout = training_layout(prog, layouts, p, by=by, dims=dims, tp=sh.tp)
-    held = layout.device_bytes(sh.tp)
-    own = (
-        sum(prog.nbytes(x) // (sh.tp if dims.get(x) is not None else 1) for x in set(g))
-        for g in device_groups(layouts, p)
-    )
-    return [max(held - o, 0) for o in own]
+    layout = training_layout(front.program, layouts, p, by=by, dims=dims, tp=sh.tp)
+    return layout.padding(sh.tp)
 
 
 def _tensor_facts(sh: LayerShardings, lay: StageLayout, lo: int, hi: int) -> dict:

@@ -105,6 +105,17 @@ class ParamLayout:
         rest = sum(n * np.dtype(dt).itemsize for dt, n in self.rest_sizes.items())
         return rest + sum(s.nbytes // (tp if s.dim is not None else 1) for s in self.slots)
 
+    def padding(self, tp: int = 1) -> list[int]:
+        """Per device, the bytes of its slots that hold zeros (a value only others have)."""
+        return [
+            sum(
+                s.nbytes // (tp if s.dim is not None else 1)
+                for s in self.slots
+                if s.values[d] is None
+            )
+            for d in range(self.num_devices)
+        ]
+
     def avals(self, mesh: Any, axis: str, tensor_axis: str | None) -> tuple:
         """The slots as global ``(p, *shape)`` arrays with their shardings, then the rest
         buffers as ``(p, n)``."""
