@@ -94,10 +94,12 @@ def search_factorizations(
         layers = layers_for(front, pp)
         step = mem = math.inf  # unless some stage split fits in memory
         for lean in (False, True) if tp > 1 else (False,):
-            key = (tuple(layers), tp, lean)
+            key = (tuple(layers), pp if lean else 0, tp, lean)
             if key not in shards:
                 axes = ((pipeline_axis, pp), ("dp", dp), (tensor_axis, tp))
-                shards[key] = shard(front, layers, lean=lean, mesh_axes=axes, cache=caches[tp > 1])
+                shards[key] = shard(
+                    front, layers, lean=lean, mesh_axes=axes, cache=caches[tp > 1], pipeline=pp
+                )
             problem = layer_problem(
                 front,
                 layers,

@@ -44,8 +44,12 @@ def shard(
     held: float = 1.0,
     mesh_axes: Sequence[tuple[str, int]] | None = None,
     cache: ShardingCache | None = None,
+    pipeline: int | None = None,
 ) -> LayerShardings:
-    """`shard_layers` of the front's program on its mesh (or ``mesh_axes``)."""
+    """`shard_layers` of the front's program on its mesh (or ``mesh_axes``, whose pipeline
+    axis has ``pipeline`` devices: a ``lean`` price counts a leaf only one stage holds on each,
+    as the parameter layout pads its slot there)."""
+    pipeline = front.num_stages // front.virtual_stages if pipeline is None else pipeline
     return shard_layers(
         front.program,
         front.split,
@@ -56,6 +60,7 @@ def shard(
         cache,
         lean,
         held=held,
+        pipeline=pipeline,
         backward=front.training,
     )
 

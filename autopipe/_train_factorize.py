@@ -254,7 +254,7 @@ class _Search:
             c = traced.costs
             self.layers[S, id(traced)] = cluster(c.op_times, c.cut_bytes, min_layers=S)
         layers = self.layers[S, id(traced)]
-        key = (layers, tp, id(traced))
+        key = (layers, pp if tp > 1 else 0, tp, id(traced))
         if key not in self.shards:
             cache = self.caches.setdefault(id(traced), ShardingCache())
             sh = training_shardings(front, layers, self.opt_factor / zero, cache)

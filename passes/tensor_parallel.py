@@ -15,10 +15,8 @@ times under their strategies plus the collectives attributed to them (an operato
 the reshards of the values it makes), and a stage boundary that cuts a split value pays the
 all-gather that sends it whole to the next stage.
 
-Memo: `ShardingCache` holds what several calls on the same program reuse (operator costs,
-sharding segments, solved segments); every entry is keyed by everything its value depends on
-(the hardware, the mesh's axes and the tensor axis, the tensor degree, the memory price), so a
-cache can be shared by calls for different hardware or mesh positions.
+Memo: `ShardingCache` holds what calls on one program reuse (operator costs, segments, their
+solutions), keyed by all a value depends on (hardware, tensor axis and link, tp, memory price).
 """
 
 from __future__ import annotations
@@ -31,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from autopipe.cost_models import comm
-from autopipe.cost_models.hardware import Hardware
+from autopipe.cost_models.hardware import Hardware, Link
 from autopipe.cost_models.rules import compute_time, memory_time, op_time
 from autopipe.passes import sharding
 from autopipe.passes.graph import op_cost
@@ -53,7 +51,7 @@ class SolvedKey:
     lean: bool
     held: float  # bytes held per parameter byte (see `shard_layers`)
     hardware: Hardware
-    mesh_axes: tuple[tuple[str, int], ...]
+    link: Link | None  # the tensor axis's: the mesh matters to prices only through it
     tensor_axis: str | None
     backward: bool = False
 
@@ -69,6 +67,7 @@ class ShardingCache:
     # (tp, hardware) → (op, strategy) → seconds
     priced: dict[tuple[int, Hardware], dict] = dataclasses.field(default_factory=dict)
     solved: dict[SolvedKey, Any] = dataclasses.field(default_factory=dict)
+    placed: dict[tuple[SolvedKey, tuple[int, ...]], Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -179,6 +178,13 @@ class _Pricing:
     tensor_axis: str | None
     tp: int
     held: float = 1.0
+    pipeline: int = 1
+
+    def spread(self, holders: int) -> float:
+        """Pipeline devices allocating a leaf's bytes per device holding it: the parameter
+        layout's slots are as large on every device, so a leaf only ``holders`` stages hold (an
+        embedding only the first stage reads) pads the slot on the others."""
+        return self.pipeline / min(self.pipeline, max(holders, 1))
 
     @functools.cached_property
     def _parts(self) -> dict[int, OpParts]:
@@ -216,13 +222,16 @@ class _Pricing:
             )
         return got
 
+    @functools.cached_property
+    def link(self) -> Link | None:
+        return self.hw.axis_link(self.mesh_axes, self.tensor_axis) if self.tp > 1 else None
+
     def comm_time(self, kind: str, nbytes: float) -> float:  # `sharding.solve` memoizes it
         return comm.collective_time(kind, nbytes, self.tensor_axis, self.mesh_axes, self.hw)
 
     def store_cost(self, v: int, dim: int | None) -> float:
-        link = self.hw.axis_link(self.mesh_axes, self.tensor_axis)
         held = self.held * self.program.nbytes(v) / (1 if dim is None else self.tp)
-        return held / link.bandwidth
+        return held / self.link.bandwidth
 
 
 def shard_layers(
@@ -236,6 +245,7 @@ def shard_layers(
     lean: bool = False,
     *,
     held: float = 1.0,
+    pipeline: int = 1,
     free: frozenset[int] = frozenset(),
     pinned: Mapping[int, Any] | None = None,
     backward: bool = False,
@@ -250,7 +260,8 @@ def shard_layers(
     a weight is split whenever the communication its split causes per microbatch is smaller
     than the weight itself (big matmul weights are, small norms and biases are not).
     ``held``: bytes a device holds per parameter byte it holds: 1 for a forward plan, in
-    training the parameter, its gradient and the optimizer state (Adam: 4).
+    training the parameter, its gradient and the optimizer state (Adam: 4). ``pipeline``:
+    devices on the pipeline axis, each with slots as large (`_Pricing.spread`).
 
     ``free``: batch inputs whose split the solver chooses, as for a parameter (a decode step's
     caches); ``pinned``: values held on a given Dim (value → Dim; a cache and its new value on
@@ -268,6 +279,7 @@ def shard_layers(
         tensor_axis=tensor_axis,
         tp=tp,
         held=held,
+        pipeline=pipeline,
     )
     per_layer = layer_ops(program, split, layers, cache)
     if tp == 1:
@@ -376,10 +388,13 @@ def _shared_dims(
     program, chosen = price.program, {}
     for v in _shared_params(program, segments):
         best = None
+        readers = sum(v in seg[1] for seg in segments)
         for d in sharding.value_dims(program, v, price.tp):
             trial = _with_shared(program, segments, {**chosen, v: d})
-            t = sum(_solved(price, seg, lean, backward).time for seg in trial if v in seg[1])
-            t += price.store_cost(v, d) if lean else 0.0
+            copies = collections.Counter(sig for _, _, sig in trial)
+            read = [seg for seg in trial if v in seg[1]]
+            t = sum(_solved(price, s, lean, backward, copies[s[2]])[0].time for s in read)
+            t += price.spread(readers) * price.store_cost(v, d) if lean else 0.0
             if best is None or t < best[0]:
                 best = (t, d)
         if best[1] is not None:
@@ -387,16 +402,20 @@ def _shared_dims(
     return chosen
 
 
-def _solved(price: _Pricing, segment: Segment, lean: bool, backward: bool) -> sharding.Sharding:
-    """One segment solved, each structure once (`ShardingCache.solved`)."""
+def _solved(
+    price: _Pricing, segment: Segment, lean: bool, backward: bool, copies: int = 1
+) -> tuple[sharding.Sharding, tuple[tuple[int, str, float], ...]]:
+    """One segment solved, each structure once (`ShardingCache.solved`), with its backward
+    conjugates when ``backward``; ``copies``: segments of its structure (`_Pricing.spread`)."""
     ops, fixed, signature = segment
+    spread = price.spread(copies)
     key = SolvedKey(
         signature=signature,
         tp=price.tp,
         lean=lean,
-        held=price.held,
+        held=price.held * spread if lean else 0.0,
         hardware=price.hw,
-        mesh_axes=price.mesh_axes,
+        link=price.link,
         tensor_axis=price.tensor_axis,
         backward=backward,
     )
@@ -408,11 +427,16 @@ def _solved(price: _Pricing, segment: Segment, lean: bool, backward: bool) -> sh
             fixed=fixed,
             op_time=price.time_of,
             comm_time=price.comm_time,
-            store_cost=price.store_cost if lean else None,
+            store_cost=(lambda v, d: spread * price.store_cost(v, d)) if lean else None,
             backward=backward,
         )
-    sol = price.cache.solved[key]
-    return sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, price.program, ops)
+    placed = price.cache.placed.get((key, tuple(ops)))
+    if placed is None:
+        sol = price.cache.solved[key]
+        sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, price.program, ops)
+        conj = tuple(_conjugates(price.program, sol)) if backward else ()
+        placed = price.cache.placed[key, tuple(ops)] = (sol, conj)
+    return placed
 
 
 def _solve_segments(
@@ -426,9 +450,10 @@ def _solve_segments(
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
     back: dict[int, list[tuple[str, float]]] = {}  # op → its backward conjugates
     unruled: set[str] = set()
+    copies = collections.Counter(sig for _, _, sig in segments)
     for segment in segments:
         ops = segment[0]
-        sol = _solved(price, segment, lean, backward)
+        sol, conjugates = _solved(price, segment, lean, backward, copies[segment[2]])
         dims.update(sol.dims)
         unruled |= sol.unruled
         chosen.update(sol.strategies)
@@ -436,7 +461,7 @@ def _solve_segments(
         for kind, v, nbytes in sol.collectives:
             i = made[v] if v in made else _first_reader(program, ops, v)
             charged.setdefault(i, []).append((kind, nbytes))
-        for i, kind, nbytes in _conjugates(program, sol) if backward else ():
+        for i, kind, nbytes in conjugates:
             back.setdefault(i, []).append((kind, nbytes))
     return dims, chosen, charged, back, frozenset(unruled)
 
