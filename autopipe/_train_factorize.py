@@ -55,7 +55,7 @@ from autopipe._train import (
     cuts_fused,
     solve_training,
 )
-from autopipe._train_tensor import segments, training_shardings
+from autopipe._train_tensor import held_split, segments, training_shardings
 from autopipe.cost_models import comm
 from autopipe.cost_models.stage_memory import SegmentBytes
 from autopipe.passes import schedule as schedules
@@ -148,6 +148,7 @@ class _Search:
         self.caches: dict[int, ShardingCache] = {}  # one per traced program
         self.layers: dict[int, tuple] = {}
         self.shards: dict = {}
+        self.held: dict[int, tuple] = {}  # id(forward shardings) → them, training's, its bytes
         self.refusals: list[Exception] = []
 
     def front_at(self, rows: int | None) -> Front:
@@ -257,8 +258,11 @@ class _Search:
         key = (layers, pp if tp > 1 else 0, tp, id(traced))
         if key not in self.shards:
             cache = self.caches.setdefault(id(traced), ShardingCache())
-            sh = training_shardings(front, layers, self.opt_factor / zero, cache)
-            self.shards[key] = sh, segments(front, layers, sh)
+            raw = training_shardings(front, layers, self.opt_factor / zero, cache, hold_split=False)
+            if id(raw) not in self.held:  # one pipeline size's shardings may be another's
+                sh = held_split(front, raw)
+                self.held[id(raw)] = raw, sh, segments(front, layers, sh)
+            self.shards[key] = self.held[id(raw)][1:]
         sh, seg = self.shards[key]
         limit = self.plan.get("memory_limit")
         limit = front.hardware.memory_bytes if limit is None else limit

@@ -117,10 +117,11 @@ def tensor_layer_time(
 
 
 def training_shardings(
-    front: Front, layers, opt_factor: float, cache: ShardingCache | None = None
+    front: Front, layers, opt_factor: float, cache: ShardingCache | None = None, hold_split=True
 ) -> LayerShardings:
     """The tensor strategies of a training step, memory-lean: a device holds each parameter
     byte with its gradient and ``opt_factor`` bytes of optimizer state, so a weight is split
     wherever its split's collectives cost less than sending those bytes (Megatron splits
-    every weight, its embeddings included)."""
-    return held_split(front, shard(front, layers, lean=True, held=2 + opt_factor, cache=cache))
+    every weight, its embeddings included); then `held_split` unless not ``hold_split``."""
+    sh = shard(front, layers, lean=True, held=2 + opt_factor, cache=cache)
+    return held_split(front, sh) if hold_split else sh

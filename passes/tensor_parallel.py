@@ -1,11 +1,11 @@
 """Tensor-sharding search: tensor parallelism inside stages, priced per layer for the stage
 search.
 
-The program's pipeline operators are cut into *sharding segments* at points where a single
-value is live (the residual stream between transformer blocks, the activation between
-layers of a chain), at least `SEGMENT_OPS` operators apart. Each segment is one exact sharding
-problem (`passes.sharding.solve`): the value at each segment boundary, batch inputs, program
-outputs and parameters read by more than one segment are replicated over the tensor axis;
+The program's pipeline operators are cut into *sharding segments* (`passes.tensor_segments`)
+at points where a single value is live (the residual stream between transformer blocks, the
+activation between layers of a chain). Each segment is one exact sharding problem
+(`passes.sharding.solve`): the value at each segment boundary, batch inputs, program outputs
+and parameters read by more than one segment are replicated over the tensor axis;
 inside a segment the solver picks every operator's strategy (column/row-parallel matmuls,
 heads, ...) and every parameter's split. Identical segments (repeated blocks) share one solve
 through a structural signature.
@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import itertools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -35,8 +34,12 @@ from autopipe.passes import sharding
 from autopipe.passes.graph import op_cost
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across
-
-SEGMENT_OPS = 96  # fewest pipeline operators per sharding segment (more = freer, slower solve)
+from autopipe.passes.tensor_segments import (
+    fixed_values,
+    layer_ops,
+    local_readers,
+    sharding_segments,
+)
 
 OpParts = tuple[float, float, float, float]  # compute s, memory s, overhead s, whole bytes
 Segment = tuple[list[int], dict[int, None], Any]  # operators, fixed values, signature
@@ -68,6 +71,8 @@ class ShardingCache:
     priced: dict[tuple[int, Hardware], dict] = dataclasses.field(default_factory=dict)
     solved: dict[SolvedKey, Any] = dataclasses.field(default_factory=dict)
     placed: dict[tuple[SolvedKey, tuple[int, ...]], Any] = dataclasses.field(default_factory=dict)
+    choices: dict[tuple, int] = dataclasses.field(default_factory=dict)  # a solution's choices → №
+    sharded: dict[tuple, LayerShardings] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,80 +96,6 @@ class LayerShardings:
 
     def param_scale(self, values: Sequence[int]) -> dict[int, float]:
         return {v: 1.0 / self.tp for v in values if self.dims.get(v) is not None}
-
-
-def layer_ops(
-    program: Program, split: Split, layers: Sequence[int], cache: ShardingCache | None = None
-) -> list[list[int]]:
-    """Operator indices per layer: its pipeline ops plus the local parameter ops whose first
-    pipeline consumer it holds (each local op belongs to one layer, as in the cost pass)."""
-    cache = ShardingCache() if cache is None else cache
-    if cache.readers is None:
-        readers: dict[int, list[int]] = {}
-        made = {v: i for i in split.local for v in program.ops[i].outvars}
-        for j, op in enumerate(program.ops):
-            for a in op.invars:
-                if isinstance(a, int) and a in made:
-                    readers.setdefault(made[a], []).append(j)
-        cache.readers = readers
-    owner = {
-        i: k for k, (a, b) in enumerate(itertools.pairwise(layers)) for i in split.pipeline[a:b]
-    }
-    out: list[set[int]] = [set(split.pipeline[a:b]) for a, b in itertools.pairwise(layers)]
-    for i in sorted(split.local, reverse=True):  # readers of a local op come after it
-        firsts = [owner[j] for j in cache.readers.get(i, ()) if j in owner]
-        if firsts:
-            owner[i] = min(firsts)
-            out[owner[i]].add(i)
-    return [sorted(ops) for ops in out]
-
-
-def sharding_segments(
-    program: Program, split: Split, min_ops: int = SEGMENT_OPS, live=None
-) -> list[int]:
-    """Boundaries (pipeline op positions) of the sharding segments: cuts where one value is
-    live, the first such cut at least `min_ops` after the previous boundary."""
-    live = live_across(program, split) if live is None else live
-    n = len(split.pipeline)
-    bounds = [0]
-    for k in range(1, n):
-        if len(live[k]) == 1 and k - bounds[-1] >= min_ops and n - k >= min_ops // 2:
-            bounds.append(k)
-    return [*bounds, n]
-
-
-def _fixed(
-    program: Program,
-    per_segment: Sequence[Sequence[int]],
-    free: frozenset[int] = frozenset(),
-    pinned: Mapping[int, Any] | None = None,
-) -> list[dict[int, Any]]:
-    """Per segment, the values it must see replicated: everything it shares with another
-    segment, batch inputs (but those in ``free``, whose split the solver chooses as for a
-    parameter) and program outputs; and the values of ``pinned`` on their given Dim."""
-    made: dict[int, int] = {}
-    used: dict[int, set[int]] = {}
-    for k, ops in enumerate(per_segment):
-        for i in ops:
-            made.update((v, k) for v in program.ops[i].outvars)
-            for a in program.ops[i].invars:
-                if isinstance(a, int):
-                    used.setdefault(a, set()).add(k)
-    fixed: list[dict[int, Any]] = [{} for _ in per_segment]
-    for v, segs in used.items():
-        home = made.get(v)
-        touching = segs | ({home} if home is not None else set())
-        batch_input = v in program.batch_dependent and home is None and v not in free
-        if len(touching) > 1 or batch_input:
-            for k in touching:
-                fixed[k][v] = None
-    for a in program.outvars:
-        if isinstance(a, int) and a in made:
-            fixed[made[a]][a] = None
-    for v, dim in (pinned or {}).items():
-        for k in used.get(v, set()) | ({made[v]} if v in made else set()):
-            fixed[k][v] = dim
-    return fixed
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -281,14 +212,29 @@ def shard_layers(
         held=held,
         pipeline=pipeline,
     )
-    per_layer = layer_ops(program, split, layers, cache)
+    per_layer = layer_ops(program, split, layers, _readers(program, split, cache))
     if tp == 1:
         return _unsplit(price, per_layer, lean)
     for i in (i for ops in per_layer for i in ops):
         price.parts(i)  # operator costs in layer order, as the solver will read them
     segments = _segments(program, split, cache, free, pinned)
     segments = _with_shared(program, segments, _shared_dims(price, segments, lean, backward))
-    dims, chosen, charged, back, unruled = _solve_segments(price, segments, lean, backward)
+    copies = collections.Counter(sig for _, _, sig in segments)
+    placed = [_solved(price, seg, lean, backward, copies[seg[2]]) for seg in segments]
+    # prices that differ only where no choice does (one stage's embedding priced at pp 2 and
+    # at pp 8, both split) give the same shardings
+    key = (tuple(layers), tp, hw, price.link, tensor_axis, lean, backward, *(c for *_, c in placed))
+    if key not in cache.sharded:
+        cache.sharded[key] = _assembled(price, per_layer, layers, segments, placed, lean, backward)
+    return cache.sharded[key]
+
+
+def _assembled(
+    price: _Pricing, per_layer, layers, segments, placed, lean: bool, backward: bool
+) -> LayerShardings:
+    """The per-layer shardings and costs of the ``placed`` solutions of ``segments``."""
+    program, tp = price.program, price.tp
+    dims, chosen, charged, back, unruled = _merged(program, segments, placed)
     whole = frozenset(v for _, fixed, _ in segments for v, d in fixed.items() if d is None)
     colls = _per_layer(charged, per_layer)
     times = tuple(
@@ -296,7 +242,7 @@ def shard_layers(
         + sum(price.comm_time(kind, nbytes) for kind, nbytes in layer_colls)
         for ops, layer_colls in zip(per_layer, colls, strict=True)
     )
-    live = cache.live
+    live = price.cache.live
     shards = [
         [program.nbytes(v) / tp for v in live[k] if dims.get(v) is not None] for k in layers[1:-1]
     ]
@@ -336,6 +282,12 @@ def _per_layer(table: Mapping[int, list], per_layer: Sequence[Sequence[int]]) ->
     return tuple(tuple(c for i in ops for c in table.get(i, ())) for ops in per_layer)
 
 
+def _readers(program: Program, split: Split, cache: ShardingCache) -> dict[int, list[int]]:
+    if cache.readers is None:
+        cache.readers = local_readers(program, split)
+    return cache.readers
+
+
 def _segments(
     program: Program, split: Split, cache: ShardingCache, free=frozenset(), pinned=None
 ) -> list[Segment]:
@@ -343,17 +295,19 @@ def _segments(
         cache.live = live_across(program, split)
     if cache.segments is None:
         bounds = sharding_segments(program, split, live=cache.live)
-        per_seg = layer_ops(program, split, bounds, cache)
+        per_seg = layer_ops(program, split, bounds, _readers(program, split, cache))
         cache.segments = [
             (ops, fixed, sharding.signature(program, ops, fixed))
-            for ops, fixed in zip(per_seg, _fixed(program, per_seg, free, pinned), strict=True)
+            for ops, fixed in zip(
+                per_seg, fixed_values(program, per_seg, free, pinned), strict=True
+            )
         ]
     return cache.segments
 
 
 def _shared_params(program: Program, segments: Sequence[Segment]) -> list[int]:
     """Parameters several segments read (a tied embedding: the lookup and the output head),
-    which `_fixed` holds whole."""
+    which `fixed_values` holds whole."""
     made = {v for ops, _, _ in segments for i in ops for v in program.ops[i].outvars}
     reads = collections.Counter(
         v for _, fixed, _ in segments for v, d in fixed.items() if d is None
@@ -404,9 +358,10 @@ def _shared_dims(
 
 def _solved(
     price: _Pricing, segment: Segment, lean: bool, backward: bool, copies: int = 1
-) -> tuple[sharding.Sharding, tuple[tuple[int, str, float], ...]]:
-    """One segment solved, each structure once (`ShardingCache.solved`), with its backward
-    conjugates when ``backward``; ``copies``: segments of its structure (`_Pricing.spread`)."""
+) -> tuple[sharding.Sharding, tuple[tuple[int, str, float], ...], int]:
+    """One segment solved, each structure once (`ShardingCache.solved`): its solution, its
+    backward conjugates when ``backward`` and the number of its choices (equal for solutions
+    that choose alike); ``copies``: segments of its structure (`_Pricing.spread`)."""
     ops, fixed, signature = segment
     spread = price.spread(copies)
     key = SolvedKey(
@@ -435,25 +390,21 @@ def _solved(
         sol = price.cache.solved[key]
         sol = sol if tuple(sol.ops) == tuple(ops) else sharding.transfer(sol, price.program, ops)
         conj = tuple(_conjugates(price.program, sol)) if backward else ()
-        placed = price.cache.placed[key, tuple(ops)] = (sol, conj)
+        choice = (*sorted(sol.dims.items()), *(sol.strategies[i] for i in ops), *sol.collectives)
+        choice = price.cache.choices.setdefault(choice, len(price.cache.choices))
+        placed = price.cache.placed[key, tuple(ops)] = (sol, conj, choice)
     return placed
 
 
-def _solve_segments(
-    price: _Pricing, segments: Sequence[Segment], lean: bool, backward: bool = False
-):
+def _merged(program: Program, segments: Sequence[Segment], placed):
     """(value → split dim, op → strategy, op → its collectives, op → its backward conjugate
-    collectives when ``backward``) over every sharding segment."""
-    program = price.program
+    collectives, unruled primitives) over every sharding segment's ``placed`` solution."""
     dims: dict[int, int | None] = {}
     chosen: dict[int, sharding.Strategy] = {}
     charged: dict[int, list[tuple[str, float]]] = {}  # op → its collectives
     back: dict[int, list[tuple[str, float]]] = {}  # op → its backward conjugates
     unruled: set[str] = set()
-    copies = collections.Counter(sig for _, _, sig in segments)
-    for segment in segments:
-        ops = segment[0]
-        sol, conjugates = _solved(price, segment, lean, backward, copies[segment[2]])
+    for (ops, _, _), (sol, conjugates, _) in zip(segments, placed, strict=True):
         dims.update(sol.dims)
         unruled |= sol.unruled
         chosen.update(sol.strategies)

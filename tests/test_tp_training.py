@@ -504,3 +504,46 @@ def test_relu_keeps_its_derivative_at_zero_on_tensor_shards():
     for name in params:
         want = params[name] - 0.1 * g[name]
         np.testing.assert_allclose(np.asarray(got[name]), np.asarray(want), rtol=RTOL, atol=ATOL)
+
+
+def test_shared_sharding_cache_gives_what_a_fresh_one_gives():
+    """The factorization search shares one `ShardingCache` across pipeline sizes, hardware and
+    tensor degrees (solved segments keyed by the tensor axis's link, whole layer shardings by
+    their segments' choices): every call equals the same call on a fresh cache — dims,
+    strategies and per-layer times — though the embedding's price changes with the pipeline
+    and the second hardware differs only in its flops."""
+    from autopipe._front import FrontOptions, make_front
+    from autopipe._train_tensor import training_shardings
+    from autopipe.passes.cluster import cluster
+    from autopipe.passes.tensor_parallel import ShardingCache
+
+    cfg = lm.DecoderConfig(vocab=512, seq=32, layers=4, d_model=256, heads=8, kv_heads=4)
+    model = lm.LinenLlama(dataclasses.replace(cfg, d_ff=1024, dropout=0.0))
+    tokens = jax.ShapeDtypeStruct((BATCH, 32), jnp.int32)
+    params = models.abstract_linen(model, tokens)
+
+    def loss_fn(params, batch):
+        t, lab = batch
+        return optax.softmax_cross_entropy_with_integer_labels(model.apply(params, t), lab).mean()
+
+    opts = FrontOptions(mesh=mesh(2, tp=4), training=True, tensor_axis="tp", hardware=MEGATRON_PAYS)
+    front = make_front(loss_fn, (params, (tokens, tokens)), opts)
+    layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=4)
+    shared, seen = ShardingCache(), []
+    faster = dataclasses.replace(MEGATRON_PAYS, name="faster", flops_by_dtype=(("float32", 2e12),))
+    for hw in (MEGATRON_PAYS, faster):
+        for pp, tp in ((1, 4), (2, 4), (4, 2), (2, 4), (8, 2)):
+            f = dataclasses.replace(
+                front, hardware=hw, mesh_axes=(("pp", pp), ("tp", tp)), num_stages=pp
+            )
+            got = training_shardings(f, layers, 2.0, shared)
+            want = training_shardings(f, layers, 2.0, ShardingCache())
+            assert (got.dims, got.op_strategies, got.whole) == (
+                want.dims,
+                want.op_strategies,
+                want.whole,
+            )
+            np.testing.assert_allclose(got.times, want.times, rtol=1e-12)
+            np.testing.assert_allclose(got.cut_times, want.cut_times, rtol=1e-12)
+            seen.append(sum(d is not None for d in got.dims.values()))
+    assert len(set(seen)) > 1  # the calls differ in what they split
