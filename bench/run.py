@@ -1,10 +1,10 @@
 """autopipe benchmarks: ``python bench/run.py [name ...] [--quick] [--gpu]``.
 
 Each benchmark returns rows (dicts); the runner prints a markdown table per benchmark, each
-metric beside its target or ideal, writes ``bench/results/<name>.json`` and all tables to
-``bench/results/summary.md``. The whole suite takes about 10 minutes on a 2-core CPU machine;
-``--quick`` runs a reduced version of each (for the tests). ``--gpu`` runs the same suite on
-the GPUs JAX sees (CPU-only benchmarks say they were skipped).
+metric beside its target or ideal, writes ``bench/results/<name>.json`` and the latest tables
+of every benchmark to ``bench/results/summary.md``. The whole suite takes about 10 minutes on
+a 2-core CPU machine; ``--quick`` runs a reduced version of each (for the tests). ``--gpu``
+runs the same suite on the GPUs JAX sees (CPU-only benchmarks say they were skipped).
 
 Benchmarks live in ``bench/_planning.py`` (planner only: planning time, DP optimality, plan
 quality, schedules) and ``bench/_runtime.py`` (compiled plans: parameter bytes, activation
@@ -110,16 +110,28 @@ def main(argv: list[str] | None = None) -> None:
         "quick": args.quick,
         "date": time.strftime("%F"),
     }
-    tables = []
     for name in args.names or list(BENCHMARKS):
         started = time.perf_counter()
         rows = load(name)(args)
         seconds = time.perf_counter() - started
         payload = {"meta": meta | {"seconds": round(seconds, 1)}, "rows": rows}
         (args.out / f"{name}.json").write_text(json.dumps(payload, indent=1, default=str))
-        tables.append(markdown(name, rows, seconds))
-        print(tables[-1], flush=True)
-    (args.out / "summary.md").write_text("\n".join(tables))
+        print(markdown(name, rows, seconds), flush=True)
+    (args.out / "summary.md").write_text(summary(args.out))
+
+
+def summary(out: pathlib.Path) -> str:
+    """The tables of every benchmark with results in ``out``, each from its latest run (a run
+    of some benchmarks keeps the others' tables), with the date it ran."""
+    tables = []
+    for name in BENCHMARKS:
+        path = out / f"{name}.json"
+        if path.exists():
+            saved = json.loads(path.read_text())
+            meta = saved.get("meta", {})  # a bench script run by itself writes rows only
+            title = f"{name}, {meta.get('date', 'undated')}" + " --quick" * bool(meta.get("quick"))
+            tables.append(markdown(title, saved.get("rows", []), meta.get("seconds")))
+    return "\n".join(tables)
 
 
 if __name__ == "__main__":

@@ -36,3 +36,19 @@ def test_bench_rejects_unknown_names(tmp_path):
         [sys.executable, str(RUN), "--out", str(tmp_path), "nope"], capture_output=True, text=True
     )
     assert result.returncode == 2 and "unknown benchmark" in result.stderr
+
+
+def test_summary_keeps_every_benchmarks_latest_table(tmp_path):
+    """A run of some benchmarks rewrites summary.md with every benchmark's latest results in
+    the directory, each titled with its date (a script's rows-only JSON: undated)."""
+    sys.path.insert(0, str(RUN.parent))
+    import run
+
+    meta = {"date": "2026-12-06", "quick": False, "seconds": 3.0}
+    (tmp_path / "schedules.json").write_text(json.dumps({"meta": meta, "rows": [{"a": 1}]}))
+    (tmp_path / "tied.json").write_text(json.dumps({"rows": [{"b": 2.5}]}))
+    (tmp_path / "notes.json").write_text("{}")  # not a benchmark: left out
+    text = run.summary(tmp_path)
+    assert "### schedules, 2026-12-06 (3 s)" in text and "| 1 |" in text
+    assert "### tied, undated" in text and "| 2.5 |" in text
+    assert "notes" not in text and text.index("schedules") < text.index("tied")
