@@ -113,7 +113,8 @@ def _compile_train(
         if b
     )
     ins = input_avals(front, emitted.input_sharding)
-    args = (emitted.buffers, emitted.opt_avals, batch_avals, ins)
+    tables = {k: jax.device_put(v, emitted.input_sharding) for k, v in emitted.tables.items()}
+    args = (emitted.buffers, emitted.opt_avals, batch_avals, ins, tables)
     compiled = emitted.step.lower(*args).compile()
     packers = make_packers(program, front.split, emitted.params, training=True)
     init_opt = emitted.init_opt
@@ -123,6 +124,7 @@ def _compile_train(
         packers=packers,
         init_opt=init_opt,
         unplace=_unplace_fn(program, emitted),
+        tables=tables,
     )
 
 

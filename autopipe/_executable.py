@@ -29,6 +29,7 @@ class _Runtime:
     packers: list
     init_opt: Any = None  # training: jitted optimizer.init laid out like the step expects
     unplace: Any = None  # training: jitted gather of parameters back to their leaves
+    tables: Any = None  # training: the schedule's tables, placed (the step's last argument)
     differentiable: Any = None  # the step behind Plan.apply, built on first use
     placed_key: tuple = ()
     placed: tuple = ()
@@ -174,6 +175,13 @@ class Executable:
         the batch arguments and the inputs (arguments without float leaves: a PRNG key, a step
         counter). Returns (new state, loss). Donates `state`: use only the returned one."""
         rt = self._require_training()
+        batch, ins = self._step_inputs(state, args)
+        params, opt_state, loss = rt.compiled(state.params, state.opt_state, batch, ins, rt.tables)
+        return TrainState(params=params, opt_state=opt_state, frozen=state.frozen), loss
+
+    def _step_inputs(self, state: Any, args: Sequence[Any]) -> tuple[tuple, tuple]:
+        """(batch leaves, inputs) of a training step's non-parameter ``args``, placed."""
+        rt = self._runtime
         ids, leaves = self._part(args, step=True)
         got = dict(zip(ids, leaves, strict=True))
         prog = self.program
@@ -184,8 +192,7 @@ class Executable:
         batch = tuple(
             jax.device_put(got[v], sharding) for v in prog.invars if v in prog.batch_dependent
         )
-        params, opt_state, loss = rt.compiled(state.params, state.opt_state, batch, ins)
-        return TrainState(params=params, opt_state=opt_state, frozen=state.frozen), loss
+        return batch, ins
 
     def unplace(self, state: Any) -> Any:
         """The parameter arguments (same pytrees as given to `init`) from a training state."""

@@ -151,9 +151,18 @@ class Plan(Planned, Executable):
         """The compiled HLO text."""
         return self._require_compiled().as_text()
 
-    def profile(self, *args: Any, repeats: int = 7) -> tuple:
-        """Compiles and times each stage alone on the current backend (median of `repeats`);
-        returns one `StageProfile` (measured vs predicted seconds per microbatch) per stage."""
+    def profile(self, *args: Any, repeats: int = 7) -> Any:
+        """Times the plan on the current backend (medians of `repeats`).
+
+        A forward plan, given its arguments: compiles and times each stage alone; returns one
+        `StageProfile` (measured vs predicted seconds per microbatch) per stage. A training
+        plan, given a state and the step's arguments (``plan.profile(state, *batch)``): times
+        every action kind inside the compiled step and returns a `TrainProfile` (the step the
+        measured actions predict, the step measured, the cost model's prediction)."""
+        if self.training:
+            from autopipe._train_profile import profile_training
+
+            return profile_training(self, *args, repeats=repeats)
         from autopipe._profile import profile_stages
 
         return profile_stages(self, *args, repeats=repeats)

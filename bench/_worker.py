@@ -12,6 +12,9 @@ interleave their measurements (this machine is shared and noisy). Requests:
   {"what": "parts", "pp": P, "m": M, "reps": R}      per-tick ingredients of the emitted scan
   {"what": "train", "pp": P, "m": M, "schedule": S, "reps": R}
                                                      an autopipe.train step (SGD), state carried
+  {"what": "train_profile", "pp": P, "m": M, "schedule": S, "reps": R}
+                                                     that plan's `Plan.profile`: the step its
+                                                     measured actions predict (seconds)
   {"what": "accumulate", "m": M, "reps": R}          one device: the same m microbatches'
                                                      gradients summed in order, then the update
   {"what": "train_jit", "reps": R}                   one device: the whole batch's step
@@ -79,7 +82,7 @@ class Worker:
     def handle(self, req: dict) -> dict:
         reps = int(req.get("reps", 5))
         what = req["what"]
-        if what in ("train", "accumulate", "train_jit"):
+        if what in ("train", "train_profile", "accumulate", "train_jit"):
             return self.training.handle(req, reps)
         if what == "jit":
             return {"median": _median(lambda: self.jitted(self.variables, self.tokens), reps)}
@@ -276,6 +279,9 @@ class _Training:
             )
             self.plans[key] = plan, [plan.init(v)]
         plan, state = self.plans[key]
+        if what == "train_profile":
+            prof = plan.profile(state[0], b, repeats=reps)
+            return {"predicted": prof.predicted, "measured": prof.measured, "text": str(prof)}
 
         def run():
             state[0], loss = plan.step(state[0], b)

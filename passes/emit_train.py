@@ -75,7 +75,7 @@ from autopipe.passes.optimizer import optimizer_step, zero_spec
 from autopipe.passes.optimizer_exact import layout_by
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
-from autopipe.passes.schedule import Schedule
+from autopipe.passes.schedule import Action, Schedule, actions
 from autopipe.passes.sharding_rules import Strategy
 from autopipe.passes.shared_params import check_aligned, sum_copies
 from autopipe.passes.tensor_local import TensorPlan
@@ -90,14 +90,18 @@ from autopipe.passes.train_actions import (
 )
 from autopipe.passes.train_slots import SlotPlan, plan_slots
 
-__all__ = ["EmittedTrain", "device_groups", "emit_train", "plan_chunks", "plan_slots"]
+__all__ = [
+    "EmittedTrain", "device_groups", "emit_train", "plan_chunks", "plan_slots", "probe_tables"
+]  # fmt: skip
 
 # --- the step -----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class EmittedTrain:
-    step: Callable  # jitted (slots, opt_state, batch_leaves, inputs) -> (slots, opt_state, loss)
+    # jitted (slots, opt_state, batch_leaves, inputs, tables) -> (slots, opt_state, loss)
+    step: Callable
+    tables: dict[str, np.ndarray]  # the schedule's per-tick, per-device tables (`_tables`)
     init_opt: Callable  # jitted slots -> opt_state (laid out as `opt_avals`)
     params: ParamLayout  # by size, or by shape for optimizers that read shapes
     buffers: tuple[jax.ShapeDtypeStruct, ...]  # the slots, global ``(p, *shape)``, sharded
@@ -160,7 +164,7 @@ def emit_train(
     smap = jax.shard_map(
         pipeline,
         mesh=mesh,
-        in_specs=(tuple(b.sharding.spec for b in buffers), rows, P()),
+        in_specs=(tuple(b.sharding.spec for b in buffers), rows, P(), P()),
         out_specs=(grad_specs, P()),
         # Manual over every axis: nothing inside is left to XLA's partitioner (which aborted
         # on a bf16 pipeline with an unused tensor axis: "Invalid binary instruction opcode
@@ -169,14 +173,15 @@ def emit_train(
         check_vma=False,  # operators are bound from a jaxpr traced outside the shard_map
     )
 
-    def train_step(param_slots, opt_state, batch_leaves, input_leaves):
+    def train_step(param_slots, opt_state, batch_leaves, input_leaves, tables):
         batch = tuple(x.reshape(dp, m, mb, *x.shape[1:]) for x in batch_leaves)
-        grads, loss = smap(tuple(param_slots), batch, tuple(input_leaves))
+        grads, loss = smap(tuple(param_slots), batch, tuple(input_leaves), tables)
         param_slots, opt_state = opt.update(grads, opt_state, tuple(param_slots))
         return param_slots, opt_state, loss
 
     return EmittedTrain(
         step=jax.jit(train_step, donate_argnums=(0, 1)),
+        tables=_tables(schedule, slots),
         init_opt=opt.init,
         params=acts.params,
         buffers=buffers,
@@ -217,13 +222,43 @@ def _action_tables(schedule: Schedule) -> dict[str, np.ndarray]:
     shape = (schedule.num_ticks, schedule.num_devices)
     fwd, bwd = np.full(shape, -1, np.int32), np.full(shape, idle, np.int32)
     mb_f, mb_b = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
-    for a, t in schedule.ticks().items():
-        d = schedule.device_of(a.stage)
+    cells = [
+        (t, d, a) for t, r in enumerate(schedule.table) for d, c in enumerate(r) for a in actions(c)
+    ]
+    for t, d, a in cells:
         if a.kind == "F":
             fwd[t, d], mb_f[t, d] = a.stage, a.microbatch
         else:
             bwd[t, d], mb_b[t, d] = base[a.kind] + a.stage, a.microbatch
     return {"fwd": fwd, "bwd": bwd, "mb_f": mb_f, "mb_b": mb_b}
+
+
+def probe_tables(
+    schedule: Schedule,
+    slots: SlotPlan,
+    kind: str | None,
+    index: int = 0,
+    device: int | None = None,
+) -> dict[str, np.ndarray]:
+    """Tables of the schedule's shapes in which every device d (only ``device``, if given)
+    runs ``kind`` (None: nothing) of its stage ``index · p + d`` at every tick, every slot 0:
+    the step run with them times one action kind (`autopipe._train_profile`). What the actions
+    compute from slots nobody filled is meaningless; only the time counts."""
+    p, m = schedule.num_devices, schedule.num_microbatches
+
+    def cell(t: int, d: int) -> Action | None:
+        if kind is None or device not in (None, d):
+            return None
+        return Action(kind, index * p + d, t % m)
+
+    table = tuple(tuple(cell(t, d) for d in range(p)) for t in range(schedule.num_ticks))
+    probe = dataclasses.replace(schedule, table=table)
+    zero = {
+        k: np.zeros_like(v)
+        for k, v in dataclasses.asdict(slots).items()
+        if isinstance(v, np.ndarray)
+    }
+    return zero | _action_tables(probe)
 
 
 def _when(pred, action: Callable, state: Any, inputs: Any) -> Any:
@@ -292,15 +327,15 @@ def _pipeline(
     bwd_perm = [(b, a) for a, b in fwd_perm]
     forwards = [acts.forward(s) for s in range(S)]
     backwards = _backwards(acts, schedule)
-    all_tables = _tables(schedule, slots)
     keys, input_ids = key_inputs(acts.program), acts.program.input_invars
     m = schedule.num_microbatches
 
-    def body(params, batch, inputs):
+    def body(params, batch, inputs, all_tables):
         batch = tuple(x[0] for x in batch)  # this data replica's (m, microbatch, ...) rows
         dev = jax.lax.axis_index(axis)
         first = first_microbatch(data_axis, m)
-        tables = {k: jnp.asarray(v)[:, dev] for k, v in all_tables.items()}
+        tables = {k: v[:, dev] for k, v in all_tables.items()}
+        ticks = all_tables["fwd"].shape[0]
 
         def tick(carry, t):
             fwd_in, bwd_in, inbox_f, inbox_b, state, back = carry
@@ -331,7 +366,7 @@ def _pipeline(
             return (fwd_in, bwd_in, inbox_f, inbox_b, state, back), None
 
         init = _initial_carry(acts, slots.counts)
-        carry, _ = jax.lax.scan(tick, init, jnp.arange(schedule.num_ticks))
+        carry, _ = jax.lax.scan(tick, init, jnp.arange(ticks))
         state, gacc = carry[-2], carry[-1].grads
         loss = jax.lax.psum(state.loss * acts.seed, axis)
         if data_axis:  # the replicas' gradients and losses add up
