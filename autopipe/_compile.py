@@ -113,7 +113,7 @@ def _compile_train(
         if b
     )
     ins = input_avals(front, emitted.input_sharding)
-    tables = {k: jax.device_put(v, emitted.input_sharding) for k, v in emitted.tables.items()}
+    tables = emitted.place_tables(emitted.tables)
     args = (emitted.buffers, emitted.opt_avals, batch_avals, ins, tables)
     compiled = emitted.step.lower(*args).compile()
     packers = make_packers(program, front.split, emitted.params, training=True)

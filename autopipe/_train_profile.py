@@ -86,8 +86,7 @@ def profile_training(plan: Any, state: Any, *args: Any, repeats: int = 5) -> Tra
     batch, ins = plan._step_inputs(state, args)
 
     def probe(*key: Any) -> dict:
-        tables = probe_tables(sched, emitted.slots, *key)
-        return {k: jax.device_put(v, emitted.input_sharding) for k, v in tables.items()}
+        return emitted.place_tables(probe_tables(sched, emitted.slots, *key))
 
     kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
     units = [(k, i) for k in kinds for i in range(sched.virtual_stages)]

@@ -281,7 +281,7 @@ class _Training:
         plan, state = self.plans[key]
         if what == "train_profile":
             prof = plan.profile(state[0], b, repeats=reps)
-            return {"predicted": prof.predicted, "measured": prof.measured, "text": str(prof)}
+            return {"predicted": prof.predicted}
 
         def run():
             state[0], loss = plan.step(state[0], b)

@@ -113,6 +113,10 @@ class EmittedTrain:
     residual_chunks: ResidualChunks
     input_sharding: NamedSharding  # inputs (`passes.inputs`): replicated on every device
 
+    def place_tables(self, tables: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
+        """Tables (`tables`, or `probe_tables`) as the step takes them: on every device."""
+        return {k: jax.device_put(v, self.input_sharding) for k, v in tables.items()}
+
 
 def emit_train(
     program: Program,
@@ -252,13 +256,8 @@ def probe_tables(
         return Action(kind, index * p + d, t % m)
 
     table = tuple(tuple(cell(t, d) for d in range(p)) for t in range(schedule.num_ticks))
-    probe = dataclasses.replace(schedule, table=table)
-    zero = {
-        k: np.zeros_like(v)
-        for k, v in dataclasses.asdict(slots).items()
-        if isinstance(v, np.ndarray)
-    }
-    return zero | _action_tables(probe)
+    zero = {k: np.zeros_like(v) for k, v in _slot_tables(slots).items()}
+    return zero | _action_tables(dataclasses.replace(schedule, table=table))
 
 
 def _when(pred, action: Callable, state: Any, inputs: Any) -> Any:
@@ -281,8 +280,11 @@ def _when(pred, action: Callable, state: Any, inputs: Any) -> Any:
 
 def _tables(schedule: Schedule, slots: SlotPlan) -> dict[str, np.ndarray]:
     """Every per-tick, per-device int table the scan reads: slots, actions, microbatch."""
-    tables = {k: v for k, v in dataclasses.asdict(slots).items() if isinstance(v, np.ndarray)}
-    return tables | _action_tables(schedule)
+    return _slot_tables(slots) | _action_tables(schedule)
+
+
+def _slot_tables(slots: SlotPlan) -> dict[str, np.ndarray]:
+    return {k: v for k, v in dataclasses.asdict(slots).items() if isinstance(v, np.ndarray)}
 
 
 def _backwards(acts: Actions, schedule: Schedule) -> list[Callable]:
