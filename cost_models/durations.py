@@ -44,7 +44,7 @@ def action_durations(
     def duration(a: Any) -> float:
         if a.kind == "F":
             return fwd[a.stage]
-        recompute = fwd[a.stage] if remat[a.stage] and a.kind in ("B", "W") else 0.0
+        recompute = fwd[a.stage] if remat[a.stage] and a.kind == "B" else 0.0  # W: none
         if split_backward:  # B and W split the backward's two matmuls
             return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute
         return fwd[a.stage] * BACKWARD_FACTOR + recompute

@@ -31,6 +31,7 @@ class OperatorFacts(Protocol):
     reads: tuple[frozenset[int], ...]
     act_bytes: tuple[int, ...]
     saved_bytes: tuple[float, ...]
+    stashed: tuple[tuple[int, ...], ...]
     working: memory.WorkingSet
 
 
@@ -44,6 +45,7 @@ class SegmentBytes:
     peak: np.ndarray
     inputs: np.ndarray  # bytes received at its first layer
     saved: np.ndarray  # residual bytes its backward reads (`memory.saved_bytes`)
+    stashed: np.ndarray  # bytes a deferred W keeps besides cotangents (`OperatorFacts.stashed`)
 
 
 def segment_bytes(
@@ -80,11 +82,16 @@ def segment_bytes(
     peak = np.zeros((n + 1, n + 1))
     for i in range(n):
         peak[i, i + 1 :] = np.maximum.accumulate(layer_peak[i:])
-    total = np.concatenate([[0.0], np.cumsum([sum(costs.saved_bytes[a:b]) for a, b in pairs])])
-    saved = (total[None, :] - total[:, None]) * upper
+
+    def per_segment(per_op: Sequence[float]) -> np.ndarray:
+        total = np.concatenate([[0.0], np.cumsum([sum(per_op[a:b]) for a, b in pairs])])
+        return (total[None, :] - total[:, None]) * upper
+
+    saved = per_segment(costs.saved_bytes)
+    stashed = per_segment([sum(map(nbytes, vs)) for vs in costs.stashed])
     cut_in = np.array([0.0, *(costs.cut_bytes[layers[i]] for i in range(1, n + 1))])
     inputs = cut_in[:, None] * upper
-    return SegmentBytes(params=params, peak=peak, inputs=inputs, saved=saved)
+    return SegmentBytes(params=params, peak=peak, inputs=inputs, saved=saved, stashed=stashed)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -150,9 +157,11 @@ def training_segment_memory(
     segments' ``param_scale`` (gradients and optimizer state are split alike).
     ``rows_scale``: microbatch rows relative to the traced program's (activations scale,
     parameters do not). ``deferred``: microbatches whose W waits (`Schedule.deferred`), each
-    keeping the cotangents of its tapped matmul results, counted as its matmul results."""
+    keeping the cotangents of its tapped matmul results (counted as its matmul results) and
+    those matmuls' activation inputs."""
     kept = seg.inputs if remat else seg.inputs + seg.saved
-    residuals = kept * in_flight + (seg.saved if remat else 0.0) + deferred * seg.saved
+    stored = deferred * (seg.saved + seg.stashed)
+    residuals = kept * in_flight + (seg.saved if remat else 0.0) + stored
     acts = rows_scale * (residuals + 2 * seg.peak)
     return _only_stages(seg.params * (2 + optimizer_factor) + acts)
 

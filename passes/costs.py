@@ -18,6 +18,7 @@ from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.graph import operator_graph
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across, placed_sources
+from autopipe.passes.split_backward import TAPPED_PRIMITIVES
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -29,6 +30,10 @@ class OperatorCosts:
     reads: tuple[frozenset[int], ...]  # placed parameter values each operator reads
     act_bytes: tuple[int, ...]  # output bytes per operator
     saved_bytes: tuple[float, ...]  # residual bytes per operator (`memory.saved_bytes`)
+    # per operator: the inputs zero-bubble's B stores for W (`passes.split_backward`): a matmul
+    # or convolution's activation inputs where it also reads a parameter, each value counted
+    # at its first such reader
+    stashed: tuple[tuple[int, ...], ...] = ()
     narrow_cuts: tuple[int, ...]  # cuts where one value is live (e.g. between blocks)
     unruled: tuple[str, ...]
     working: memory.WorkingSet  # materialised bytes live at each operator (XLA's fusion)
@@ -60,7 +65,28 @@ def operator_costs(program: Program, split: Split, hw: Hardware) -> OperatorCost
         unruled=tuple(unruled),
         narrow_cuts=tuple(k for k in range(1, len(times)) if len(live[k]) == 1),
         working=working_set(program, split),
+        stashed=stashed_inputs(program, split),
     )
+
+
+def stashed_inputs(program: Program, split: Split) -> tuple[tuple[int, ...], ...]:
+    """Per pipeline operator: the activation inputs (value ids) W's split backward keeps of
+    it — those of a matmul or convolution that also reads a parameter-derived value."""
+    weights = set(placed_sources(program, split, training=True))
+    weights.update(v for i in split.local for v in program.ops[i].outvars)
+    seen: set[int] = set()
+    out = []
+    for i in split.pipeline:
+        op = program.ops[i]
+        ins = [a for a in op.invars if isinstance(a, int)]
+        kept: tuple[int, ...] = ()
+        if op.kind == "eqn" and op.primitive in TAPPED_PRIMITIVES and weights & set(ins):
+            kept = tuple(
+                a for a in dict.fromkeys(ins) if a in program.batch_dependent and a not in seen
+            )
+            seen.update(kept)
+        out.append(kept)
+    return tuple(out)
 
 
 def _saved(op) -> float:

@@ -91,15 +91,17 @@ class Schedule:
         return 1.0 - work / (self.num_devices * makespan) if makespan else 0.0
 
     def in_flight(self) -> list[int]:
-        """Per device: the most microbatches whose activations it holds at once — forward run,
-        backward (or W) not yet — and 1 for a forward-only table (nothing waits)."""
+        """Per device: the most microbatches whose residuals it holds at once — forward run,
+        backward not yet (W reads only what B stored: `deferred`) — and 1 for a forward-only
+        table (nothing waits)."""
         if not self.training:
             return [1] * self.num_devices
-        return self._peak("F", "W" if self.split_backward else "B")
+        return self._peak("F", "B")
 
     def deferred(self) -> list[int]:
         """Per device: the most microbatches whose W waits at once (B run, W not yet), whose
-        tapped results' cotangents it keeps (`passes.split_backward`); 0 without W."""
+        tapped results' cotangents and activation inputs it keeps (`passes.split_backward`);
+        0 without W."""
         if not self.split_backward:
             return [0] * self.num_devices
         return self._peak("B", "W")

@@ -1,34 +1,36 @@
 """Zero-bubble's split backward without doing the backward twice.
 
 B computes the input gradient, W the weight gradient. W must not pull the cotangent back
-through the stage again: every matmul and convolution that reads a parameter and an
-activation (a *tapped* operator) hands W the cotangent of its result, which B computed on its
-way back, and W applies only that operator's weight transpose to it.
+through the stage again, nor recompute what B already computed: every matmul and convolution
+that reads a parameter and an activation (a *tapped* operator) hands W the cotangent of its
+result and its activation input, both of which B has on its way back (the activation input is
+recomputed there from the stored matmul results anyway), and W applies only that operator's
+weight transpose to them: x^T g, nothing else of the stage.
 
-The stage runs under one function with the same residuals for F, B and W, and the split lives
-in identity operators with custom VJPs whose backward is fixed when the action is traced (so
-XLA drops what an action does not need):
+The split lives in identity operators with custom VJPs around the stage's operators while F
+and B run it (`Hook`), so XLA drops what B does not need:
 
-  - a tapped operator's parameter-derived inputs pass their cotangent in W only, and its
-    result is `_tap`'ed: in B the cotangent arriving there is also returned as the cotangent
-    of a zero *probe* input (B stores it); in W nothing flows back through the result, and the
-    stage returns the result once more as an extra output whose cotangent W sets to the stored
-    one;
+  - a tapped operator's parameter-derived inputs pass no cotangent (W computes it), and its
+    result is `_tap`'ed: the cotangent arriving there is also returned as the cotangent of a
+    zero *probe* input; its activation input is `_stash`'ed: the cotangent of a second probe
+    is that input's value (B stores both);
   - every other operator that reads a parameter-derived value and an activation (a bias add,
-    a norm's scale, an embedding lookup, a scanned layer) passes the parameter's cotangent in
-    B only: its weight gradient is cheap, or (a scan) cannot be split here, and B computes it.
+    a norm's scale, an embedding lookup, a scanned layer) passes the parameter's cotangent:
+    its weight gradient is cheap, or (a scan) cannot be split here, and B computes it.
 
-So B's parameter gradients are those of the untapped uses and W's those of the tapped ones;
-their sum is the gradient. `WeightUses` says which operators are which and which parameters
-each action adds to the gradient sums.
+W evaluates only the operators that do not depend on an activation (the parameters' casts,
+reshapes) and the tapped operators on the stored activation inputs, and takes their VJP with
+the stored cotangents. So B's parameter gradients are those of the untapped uses and W's those
+of the tapped ones; their sum is the gradient. `WeightUses` says which operators are which and
+which parameters each action adds to the gradient sums. W reads no residual of F: a deferred
+W holds only its stored cotangents and activation inputs.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,16 +39,16 @@ from autopipe.passes.ir import Program
 
 TAPPED_PRIMITIVES = frozenset({"dot_general", "conv_general_dilated"})
 
-Mode = Literal["B", "W"]
-
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class WeightUses:
     """How a stage's operators use its parameters (value ids and op indices of a `Program`)."""
 
     tapped: tuple[int, ...]  # matmuls/convolutions of a parameter-derived and an activation input
+    stashed: tuple[tuple[int, int], ...]  # (tapped op, input position) of each activation input
     gated: frozenset[int]  # other operators reading a parameter-derived float and an activation
     derived: frozenset[int]  # values computed from parameters (and constants) alone
+    static: tuple[int, ...]  # the operators that depend on no activation, in order
     late: frozenset[int]  # parameters read by a tapped operator: W adds their gradient
     early: frozenset[int]  # parameters read otherwise (or sent on): B adds their gradient
 
@@ -62,95 +64,99 @@ def weight_uses(
     parameters), ``activations`` (the received and batch values) or neither (constants)."""
     origin: dict[int, frozenset[int]] = {v: frozenset({v}) for v in params}
     act = set(activations)
-    tapped, gated, late, early = [], set(), set(), set()
+    tapped, stashed, static, gated, late, early = [], [], [], set(), set(), set()
     for i in ops:
         op = program.ops[i]
         ins = [a for a in op.invars if isinstance(a, int)]
         weights = [a for a in ins if a in origin and is_float(program.avals[a])]
-        if any(a in act for a in ins):
-            act.update(op.outvars)
-            if not weights:
-                continue
-            if (
-                op.kind == "eqn"
-                and op.primitive in TAPPED_PRIMITIVES
-                and is_float(program.avals[op.outvars[0]])
-            ):
-                tapped.append(i)
-                late.update(*(origin[a] for a in weights))
-            else:
-                gated.add(i)
-                early.update(*(origin[a] for a in weights))
-        elif any(a in origin for a in ins):
-            for v in op.outvars:
-                origin[v] = frozenset().union(*(origin[a] for a in ins if a in origin))
+        if not any(a in act for a in ins):
+            static.append(i)
+            if any(a in origin for a in ins):
+                for v in op.outvars:
+                    origin[v] = frozenset().union(*(origin[a] for a in ins if a in origin))
+            continue
+        act.update(op.outvars)
+        if not weights:
+            continue
+        if (
+            op.kind == "eqn"
+            and op.primitive in TAPPED_PRIMITIVES
+            and is_float(program.avals[op.outvars[0]])
+        ):
+            tapped.append(i)
+            stashed += [(i, j) for j, a in enumerate(op.invars) if isinstance(a, int) and a in act]
+            late.update(*(origin[a] for a in weights))
+        else:
+            gated.add(i)
+            early.update(*(origin[a] for a in weights))
     early.update(*(origin[v] for v in outputs if v in origin))  # sent on: B's cotangent
     return WeightUses(
         tapped=tuple(tapped),
+        stashed=tuple(stashed),
         gated=frozenset(gated),
         derived=frozenset(origin),
+        static=tuple(static),
         late=frozenset(late),
         early=frozenset(early),
     )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _gate(x: Any, keep: bool) -> Any:
+@jax.custom_vjp
+def _gate(x: Any) -> Any:
+    """Identity passing no cotangent: a tapped operator's parameter input (W's)."""
     return x
 
 
-def _gate_fwd(x, keep):
-    return x, None
+_gate.defvjp(lambda x: (x, None), lambda _, ct: (jnp.zeros_like(ct),))
 
 
-def _gate_bwd(keep, _, ct):
-    return (ct if keep else jnp.zeros_like(ct),)
-
-
-_gate.defvjp(_gate_fwd, _gate_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _tap(y: Any, probe: Any, mode: Mode) -> Any:
+@jax.custom_vjp
+def _tap(y: Any, probe: Any) -> Any:
+    """Identity whose cotangent is also the cotangent of ``probe``: a tapped result's, for W."""
     return y
 
 
-def _tap_fwd(y, probe, mode):
-    return y, None
+_tap.defvjp(lambda y, probe: (y, None), lambda _, ct: (ct, ct))
 
 
-def _tap_bwd(mode, _, ct):
-    if mode == "B":
-        return ct, ct
-    zero = jnp.zeros_like(ct)
-    return zero, zero
+@jax.custom_vjp
+def _stash(x: Any, probe: Any) -> Any:
+    """Identity whose backward returns ``x`` itself as the cotangent of ``probe``: a tapped
+    operator's activation input, for W (recomputed in the backward like every other
+    non-matmul value, `passes.residuals.saving`)."""
+    return x
 
 
-_tap.defvjp(_tap_fwd, _tap_bwd)
+_stash.defvjp(lambda x, probe: (x, x), lambda x, ct: (ct, x))
 
 
 @dataclasses.dataclass(kw_only=True)
 class Hook:
-    """Applied around each operator while a stage is evaluated (`tensor_local.eval_stage`).
-    ``probes`` None: only records the tapped results (to learn their shapes)."""
+    """Applied around each operator while F and B evaluate a stage (`tensor_local.eval_stage`).
+    ``stash_of``: (tapped op, input position) → index of the stored activation input it reads
+    (one per value and layout: q, k and v projections of one input share it). ``probes``: one
+    zero per tapped result and one per stored input; None: only records them (to learn their
+    shapes)."""
 
     uses: WeightUses
-    mode: Mode
-    probes: Sequence[Any] | None
+    stash_of: Mapping[tuple[int, int], int]
+    probes: tuple[Sequence[Any], Sequence[Any]] | None
     taps: list = dataclasses.field(default_factory=list)  # the tapped results, in order
+    stash: dict = dataclasses.field(default_factory=dict)  # index → activation input
 
     def args(self, i: int, invars: Sequence[Any], args: list) -> list:
-        if i in self.uses.gated:
-            keep = self.mode == "B"
-        elif i in self.uses.tapped:
-            keep = self.mode == "W"
-        else:
+        if i not in self.uses.tapped:
             return args
-        derived = self.uses.derived
-        return [
-            _gate(x, keep) if isinstance(a, int) and a in derived and is_float(x) else x
-            for a, x in zip(invars, args, strict=True)
-        ]
+        derived, out = self.uses.derived, list(args)
+        for j, (a, x) in enumerate(zip(invars, args, strict=True)):
+            k = self.stash_of.get((i, j))
+            if isinstance(a, int) and a in derived and is_float(x):
+                out[j] = _gate(x)
+            elif k is not None and k not in self.stash:
+                self.stash[k] = x
+                if self.probes is not None:
+                    out[j] = _stash(x, self.probes[1][k])
+        return out
 
     def outs(self, i: int, outs: list) -> list:
         if i not in self.uses.tapped:
@@ -159,7 +165,23 @@ class Hook:
         self.taps.append(y)
         if self.probes is None:
             return outs
-        return [_tap(y, self.probes[len(self.taps) - 1], self.mode)]
+        return [_tap(y, self.probes[0][len(self.taps) - 1])]
+
+
+@dataclasses.dataclass(kw_only=True)
+class Recorder:
+    """Records the tapped results while W evaluates a stage's static and tapped operators."""
+
+    uses: WeightUses
+    taps: list = dataclasses.field(default_factory=list)
+
+    def args(self, i: int, invars: Sequence[Any], args: list) -> list:
+        return args
+
+    def outs(self, i: int, outs: list) -> list:
+        if i in self.uses.tapped:
+            self.taps.append(outs[0])
+        return outs
 
 
 def is_float(x: Any) -> bool:
@@ -167,21 +189,12 @@ def is_float(x: Any) -> bool:
     return jnp.issubdtype(x.dtype, jnp.inexact)
 
 
-def tap_avals(fn: Callable, args: tuple, n_out: int, local: Callable) -> tuple:
-    """The avals of a stage's tapped results as one device holds them (``local``: how the
-    stage is traced as one device runs it)."""
+def tap_avals(fn: Callable, args: tuple, n_out: int, local: Callable) -> tuple[tuple, tuple]:
+    """The avals of a stage's tapped results and of their activation inputs as one device
+    holds them (``local``: how the stage is traced as one device runs it)."""
 
     def taps(param_vals, recv_vals, fixed_vals, xs):
-        return fn(param_vals, recv_vals, fixed_vals, xs, None)[0][n_out:]
+        return fn(param_vals, recv_vals, fixed_vals, xs, None)[0][n_out]
 
-    return tuple(jax.eval_shape(local(taps), *args))
-
-
-def w_treedef(b: Any, w: Any) -> Any:
-    """W's VJP structure, checked to hold the residuals F stored for B: the two differ only
-    in the backward rules of `split_backward`'s identities."""
-    if b.stored != w.stored or b.param_index != w.param_index:
-        raise AssertionError(
-            f"the split backward's W residuals differ from B's: {w.stored} vs {b.stored}"
-        )
-    return w.treedef
+    got = jax.eval_shape(local(taps), *args)
+    return tuple(got[0]), tuple(got[1])

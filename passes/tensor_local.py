@@ -358,25 +358,41 @@ def eval_stage(
     tensor: TensorPlan | None,
     split: Mapping,
     hook: Any = None,
+    seeds: Mapping[tuple[int, Dim], Any] | None = None,
 ) -> Callable[[int], Any]:
     """Evaluates ``program.ops[i]`` for ``i`` in ``ops`` on ``env``: whole, or without a tensor
     plan, or each under its planned strategy on this device's shards (values of ``env`` held
     split as ``split`` says: value → dim). ``hook`` (a `split_backward.Hook`) wraps each
-    operator's inputs and results. Returns how to read a value: ``get(atom, dim=None)``, whole
-    or on ``dim`` (on this device's shard)."""
-    if tensor is None and hook is None:
-        eval_ops(program, ops, env)
-        return lambda a, dim=None: read_atom(env, a)
+    operator's inputs and results. ``seeds``: values given as an operator reads them,
+    (value, Dim) → this device's array (`input_dim`), for operators whose producers are not
+    evaluated. Returns how to read a value: ``get(atom, dim=None)``, whole or on ``dim`` (on
+    this device's shard)."""
+    seeds = seeds or {}
     if tensor is None:
-        for i in ops:
+        env.update({a: x for (a, _), x in seeds.items()})
+        if hook is None:
+            eval_ops(program, ops, env)
+        for i in ops if hook is not None else ():
             op = program.ops[i]
             args = hook.args(i, op.invars, [read_atom(env, a) for a in op.invars])
             env.update(zip(op.outvars, hook.outs(i, apply_op(op, args)), strict=True))
         return lambda a, dim=None: read_atom(env, a)
     local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env}, hook=hook)
+    for (a, d), x in seeds.items():
+        local.cache[a, d] = x
+        if a not in env:
+            env[a], local.held[a] = x, d
     for i in ops:
         local.run(program, i)
     return lambda a, dim=None: local.get(a, dim)
+
+
+def input_dim(program: Program, tensor: TensorPlan | None, i: int, j: int) -> Dim:
+    """The Dim operator i reads its input j on under its planned strategy (None: whole)."""
+    if tensor is None:
+        return None
+    op = program.ops[i]
+    return (tensor.strategies.get(i) or replicated(op)).ins[j]
 
 
 def _custom_jvp_local(op: Op, args: Sequence[Any]) -> list[Any]:

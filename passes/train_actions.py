@@ -1,8 +1,9 @@
 """The actions of a training table, per stage: F (forward under ``jax.vjp``, its matmul and
 convolution results written into their residual slots in place, the rest recomputed by B), B
 (input gradient, and the weight gradient unless W is split off) and W (the weight gradients of
-the matmuls that read parameters, from the cotangents B stored: `passes.split_backward`). See
-`passes.emit_train` for how a tick runs them; parameters are read from the device's rows of the
+the matmuls that read parameters, from the cotangents and activation inputs B stored:
+`passes.split_backward`). The stage functions they differentiate are `passes.stage_fns`'; see
+`passes.emit_train` for how a tick runs them. Parameters are read from the device's rows of the
 slots of a `ParamLayout`.
 
 With a tensor axis every operator of a stage runs its planned strategy on this device's shards
@@ -36,16 +37,16 @@ from autopipe.passes.param_layout import (
     unpack_flat,
 )
 from autopipe.passes.residuals import ResidualChunks, plan_chunks, saving
-from autopipe.passes.split_backward import (
-    Hook,
-    Mode,
-    WeightUses,
-    is_float,
-    tap_avals,
-    w_treedef,
-    weight_uses,
+from autopipe.passes.split_backward import WeightUses, tap_avals
+from autopipe.passes.stage_fns import (
+    Residuals,
+    StageIO,
+    residual_spec,
+    stage_fns,
+    stage_io,
+    stage_weight_uses,
 )
-from autopipe.passes.tensor_local import TensorPlan, as_one_device, eval_stage, local_shape
+from autopipe.passes.tensor_local import as_one_device, local_shape
 
 
 def device_groups(stages: Sequence[StageLayout], p: int) -> list[list[int]]:
@@ -79,131 +80,6 @@ def float_part(layout: FlatLayout) -> FlatLayout:
     return FlatLayout(slots=tuple(floats))
 
 
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _StageIO:
-    """The differentiable interface of one stage. Integer and boolean values (masks, indices,
-    counts) cross stages forward like any other, but carry no cotangent: they enter as
-    ``fixed`` and leave as ``aux``, outside the differentiated function."""
-
-    params: tuple[int, ...]  # float parameter values (differentiated)
-    recv: tuple[int, ...]  # float values received (differentiated)
-    fixed: tuple[int, ...]  # int/bool parameter or received values (not differentiated)
-    fixed_recv: tuple[int, ...]  # the received ones among ``fixed``
-    outputs: tuple[int, ...]  # float values sent on, or the loss (differentiated)
-    aux: tuple[int, ...]  # int/bool values sent on (no cotangent)
-
-
-def _stage_io(program: Program, layout: StageLayout, last: bool) -> _StageIO:
-    params = layout.params
-    recv = layout.recv.values()
-    floats = lambda vs: tuple(v for v in vs if is_float(program.avals[v]))  # noqa: E731
-    others = lambda vs: tuple(v for v in vs if not is_float(program.avals[v]))  # noqa: E731
-    sent = tuple(program.outvars) if last else layout.send.values()
-    return _StageIO(
-        params=floats(params),
-        recv=floats(recv),
-        fixed=others((*params, *recv)),
-        fixed_recv=others(recv),
-        outputs=floats(sent) if not last else sent,
-        aux=others(sent) if not last else (),
-    )
-
-
-def _apply_fn(
-    program: Program,
-    layout: StageLayout,
-    io: _StageIO,
-    consts: dict,
-    tensor: TensorPlan | None = None,
-    split: Mapping[int, int] | None = None,
-    uses: WeightUses | None = None,
-    mode: Mode = "B",
-) -> Callable:
-    """``apply(params, recv, fixed, xs, probes) -> (outputs, aux)``: the stage,
-    differentiable in its first two arguments and ``probes`` (`jax.vjp` with ``has_aux``).
-    With a tensor axis (``tensor``, conjugate) every operator runs its planned strategy on
-    this device's shards (`passes.tensor_local`): parameters in ``split`` (value → dim) arrive
-    as shards, everything else whole, and the values leaving the stage are made whole.
-    With ``uses`` the backward is split as ``mode``'s action needs (`passes.split_backward`):
-    the tapped results follow the outputs (as this device holds them), ``probes`` one zero
-    per tapped result (None: no tapping, to learn their shapes)."""
-    batch_in = batch_values(program)
-    split = split or {}
-
-    def apply(param_vals, recv_vals, fixed_vals, xs, probes=()):
-        env = dict(consts)
-        env.update(zip(io.params, param_vals, strict=True))
-        env.update(zip(io.recv, recv_vals, strict=True))
-        env.update(zip(io.fixed, fixed_vals, strict=True))
-        env.update(zip(batch_in, xs, strict=True))
-        hook = None if uses is None else Hook(uses=uses, mode=mode, probes=probes)
-        whole = eval_stage(program, layout.ops, env, tensor, split, hook)
-        taps = tuple(hook.taps) if hook is not None else ()
-        return tuple(whole(v) for v in io.outputs) + taps, tuple(whole(v) for v in io.aux)
-
-    return apply
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class _Residuals:
-    """How a stage's VJP residuals are stored: which leaves are its own parameters (not
-    stored), and the avals of the rest."""
-
-    treedef: Any
-    param_index: tuple[int, ...]  # per leaf: index into param_vals, or -1 when stored
-    stored: tuple[jax.ShapeDtypeStruct, ...]  # the stored leaves, in order
-
-
-def batch_values(program: Program) -> list[int]:
-    """The values a stage reads per microbatch: batch leaves, then the inputs as this
-    microbatch sees them (`passes.inputs`)."""
-    return [*(v for v in program.invars if v in program.batch_dependent), *program.input_invars]
-
-
-def _residual_spec(
-    fn: Callable, args: tuple, remat: bool, n_fixed_recv: int, mesh: Any = None
-) -> _Residuals:
-    """Traces ``jax.vjp`` of a stage abstractly to learn its residual structure (under remat:
-    the stage input, i.e. the received values, the last ``n_fixed_recv`` of ``fixed``
-    included). ``mesh``: traced inside a shard_map manual over its axes (the stage binds
-    collectives), ``args`` being one device's local shapes."""
-    found = {}
-
-    def probe(param_vals, recv_vals, fixed_vals, xs, probes):
-        if remat:  # the stage input: its float values and the received int/bool ones
-            got = (*recv_vals, *fixed_vals[len(fixed_vals) - n_fixed_recv :])
-            leaves, treedef = jax.tree.flatten(got)
-            found["spec"] = (treedef, [-1] * len(leaves))
-            return leaves
-        f = saving(fn, fixed_vals, xs)
-        _, vjp_fn, _ = jax.vjp(f, param_vals, recv_vals, probes, has_aux=True)
-        leaves, treedef = jax.tree.flatten(vjp_fn)
-        index = [next((i for i, q in enumerate(param_vals) if q is x), -1) for x in leaves]
-        found["spec"] = (treedef, index)
-        return [x for x, i in zip(leaves, index, strict=True) if i < 0]
-
-    stored = jax.eval_shape(as_one_device(probe, mesh), *args)
-    treedef, index = found["spec"]
-    return _Residuals(treedef=treedef, param_index=tuple(index), stored=tuple(stored))
-
-
-def _stage_fns(program, stages, ios, tensor, split, uses) -> tuple[tuple, tuple]:
-    """Every stage's `_apply_fn` as B differentiates it, and as W does."""
-    consts = dict(program.consts)
-    return tuple(
-        tuple(
-            _apply_fn(program, st, io, consts, tensor, split, u, mode)
-            for st, io, u in zip(stages, ios, uses, strict=True)
-        )
-        for mode in ("B", "W")
-    )
-
-
-def _weight_uses(program: Program, layout: StageLayout, io: _StageIO) -> WeightUses:
-    acts = (*io.recv, *io.fixed_recv, *batch_values(program))
-    return weight_uses(program, layout.ops, io.params, acts, (*io.outputs, *io.aux))
-
-
 class ForwardState(NamedTuple):
     """What forward actions update (in place: see `_when`)."""
 
@@ -228,10 +104,10 @@ class Actions:
 
     program: Program
     stages: tuple[StageLayout, ...]
-    ios: tuple[_StageIO, ...]
+    ios: tuple[StageIO, ...]
     fns: tuple[Callable, ...]
-    fns_w: tuple[Callable, ...]  # the same, differentiated as W (with W split off)
-    specs: tuple[_Residuals, ...]
+    fns_w: tuple[Callable | None, ...]  # W's functions (with W split off: `_weight_fn`)
+    specs: tuple[Residuals, ...]
     chunks: ResidualChunks
     params: ParamLayout  # the slots of every device's stages (by size or by shape)
     boundary_sizes: dict[str, int]  # forward: one flat buffer per dtype of any boundary
@@ -241,9 +117,11 @@ class Actions:
     tp: int = 1  # tensor-split slots hold 1/tp of their shape on each device
     # with W split off (`passes.split_backward`), per stage:
     uses: tuple[WeightUses, ...] = ()
-    w_treedefs: tuple[Any, ...] = ()  # the VJP's structure as W differentiates
     taps: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # the tapped results' avals
-    cots: tuple[FlatLayout, ...] = ()  # their cotangents B stores for W (keyed by tap index)
+    stash: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # their activation inputs'
+    # what B stores for W: the tapped results' cotangents (keyed by tap index), then the
+    # activation inputs (keyed by len(taps) + stash index)
+    cots: tuple[FlatLayout, ...] = ()
 
     @property
     def cot_sizes(self) -> dict[str, int]:
@@ -275,10 +153,10 @@ class Actions:
         tp = tensor.tp if tensor is not None else 1
         layout = training_layout(program, stages, p, by=by, dims=dims, tp=tp)
         split = layout.split
-        ios = tuple(_stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
-        uses = tuple(_weight_uses(program, st, io) for st, io in zip(stages, ios, strict=True))
+        ios = tuple(stage_io(program, st, s == S - 1) for s, st in enumerate(stages))
+        uses = tuple(stage_weight_uses(program, st, io) for st, io in zip(stages, ios, strict=True))
         uses = uses if split_backward else (None,) * S
-        fns, fns_w = _stage_fns(program, stages, ios, tensor, split, uses)
+        fns, fns_w = stage_fns(program, stages, ios, tensor, split, uses)
         aval = lambda v: jax.ShapeDtypeStruct(  # noqa: E731
             layout.shard_shape(program, v), program.avals[v].dtype
         )
@@ -291,17 +169,21 @@ class Actions:
         args = [
             (*(tuple(map(aval, vs)) for vs in (io.params, io.recv, io.fixed)), batch) for io in ios
         ]
-        taps = tuple(
-            tap_avals(fns[s], a, len(io.outputs), lambda f: as_one_device(f, mesh))
-            if split_backward
-            else ()
-            for s, (io, a) in enumerate(zip(ios, args, strict=True))
+        taps, stash = zip(
+            *(
+                tap_avals(fns[s], a, len(io.outputs), lambda f: as_one_device(f, mesh))
+                if split_backward
+                else ((), ())
+                for s, (io, a) in enumerate(zip(ios, args, strict=True))
+            ),
+            strict=True,
         )
-        spec = lambda f, s: _residual_spec(  # noqa: E731
-            f[s], (*args[s], taps[s]), remat[s], len(ios[s].fixed_recv), mesh
+        specs = tuple(
+            residual_spec(
+                fns[s], (*args[s], (taps[s], stash[s])), remat[s], len(ios[s].fixed_recv), mesh
+            )
+            for s in range(S)
         )
-        specs = tuple(spec(fns, s) for s in range(S))
-        w_treedefs = tuple(w_treedef(specs[s], spec(fns_w, s)) for s in range(S) if uses[s])
         return cls(
             program=program,
             stages=tuple(stages),
@@ -317,9 +199,9 @@ class Actions:
             seed=seed,
             tp=tp,
             uses=uses if split_backward else (),
-            w_treedefs=w_treedefs,
             taps=taps,
-            cots=tuple(packed(dict(enumerate(t))) for t in taps),
+            stash=stash,
+            cots=tuple(packed(dict(enumerate((*t, *x)))) for t, x in zip(taps, stash, strict=True)),
         )
 
     def _params(self, s: int, slots: Sequence[Any]) -> dict:
@@ -363,7 +245,6 @@ class Actions:
             fv = tuple(env[v] if v in env else recv_env[v] for v in io.fixed)
             f = saving(self.fns[s], fv, x.xs)
             outs, f_vjp, aux = jax.vjp(f, pv, rv, self._probes(s), has_aux=True)
-            outs = outs[: len(io.outputs)]
             if self.remat[s]:
                 stored = [*rv, *(recv_env[v] for v in io.fixed_recv)]
             else:
@@ -398,11 +279,14 @@ class Actions:
         return tuple(ress)
 
     def _probes(self, s: int) -> tuple:
-        return tuple(jnp.zeros(t.shape, t.dtype) for t in self.taps[s]) if self.taps else ()
+        if not self.uses:
+            return ()
+        zeros = lambda avals: tuple(jnp.zeros(t.shape, t.dtype) for t in avals)  # noqa: E731
+        return zeros(self.taps[s]), zeros(self.stash[s])
 
-    def _vjp(self, s: int, env: dict, x: TickInputs, ress: tuple, w: bool = False) -> Callable:
-        """The stage's VJP rebuilt from its residual slot (or recomputed from the saved input),
-        as B (or with ``w``, as W) differentiates it."""
+    def _vjp(self, s: int, env: dict, x: TickInputs, ress: tuple) -> Callable:
+        """The stage's VJP rebuilt from its residual slot (or recomputed from the saved
+        input)."""
         io, spec = self.ios[s], self.specs[s]
         pv = tuple(env[v] for v in io.params)
         pieces = self.chunks.pieces[s]
@@ -418,52 +302,67 @@ class Actions:
             n = len(io.recv)
             rv, got = stored[:n], dict(zip(io.fixed_recv, stored[n:], strict=True))
             fv = tuple(env[v] if v in env else got[v] for v in io.fixed)
-            f = saving((self.fns_w if w else self.fns)[s], fv, x.xs)
+            f = saving(self.fns[s], fv, x.xs)
             return jax.vjp(f, pv, tuple(rv), self._probes(s), has_aux=True)[1]
         it = iter(stored)
         leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
-        return jax.tree.unflatten(self.w_treedefs[s] if w else spec.treedef, leaves)
+        return jax.tree.unflatten(spec.treedef, leaves)
 
     def backward(self, s: int, *, weights: bool, inputs: bool) -> Callable:
         """B (``inputs``: the input gradient, sent back; with ``weights`` the weight gradient
         too) or, with W split off, B (``inputs`` only: the gradients of the parameters no
-        tapped operator reads, and the tapped results' cotangents stored for W) and W
-        (``weights`` only: the tapped operators' weight gradients from those cotangents; see
+        tapped operator reads; the tapped results' cotangents and activation inputs stored for
+        W) and W (``weights`` only: the tapped operators' weight gradients from those; see
         `passes.split_backward`), as an in-place action ``(state, (x, ress)) -> state``: the
         parameter gradients are added into this stage's rows of the gradient sums."""
+        if self.uses and not inputs:
+            return self._weights(s)
         io, st = self.ios[s], self.stages[s]
         S, split = len(self.stages), bool(self.uses)
-        late = split and not inputs  # W
-        adds = None if not split else self.uses[s].late if late else self.uses[s].early
 
         def action(state: BackwardState, inputs_: tuple) -> BackwardState:
             x, ress = inputs_
             env = self._params(s, x.params)
-            outs = [self.program.avals[v] for v in io.outputs]
-            if late:  # every cotangent W needs enters at the tapped results
-                g = tuple(jnp.zeros(a.shape, a.dtype) for a in outs)
-                cot = tuple(row(b, x.slots["cot_read"]) for b in state.cots)
-                g_env = self._unpack(self.cots[s], cot, self.cot_sizes)
-                g_taps = tuple(g_env[k] for k in range(len(self.taps[s])))
-            else:
-                if s == S - 1:
-                    g = (jnp.full(outs[0].shape, self.seed, outs[0].dtype),)
-                else:  # from the next stage
-                    g_env = self._unpack(float_part(st.send), x.grad, self.grad_sizes)
-                    g = tuple(g_env[v] for v in io.outputs)
-                g_taps = self._probes(s)
-            d_params, d_recv, d_taps = self._vjp(s, env, x, ress, late)((*g, *g_taps))
+            if s == S - 1:
+                out = self.program.avals[io.outputs[0]]
+                g = (jnp.full(out.shape, self.seed, out.dtype),)
+            else:  # from the next stage
+                g_env = self._unpack(float_part(st.send), x.grad, self.grad_sizes)
+                g = tuple(g_env[v] for v in io.outputs)
+            d_params, d_recv, d_probes = self._vjp(s, env, x, ress)(g)
             if weights or split:
-                state = state._replace(grads=self._add_grads(s, state.grads, d_params, adds))
+                early = self.uses[s].early if split else None
+                state = state._replace(grads=self._add_grads(s, state.grads, d_params, early))
             if inputs and s > 0:
                 d_env = dict(zip(io.recv, d_recv, strict=True))
                 send = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
                 state = state._replace(send_b=send)
-            if split and inputs and d_taps:
-                cot = pack_flat(dict(enumerate(d_taps)), self.cots[s], self.cot_sizes)
+            if split and self.taps[s]:
+                kept = dict(enumerate((*d_probes[0], *d_probes[1])))
+                cot = pack_flat(kept, self.cots[s], self.cot_sizes)
                 slot = x.slots["cot_store"]
                 state = state._replace(cots=tuple(map(set_row, state.cots, [slot] * len(cot), cot)))
             return state
+
+        return action
+
+    def _weights(self, s: int) -> Callable:
+        """W: the tapped operators' weight gradients, the VJP of `_weight_fn` at the activation
+        inputs and cotangents B stored (no residual of F is read)."""
+        io, n = self.ios[s], len(self.taps[s])
+
+        def action(state: BackwardState, inputs_: tuple) -> BackwardState:
+            x, _ = inputs_
+            env = self._params(s, x.params)
+            cot = tuple(row(b, x.slots["cot_read"]) for b in state.cots)
+            kept = self._unpack(self.cots[s], cot, self.cot_sizes)
+            stash = tuple(kept[n + k] for k in range(len(self.stash[s])))
+            fixed = tuple(env.get(v) for v in io.fixed)
+            f = lambda pv: self.fns_w[s](pv, fixed, stash)  # noqa: E731
+            _, vjp = jax.vjp(f, tuple(env[v] for v in io.params))
+            (d_params,) = vjp(tuple(kept[k] for k in range(n)))
+            grads = self._add_grads(s, state.grads, d_params, self.uses[s].late)
+            return state._replace(grads=grads)
 
         return action
 

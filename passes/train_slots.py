@@ -25,8 +25,8 @@ class SlotPlan:
     grad_store: np.ndarray
     grad_read: np.ndarray
     res_store: np.ndarray  # F stores residuals
-    res_read: np.ndarray  # B (and W) read them
-    cot_store: np.ndarray  # B stores its cotangent (split backward)
+    res_read: np.ndarray  # B reads them
+    cot_store: np.ndarray  # B stores cotangents and activation inputs (split backward)
     cot_read: np.ndarray  # W reads it
     counts: dict[str, int]  # slots per buffer
 
@@ -66,9 +66,8 @@ def plan_slots(schedule: Schedule) -> SlotPlan:
             sent = ticks[Action("B", a.stage + 1, j)]
             spans["grad"][d][a], reads["grad"][d][a] = (sent + 1, t), [t]
         if a.kind == "F":
-            users = [ticks[Action("B", a.stage, j)]]
-            users += [ticks[Action("W", a.stage, j)]] if s.split_backward else []
-            spans["res"][d][a], reads["res"][d][a] = (t, max(users)), users
+            b = ticks[Action("B", a.stage, j)]  # W reads what B stored, not the residuals
+            spans["res"][d][a], reads["res"][d][a] = (t, b), [b]
         if a.kind == "B" and s.split_backward:
             w = ticks[Action("W", a.stage, j)]
             spans["cot"][d][a], reads["cot"][d][a] = (t, w), [w]

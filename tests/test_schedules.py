@@ -79,7 +79,7 @@ def test_in_flight_microbatches_bound_activation_memory():
     p, m = 4, 8
     assert S.gpipe(p, m).in_flight() == [8, 8, 8, 8]  # GPipe: m per device
     assert S.one_f_one_b(p, m).in_flight() == [4, 3, 2, 1]  # 1F1B: min(p − r, m) on rank r
-    assert S.zb_h1(p, m).in_flight() == [4, 3, 2, 1]  # counted until W: same bound
+    assert S.zb_h1(p, m).in_flight() == [4, 3, 2, 1]  # W reads only what B stored: same bound
 
 
 def test_peak_in_flight_formula_equals_the_tables():
