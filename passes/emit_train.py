@@ -287,29 +287,24 @@ def _slot_tables(slots: SlotPlan) -> dict[str, np.ndarray]:
     return {k: v for k, v in dataclasses.asdict(slots).items() if isinstance(v, np.ndarray)}
 
 
-def _backwards(acts: Actions, schedule: Schedule) -> list[Callable]:
-    """The backward actions, in `_action_tables` order (B of every stage, then W)."""
-    S, split = schedule.num_stages, schedule.split_backward
-    out = [acts.backward(s, weights=not split, inputs=True) for s in range(S)]
-    if split:
-        out += [acts.backward(s, weights=True, inputs=False) for s in range(S)]
-    return out
-
-
 def _zeros(sizes: dict[str, int], *lead: int) -> tuple:
     return tuple(jnp.zeros((*lead, k), dt) for dt, k in sizes.items())
+
+
+def _chunk_zeros(chunks: ResidualChunks | None, slots: int) -> tuple:
+    return tuple(jnp.zeros((slots, k), dt) for dt, k in chunks.chunks) if chunks else ()
 
 
 def _initial_carry(acts: Actions, n: dict[str, int]) -> tuple:
     """(sent forward, sent backward, inboxes, forward state, backward state)."""
     b, g = acts.boundary_sizes, acts.grad_sizes
     state = ForwardState(
-        ress=tuple(jnp.zeros((n["res"], k), dt) for dt, k in acts.chunks.chunks),
+        ress=_chunk_zeros(acts.chunks, n["res"]),
         loss=jnp.zeros((), jnp.float32),
         send_f=_zeros(b),
     )
     back = BackwardState(
-        send_b=_zeros(g), cots=_zeros(acts.cot_sizes, n["cot"]), grads=acts.zero_grads()
+        send_b=_zeros(g), cots=_chunk_zeros(acts.kept, n["cot"]), grads=acts.zero_grads()
     )
     return _zeros(b), _zeros(g), _zeros(b, n["act"]), _zeros(g, n["grad"]), state, back
 
@@ -328,7 +323,8 @@ def _pipeline(
     fwd_perm = [(d, (d + 1) % p) for d in range(p)] if S > p else [(d, d + 1) for d in range(p - 1)]
     bwd_perm = [(b, a) for a, b in fwd_perm]
     forwards = [acts.forward(s) for s in range(S)]
-    backwards = _backwards(acts, schedule)
+    backwards = [acts.backward(s) for s in range(S)]
+    weights = [acts.weights(s) for s in range(S)] if schedule.split_backward else []
     keys, input_ids = key_inputs(acts.program), acts.program.input_invars
     m = schedule.num_microbatches
 
@@ -361,8 +357,11 @@ def _pipeline(
                 state = _when(cell["fwd"] == s, forward, state, x)
             x = x._replace(xs=microbatch(cell["mb_b"]))  # a pair's backward: its own microbatch
             back = back._replace(send_b=_zeros(acts.grad_sizes))
-            for b, backward in enumerate(backwards):
-                back = _when(cell["bwd"] == b, backward, back, (x, state.ress))
+            for s, backward in enumerate(backwards):
+                back = _when(cell["bwd"] == s, backward, back, (x, state.ress))
+            for s, w in enumerate(weights):  # on the gradient sums alone (`Actions.weights`)
+                grads = _when(cell["bwd"] == S + s, w, back.grads, (x, back.cots))
+                back = back._replace(grads=grads)
             fwd_in = tuple(jax.lax.ppermute(y, axis, fwd_perm) for y in state.send_f)
             bwd_in = tuple(jax.lax.ppermute(y, axis, bwd_perm) for y in back.send_b)
             return (fwd_in, bwd_in, inbox_f, inbox_b, state, back), None

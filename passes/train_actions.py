@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from autopipe.passes.ir import Program
-from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes, packed
+from autopipe.passes.layout import FlatLayout, StageLayout, buffer_sizes
 from autopipe.passes.param_layout import (
     ParamLayout,
     pack_flat,
@@ -119,14 +119,8 @@ class Actions:
     uses: tuple[WeightUses, ...] = ()
     taps: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # the tapped results' avals
     stash: tuple[tuple[jax.ShapeDtypeStruct, ...], ...] = ()  # their activation inputs'
-    # what B stores for W: the tapped results' cotangents (keyed by tap index), then the
-    # activation inputs (keyed by len(taps) + stash index)
-    cots: tuple[FlatLayout, ...] = ()
-
-    @property
-    def cot_sizes(self) -> dict[str, int]:
-        """The cotangent buffers' elements per dtype (one flat buffer each)."""
-        return buffer_sizes(self.cots)
+    # where B stores, for W, the tapped results' cotangents, then their activation inputs
+    kept: ResidualChunks | None = None
 
     @classmethod
     def build(
@@ -201,7 +195,7 @@ class Actions:
             uses=uses if split_backward else (),
             taps=taps,
             stash=stash,
-            cots=tuple(packed(dict(enumerate((*t, *x)))) for t, x in zip(taps, stash, strict=True)),
+            kept=plan_chunks([(*t, *x) for t, x in zip(taps, stash, strict=True)]),
         )
 
     def _params(self, s: int, slots: Sequence[Any]) -> dict:
@@ -251,7 +245,7 @@ class Actions:
                 leaves = jax.tree.leaves(f_vjp)
                 index = self.specs[s].param_index
                 stored = [y for y, i in zip(leaves, index, strict=True) if i < 0]
-            ress = self._store(s, state.ress, x.slots["res_store"], stored)
+            ress = _store(self.chunks, s, state.ress, x.slots["res_store"], stored)
             if s == len(self.stages) - 1:
                 return state._replace(ress=ress, loss=state.loss + outs[0].astype(jnp.float32))
             sent = dict(zip(io.outputs, outs, strict=True)) | dict(zip(io.aux, aux, strict=True))
@@ -259,24 +253,6 @@ class Actions:
             return state._replace(ress=ress, send_f=send)
 
         return action
-
-    def _store(self, s: int, ress: tuple, slot: Any, stored: Sequence[Any]) -> tuple:
-        """Writes stage s's residuals into row ``slot`` of the chunks it uses: a chunk is
-        either one leaf of its size (no copy) or pieces packed end to end."""
-        parts: dict[int, list] = {}
-        for q in self.chunks.pieces[s]:
-            flat = stored[q.leaf].reshape(-1)
-            if q.size < flat.size:
-                flat = jax.lax.slice(flat, (q.start,), (q.start + q.size,))
-            parts.setdefault(q.chunk, []).append((q.offset, flat))
-        ress = list(ress)
-        for c, ps in parts.items():
-            dt, n = self.chunks.chunks[c]
-            xs = [x for _, x in sorted(ps, key=lambda ox: ox[0])]
-            used = sum(x.size for x in xs)
-            xs += [jnp.zeros((n - used,), dt)] if used < n else []
-            ress[c] = set_row(ress[c], slot, xs[0] if len(xs) == 1 else jnp.concatenate(xs))
-        return tuple(ress)
 
     def _probes(self, s: int) -> tuple:
         if not self.uses:
@@ -289,15 +265,7 @@ class Actions:
         input)."""
         io, spec = self.ios[s], self.specs[s]
         pv = tuple(env[v] for v in io.params)
-        pieces = self.chunks.pieces[s]
-        rows = {q.chunk: row(ress[q.chunk], x.slots["res_read"]) for q in pieces}
-        parts: list[list] = [[] for _ in spec.stored]
-        for q in pieces:  # in leaf order, each leaf's pieces in order
-            parts[q.leaf].append(jax.lax.slice(rows[q.chunk], (q.offset,), (q.offset + q.size,)))
-        stored = [
-            (ps[0] if len(ps) == 1 else jnp.concatenate(ps)).reshape(leaf.shape)
-            for ps, leaf in zip(parts, spec.stored, strict=True)
-        ]
+        stored = _load(self.chunks, s, ress, x.slots["res_read"], spec.stored)
         if self.remat[s]:  # the saved input: float values, then the received int/bool ones
             n = len(io.recv)
             rv, got = stored[:n], dict(zip(io.fixed_recv, stored[n:], strict=True))
@@ -308,15 +276,12 @@ class Actions:
         leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
         return jax.tree.unflatten(spec.treedef, leaves)
 
-    def backward(self, s: int, *, weights: bool, inputs: bool) -> Callable:
-        """B (``inputs``: the input gradient, sent back; with ``weights`` the weight gradient
-        too) or, with W split off, B (``inputs`` only: the gradients of the parameters no
-        tapped operator reads; the tapped results' cotangents and activation inputs stored for
-        W) and W (``weights`` only: the tapped operators' weight gradients from those; see
-        `passes.split_backward`), as an in-place action ``(state, (x, ress)) -> state``: the
-        parameter gradients are added into this stage's rows of the gradient sums."""
-        if self.uses and not inputs:
-            return self._weights(s)
+    def backward(self, s: int) -> Callable:
+        """B: the input gradient (sent back) and the weight gradient, or, with W split off
+        (`weights`), the gradients of the parameters no tapped operator reads and the tapped
+        results' cotangents and activation inputs, stored for W (`passes.split_backward`); an
+        in-place action ``(state, (x, ress)) -> state``: the parameter gradients are added
+        into this stage's rows of the gradient sums."""
         io, st = self.ios[s], self.stages[s]
         S, split = len(self.stages), bool(self.uses)
 
@@ -330,39 +295,37 @@ class Actions:
                 g_env = self._unpack(float_part(st.send), x.grad, self.grad_sizes)
                 g = tuple(g_env[v] for v in io.outputs)
             d_params, d_recv, d_probes = self._vjp(s, env, x, ress)(g)
-            if weights or split:
-                early = self.uses[s].early if split else None
-                state = state._replace(grads=self._add_grads(s, state.grads, d_params, early))
-            if inputs and s > 0:
+            early = self.uses[s].early if split else None
+            state = state._replace(grads=self._add_grads(s, state.grads, d_params, early))
+            if s > 0:
                 d_env = dict(zip(io.recv, d_recv, strict=True))
                 send = pack_flat(d_env, float_part(st.recv), self.grad_sizes)
                 state = state._replace(send_b=send)
             if split and self.taps[s]:
-                kept = dict(enumerate((*d_probes[0], *d_probes[1])))
-                cot = pack_flat(kept, self.cots[s], self.cot_sizes)
-                slot = x.slots["cot_store"]
-                state = state._replace(cots=tuple(map(set_row, state.cots, [slot] * len(cot), cot)))
+                kept = (*d_probes[0], *d_probes[1])
+                cots = _store(self.kept, s, state.cots, x.slots["cot_store"], kept)
+                state = state._replace(cots=cots)
             return state
 
         return action
 
-    def _weights(self, s: int) -> Callable:
-        """W: the tapped operators' weight gradients, the VJP of `_weight_fn` at the activation
-        inputs and cotangents B stored (no residual of F is read)."""
+    def weights(self, s: int) -> Callable:
+        """W: the tapped operators' weight gradients, the VJP of `stage_fns._weight_fn` at the
+        activation inputs and cotangents B stored (no residual of F is read), as an in-place
+        action ``(grads, (x, cots)) -> grads`` on the gradient sums alone: with the cotangent
+        buffers in its carry, XLA hoisted W's matmuls out of the action to run every tick."""
         io, n = self.ios[s], len(self.taps[s])
 
-        def action(state: BackwardState, inputs_: tuple) -> BackwardState:
-            x, _ = inputs_
+        def action(grads: tuple, inputs_: tuple) -> tuple:
+            x, cots = inputs_
             env = self._params(s, x.params)
-            cot = tuple(row(b, x.slots["cot_read"]) for b in state.cots)
-            kept = self._unpack(self.cots[s], cot, self.cot_sizes)
-            stash = tuple(kept[n + k] for k in range(len(self.stash[s])))
+            kept = _load(self.kept, s, cots, x.slots["cot_read"], (*self.taps[s], *self.stash[s]))
+            stash = kept[n:]
             fixed = tuple(env.get(v) for v in io.fixed)
             f = lambda pv: self.fns_w[s](pv, fixed, stash)  # noqa: E731
             _, vjp = jax.vjp(f, tuple(env[v] for v in io.params))
             (d_params,) = vjp(tuple(kept[k] for k in range(n)))
-            grads = self._add_grads(s, state.grads, d_params, self.uses[s].late)
-            return state._replace(grads=grads)
+            return self._add_grads(s, grads, d_params, self.uses[s].late)
 
         return action
 
@@ -386,6 +349,38 @@ class BackwardState(NamedTuple):
     send_b: tuple  # gradient for the previous device this tick, one flat buffer per dtype
     cots: tuple  # stored cotangents (for W): one (slots, size) buffer per dtype
     grads: tuple  # the parameter gradients summed so far, one per slot
+
+
+def _store(chunks: ResidualChunks, s: int, bufs: tuple, slot: Any, leaves: Sequence) -> tuple:
+    """Writes stage s's ``leaves`` into row ``slot`` of the chunk buffers it uses: a chunk is
+    either one leaf of its size (no copy) or pieces packed end to end."""
+    parts: dict[int, list] = {}
+    for q in chunks.pieces[s]:
+        flat = leaves[q.leaf].reshape(-1)
+        if q.size < flat.size:
+            flat = jax.lax.slice(flat, (q.start,), (q.start + q.size,))
+        parts.setdefault(q.chunk, []).append((q.offset, flat))
+    bufs = list(bufs)
+    for c, ps in parts.items():
+        dt, n = chunks.chunks[c]
+        xs = [x for _, x in sorted(ps, key=lambda ox: ox[0])]
+        used = sum(x.size for x in xs)
+        xs += [jnp.zeros((n - used,), dt)] if used < n else []
+        bufs[c] = set_row(bufs[c], slot, xs[0] if len(xs) == 1 else jnp.concatenate(xs))
+    return tuple(bufs)
+
+
+def _load(chunks: ResidualChunks, s: int, bufs: tuple, slot: Any, avals: Sequence) -> list:
+    """Stage s's leaves (of ``avals``' shapes) read back from row ``slot`` of the chunks."""
+    pieces = chunks.pieces[s]
+    rows = {q.chunk: row(bufs[q.chunk], slot) for q in pieces}
+    parts: list[list] = [[] for _ in avals]
+    for q in pieces:  # in leaf order, each leaf's pieces in order
+        parts[q.leaf].append(jax.lax.slice(rows[q.chunk], (q.offset,), (q.offset + q.size,)))
+    return [
+        (ps[0] if len(ps) == 1 else jnp.concatenate(ps)).reshape(leaf.shape)
+        for ps, leaf in zip(parts, avals, strict=True)
+    ]
 
 
 def row(buf, slot):
