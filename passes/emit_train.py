@@ -32,11 +32,13 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
   3. the device's backward action runs the same way, one loop per action: ``B`` (rebuild the
      VJP from the residual slot and pull the cotangent back) or, with ``W`` split off
      (`passes.split_backward`), ``B`` (the input gradient and the cheap weight gradients,
-     storing the cotangents of the matmuls that read parameters) and ``W`` (those matmuls'
-     weight gradients from the same residuals and the stored cotangents: no second pass back
-     through the stage). It adds its parameter gradients into its own rows of the gradient
-     sums in place, and sets the gradient to send. A tick without a backward touches no
-     gradient buffer;
+     storing the cotangents and the activation inputs of the matmuls that read parameters)
+     and ``W`` (those matmuls' weight gradients, x^T g from what B stored: no second pass
+     back through the stage, no recomputation, no residual read; its loop carries only the
+     gradient sums — with the stored buffers in its carry XLA hoisted W's matmuls out of the
+     loop, to run on every tick). It adds its parameter gradients into its own rows of the
+     gradient sums in place, and sets the gradient to send. A tick without a backward
+     touches no gradient buffer;
   4. one ``ppermute`` per direction and dtype runs unconditionally.
 After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
 copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
@@ -50,7 +52,8 @@ the loops make one, and only on the ticks that have a backward (GPT 8×256, SGD,
 device, 1F1B: XLA temp 139 → 121 MB; on XLA:CPU every temp byte is faulted in on every step).
 
 Buffer slots for stored values come from `train_slots.plan_slots` (exactly the schedule's
-in-flight count); residual slots are split into chunks by `residuals.plan_chunks`.
+in-flight count); residual slots, and the slots of what B stores for W, are split into chunks
+by `residuals.plan_chunks`.
 """
 
 from __future__ import annotations

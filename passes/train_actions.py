@@ -384,8 +384,13 @@ def _load(chunks: ResidualChunks, s: int, bufs: tuple, slot: Any, avals: Sequenc
 
 
 def row(buf, slot):
+    """Row ``slot`` of ``buf``; of a one-row buffer, without a slice (XLA:CPU copied it)."""
+    if buf.shape[0] == 1:
+        return buf.reshape(buf.shape[1:])
     return jax.lax.dynamic_index_in_dim(buf, slot, 0, keepdims=False)
 
 
 def set_row(buf, slot, value):
+    if buf.shape[0] == 1:
+        return value.reshape(buf.shape).astype(buf.dtype)
     return jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)
