@@ -392,5 +392,5 @@ def row(buf, slot):
 
 def set_row(buf, slot, value):
     if buf.shape[0] == 1:
-        return value.reshape(buf.shape).astype(buf.dtype)
+        return value.reshape(buf.shape)
     return jax.lax.dynamic_update_index_in_dim(buf, value, slot, 0)
