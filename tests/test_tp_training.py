@@ -547,3 +547,25 @@ def test_shared_sharding_cache_gives_what_a_fresh_one_gives():
             np.testing.assert_allclose(got.cut_times, want.cut_times, rtol=1e-12)
             seen.append(sum(d is not None for d in got.dims.values()))
     assert len(set(seen)) > 1  # the calls differ in what they split
+
+
+def test_zb_h1_w_adds_no_collective():
+    """W re-runs a tensor-split stage's tapped matmuls only for their weight transposes: the
+    forward collectives around them (a row-parallel psum, gathers of whole values) have
+    unused results, and the compiled step holds exactly 1F1B's all-reduces and all-gathers."""
+    loss_fn, params, batch = _task("gpt2")
+    counts = []
+    for schedule in ("1f1b", "zb_h1"):
+        plan = autopipe.train(
+            loss_fn,
+            OPTIMIZER,
+            params,
+            batch,
+            mesh=mesh(2, dp=1, tp=4),
+            schedule=schedule,
+            num_microbatches=2,
+            hardware=SPLIT_PAYS,
+        )
+        hlo = plan.compiled.as_text()
+        counts.append([len(re.findall(rf" {op}\(", hlo)) for op in ("all-reduce", "all-gather")])
+    assert counts[0] == counts[1] and counts[0][0] > 0, counts
