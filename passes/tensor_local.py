@@ -372,10 +372,11 @@ def eval_stage(
         env.update({a: x for (a, _), x in seeds.items()})
         if hook is None:
             eval_ops(program, ops, env)
-        for i in ops if hook is not None else ():
-            op = program.ops[i]
-            args = hook.args(i, op.invars, [read_atom(env, a) for a in op.invars])
-            env.update(zip(op.outvars, hook.outs(i, apply_op(op, args)), strict=True))
+        else:
+            for i in ops:
+                op = program.ops[i]
+                args = hook.args(i, op.invars, [read_atom(env, a) for a in op.invars])
+                env.update(zip(op.outvars, hook.outs(i, apply_op(op, args)), strict=True))
         return lambda a, dim=None: read_atom(env, a)
     local = LocalEnv(plan=tensor, env=env, held={v: split.get(v) for v in env}, hook=hook)
     for (a, d), x in seeds.items():
