@@ -18,7 +18,8 @@ from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.graph import operator_graph
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, live_across, placed_sources
-from autopipe.passes.split_backward import TAPPED_PRIMITIVES
+from autopipe.passes.split_backward import weight_uses
+from autopipe.passes.stage_fns import batch_values
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -71,22 +72,17 @@ def operator_costs(program: Program, split: Split, hw: Hardware) -> OperatorCost
 
 def stashed_inputs(program: Program, split: Split) -> tuple[tuple[int, ...], ...]:
     """Per pipeline operator: the activation inputs (value ids) W's split backward keeps of
-    it — those of a matmul or convolution that also reads a parameter-derived value."""
-    weights = set(placed_sources(program, split, training=True))
-    weights.update(v for i in split.local for v in program.ops[i].outvars)
-    seen: set[int] = set()
-    out = []
-    for i in split.pipeline:
-        op = program.ops[i]
-        ins = [a for a in op.invars if isinstance(a, int)]
-        kept: tuple[int, ...] = ()
-        if op.kind == "eqn" and op.primitive in TAPPED_PRIMITIVES and weights & set(ins):
-            kept = tuple(
-                a for a in dict.fromkeys(ins) if a in program.batch_dependent and a not in seen
-            )
-            seen.update(kept)
-        out.append(kept)
-    return tuple(out)
+    it — `split_backward.weight_uses`' stored inputs over the whole program, each value at its
+    first reader."""
+    acts = batch_values(program)
+    uses = weight_uses(program, range(len(program.ops)), program.param_invars, acts, ())
+    first: dict[int, int] = {}  # value → its first tapped reader
+    for i, j in uses.stashed:
+        first.setdefault(program.ops[i].invars[j], i)
+    kept: dict[int, list[int]] = {}
+    for v, i in first.items():
+        kept.setdefault(i, []).append(v)
+    return tuple(tuple(kept.get(i, ())) for i in split.pipeline)
 
 
 def _saved(op) -> float:
