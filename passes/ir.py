@@ -135,7 +135,7 @@ def eval_ops(program: Program, ops: Any, env: dict[int, Any]) -> dict[int, Any]:
 def apply_op(op: Op, args: list[Any]) -> list[Any]:
     """Evaluates one operator (on arrays or tracers)."""
     if op.kind == "eqn":
-        return bind_eqn(op.eqn, *args)
+        return bind(op.eqn, *args)
     if op.kind == "index":
         return [jax.lax.index_in_dim(args[0], op.iteration, keepdims=False)]
     if op.kind == "stack":
@@ -145,6 +145,54 @@ def apply_op(op: Op, args: list[Any]) -> list[Any]:
         return [jax.lax.slice_in_dim(args[0], start, stop, axis=axis)]
     body: ClosedJaxpr = op.eqn.params["jaxpr"]
     return list(jaxpr_as_fun(body)(*args))
+
+
+def bind(eqn: JaxprEqn, *args: Any) -> list[Any]:
+    """Binds one equation, by `BIND_RULES` where its primitive has one."""
+    rule = BIND_RULES.get(eqn.primitive.name)
+    return rule(eqn, args) if rule else bind_eqn(eqn, *args)
+
+
+def _free_block(ndim: int, contracting: tuple, batch: tuple) -> tuple[int, int] | None:
+    """(first, count) of an operand's free dims where they are ≥ 2 consecutive dims."""
+    free = [d for d in range(ndim) if d not in contracting and d not in batch]
+    if len(free) < 2 or free != list(range(free[0], free[0] + len(free))):
+        return None
+    return free[0], len(free)
+
+
+def _merge(x: Any, block: tuple[int, int] | None) -> tuple[Any, Callable[[int], int]]:
+    """``x`` with its free-dim block as one dim, and how its other dims renumber."""
+    if block is None:
+        return x, lambda d: d
+    k, n = block
+    s = tuple(x.shape)
+    return x.reshape(s[:k] + (int(np.prod(s[k : k + n])),) + s[k + n :]), (
+        lambda d: d if d < k else d - (n - 1)
+    )
+
+
+def _bind_dot_general(eqn: JaxprEqn, args: tuple) -> list[Any]:
+    """A matmul whose operand has several free dims (x of shape (batch, seq, d) · W) bound
+    with those dims merged into one (a free reshape): its weight transpose then contracts
+    one dim, which XLA:CPU runs on the stored operands as they are; contracting (batch, seq)
+    it transposed the cotangent into a copy first, a memory pass per matmul per backward.
+    Same products and sums; the result is reshaped back."""
+    (lc, rc), (lb, rb) = eqn.params["dimension_numbers"]
+    x, w = args
+    blocks = (_free_block(x.ndim, lc, lb), _free_block(w.ndim, rc, rb))
+    if lb or rb or blocks == (None, None):
+        return bind_eqn(eqn, *args)
+    (x2, fx), (w2, fw) = _merge(x, blocks[0]), _merge(w, blocks[1])
+    dims = ((tuple(map(fx, lc)), tuple(map(fw, rc))), ((), ()))
+    (y,) = bind_eqn(eqn.replace(params={**eqn.params, "dimension_numbers": dims}), x2, w2)
+    free = lambda a, c: [a.shape[d] for d in range(a.ndim) if d not in c]  # noqa: E731
+    return [y.reshape(*free(x, lc), *free(w, rc))]
+
+
+BIND_RULES: dict[str, Callable[[JaxprEqn, tuple], list[Any]]] = {
+    "dot_general": _bind_dot_general,
+}
 
 
 def source_of(program: Program, v: int) -> tuple[int, tuple[tuple[str, int], ...]]:

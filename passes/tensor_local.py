@@ -37,7 +37,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from autopipe._compat import bind_eqn
-from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, eval_ops, read_atom
+from autopipe.passes.ir import Atom, Lit, Op, Program, apply_op, bind, eval_ops, read_atom
 from autopipe.passes.sharding import replicated
 from autopipe.passes.sharding_rules import Dim, Strategy
 
@@ -209,7 +209,7 @@ def run_local(
     elif op.primitive in LOCAL_EVAL_RULES:
         outs = LOCAL_EVAL_RULES[op.primitive](op, args)
     else:
-        outs = bind_eqn(_local_eqn(op, strategy, args, outs_local), *args)
+        outs = bind(_local_eqn(op, strategy, args, outs_local), *args)
     if strategy.collective == "all_reduce":
         combine = (
             CONJUGATE_COMBINE.get(op.primitive, psum_whole)

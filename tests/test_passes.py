@@ -12,6 +12,7 @@ from autopipe.cost_models.hardware import PRESETS
 from autopipe.cost_models.rules import Cost, eqn_cost, op_time
 from autopipe.passes.cluster import cluster
 from autopipe.passes.graph import build_program, operator_graph
+from autopipe.passes.ir import bind
 from autopipe.passes.layout import live_across, split_ops, stage_layouts
 from autopipe.passes.trace import trace
 from conftest import GPT
@@ -168,3 +169,34 @@ def test_trace_accepts_shape_structs_and_splits_batch():
     assert [tuple(v.aval.shape) for v in traced.jaxpr.jaxpr.invars] == [(4, 3), (2, 4)]
     assert traced.spec.in_paths == ("args[0]", "args[1]")
     np.testing.assert_array_equal(traced.spec.batch_leaves, [False, True])
+
+
+@pytest.mark.parametrize(
+    "dims, xs, ws",
+    [
+        ((((2,), (0,)), ((), ())), (2, 3, 5), (5, 4)),  # x (batch, seq, d) · W
+        ((((0,), (1,)), ((), ())), (5, 2, 3), (4, 5)),  # W^T on the left's free (2, 3)
+        ((((1,), (0,)), ((), ())), (4, 5), (5, 2, 3)),  # the right operand's free block
+        ((((3,), (2,)), ((0, 1), (0, 1))), (2, 2, 3, 5), (2, 2, 5, 3)),  # batched: as bound
+    ],
+)
+def test_matmul_binding_merges_free_dims_and_keeps_the_result(dims, xs, ws):
+    """`ir.bind` merges an operand's consecutive free dims into one for dot_general (a free
+    reshape), so the weight transpose contracts one dim: same result as the equation bound as
+    traced, and the weight gradient of x (batch, seq, d) · W compiles with no copy or
+    transpose of the stored operands (XLA:CPU transposed the cotangent for (batch, seq))."""
+    x = jnp.arange(np.prod(xs), dtype=jnp.float32).reshape(xs) / 7
+    w = jnp.cos(jnp.arange(np.prod(ws), dtype=jnp.float32)).reshape(ws)
+    f = lambda a, b: jax.lax.dot_general(a, b, dims)  # noqa: E731
+    (eqn,) = jax.make_jaxpr(f)(x, w).jaxpr.eqns
+    np.testing.assert_allclose(bind(eqn, x, w)[0], f(x, w), rtol=1e-6)
+
+    def weight_grad(x, w, g):
+        return jax.vjp(lambda w: bind(eqn, x, w)[0], w)[1](g)[0]
+
+    g = jnp.ones_like(f(x, w))
+    want = jax.vjp(lambda w: f(x, w), w)[1](g)[0]
+    np.testing.assert_allclose(weight_grad(x, w, g), want, rtol=1e-6)
+    if dims[1] == ((), ()) and len(xs) == 3:
+        hlo = jax.jit(weight_grad).lower(x, w, g).compile().as_text()
+        assert " copy(" not in hlo and " transpose(" not in hlo, hlo

@@ -3,6 +3,7 @@ parameter uses that splits it (`passes.split_backward`)."""
 
 from __future__ import annotations
 
+import collections
 import re
 
 import jax
@@ -93,16 +94,25 @@ def _gpt_plan(schedule):
     return plan, params, tokens
 
 
+def _dots(hlo: str) -> collections.Counter:
+    """The compiled program's matmuls: (result type, dimension numbers) → how many."""
+    dots = re.findall(r"= (\w+\[[\d,]*\])\{[^}]*\} dot\([^)]*\), (.*?), metadata", hlo)
+    return collections.Counter(dots)
+
+
 def test_zb_h1_does_one_backward_of_work_and_trains_like_1f1b():
-    """XLA's FLOP and transcendental counts of the step (each action's body counted once) are
-    at most 1F1B's: W applies the tapped operators' weight transposes to the cotangents and
-    activation inputs B stored, instead of pulling the cotangent back through the stage again
-    (1.153 × 1F1B's FLOPs on this GPT) or recomputing those inputs from the stored matmul
-    results (1.031 × the FLOPs, 1.34 × the transcendentals: the gelu and norms again; now
-    0.97 × and 1.00 ×)."""
+    """The step's matmuls (each action's body counted once) are 1F1B's, one for one, and XLA's
+    transcendental count is at most 1F1B's: W applies the tapped operators' weight transposes
+    to the cotangents and activation inputs B stored, instead of pulling the cotangent back
+    through the stage again (1.153 × 1F1B's FLOPs on this GPT) or recomputing those inputs
+    from the stored matmul results (1.031 × the FLOPs, 1.34 × the transcendentals: the gelu
+    and norms again). XLA's FLOP count also counts elementwise work its fusion duplicates:
+    1.018 × here, gelu's derivative fused into both consumers of the cotangent B stores (the
+    store and the input-gradient matmul)."""
     (zb, params, tokens), (ref, _, _) = _gpt_plan("zb_h1"), _gpt_plan("1f1b")
+    assert _dots(zb.compiled.as_text()) == _dots(ref.compiled.as_text())
     costs = [p.compiled.cost_analysis() for p in (zb, ref)]
-    assert costs[0]["flops"] <= 1.001 * costs[1]["flops"], costs
+    assert costs[0]["flops"] <= 1.02 * costs[1]["flops"], costs
     assert costs[0]["transcendentals"] <= costs[1]["transcendentals"], costs
     got, want = zb.init(params), ref.init(params)
     for _ in range(2):
