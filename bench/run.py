@@ -171,7 +171,7 @@ def summary(out: pathlib.Path) -> str:
             saved = json.loads(path.read_text())
             meta = saved.get("meta", {})  # a bench script run by itself writes rows only
             title = f"{name}, {meta.get('date', 'undated')}" + " --quick" * bool(meta.get("quick"))
-            title += f", {meta['pages']} pages" if "pages" in meta else ""
+            title += f", pages {meta['pages']}" if "pages" in meta else ""
             tables.append(markdown(title, saved.get("rows", []), meta.get("seconds")))
     return "\n".join(tables)
 
