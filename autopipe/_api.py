@@ -95,7 +95,9 @@ def train(
     optimizer: optax.GradientTransformation,
     *example_args: Any,
     mesh: Any,
-    schedule: Literal["auto", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"] = "1f1b",
+    schedule: Literal[
+        "auto", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired"
+    ] = "1f1b",
     num_microbatches: int | None = None,
     virtual_stages: int | None = None,
     batch_argnums: Sequence[int] = (1,),

@@ -24,6 +24,7 @@ from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.param_layout import layout_extra_bytes
 from autopipe.passes.partition import PlanInfeasible, StageProblem, solve_stages, step_time
 from autopipe.passes.schedule import Schedule
+from autopipe.passes.schedule_check import validate
 from autopipe.passes.tensor_parallel import LayerShardings, ShardingCache, shard_layers
 
 
@@ -168,7 +169,7 @@ def assemble(front: Front, layers: Sequence[int], search: Search) -> Assembled:
     layouts = stage_layouts(front.program, front.split, op_bounds, dims=sh.dims, tp=sh.tp)
     p, m = front.num_stages, front.num_microbatches
     sched = schedules.inference(p, m)
-    schedules.validate(sched)
+    validate(sched)
     stages = _stages(front, search, op_bounds, layouts)
     step = step_time([s.time for s in stages], m)
     predicted = Predicted(

@@ -40,11 +40,12 @@ from autopipe.passes.ir import source_of
 from autopipe.passes.layout import StageLayout, stage_layouts
 from autopipe.passes.optimizer_exact import layout_by, shape_free
 from autopipe.passes.partition import PlanInfeasible, StageProblem, refit, solve_stages
+from autopipe.passes.schedule_check import validate
 from autopipe.passes.split_fused import split_fused
 from autopipe.passes.tensor_parallel import LayerShardings
 from autopipe.passes.train_actions import training_layout
 
-TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
+TRAINING_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired")
 
 
 def _opt_factor(optimizer: optax.GradientTransformation, front: Front) -> float:
@@ -259,7 +260,7 @@ def search_training(
     v = front.virtual_stages
     p, m, S = front.num_stages // v, front.num_microbatches, front.num_stages
     sched = schedules.make(schedule, p, m, v)
-    schedules.validate(sched)
+    validate(sched)
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
     opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)

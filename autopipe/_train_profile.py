@@ -2,15 +2,16 @@
 compiled step, and the step time the plan's table predicts from those measurements.
 
 The compiled step takes its schedule's tables as an argument (`passes.emit_train`), so the very
-program that trains runs other tables of the same length: one in which no device does anything
-(the fixed cost: the tick loop, its sends, the optimizer update), and per action kind (F, B
-and, split off, W) and virtual stage one in which every device runs that action of its stage at
-every tick, and one in which only device d runs it (`passes.emit_train.probe_tables`). With
-every device busy a tick costs what devices pay for running together (cores shared on a CPU
-host, memory bandwidth on a node); alone, a device may run faster (on a CPU host its kernels
-spread over the cores the idle devices leave). An action's cost is its table's time less the
-idle table's, per tick; the predicted step is the idle time plus the lock-step `timeline` of the
-plan's table with those costs: one SPMD program, every tick as long as its slowest device.
+program that trains runs other tables of the same length: one in which no device does anything (the
+fixed cost: the tick loop, its sends, the optimizer update), and per action kind (F, B and, split
+off, W, and BW: a B fused with its W) and virtual stage one in which every device runs that action
+of its stage at every tick, and one in which only device d runs it
+(`passes.emit_train.probe_tables`). With every device busy a tick costs what devices pay for running
+together (cores shared on a CPU host, memory bandwidth on a node); alone, a device may run faster
+(on a CPU host its kernels spread over the cores the idle devices leave). An action's cost is its
+table's time less the idle table's, per tick; the predicted step is the idle time plus the lock-step
+`timeline` of the plan's table with those costs: one SPMD program, every tick as long as its slowest
+device.
 
 Timings are medians of interleaved repetitions, the plan's own step among them, each call on a
 fresh copy of the given state (copied outside the timing; the state itself is not donated).
@@ -28,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from autopipe.passes import schedule as schedules
-from autopipe.passes.emit_train import probe_tables
+from autopipe.passes.emit_train import loop_kinds, probe_tables
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -88,7 +89,7 @@ def profile_training(plan: Any, state: Any, *args: Any, repeats: int = 5) -> Tra
     def probe(*key: Any) -> dict:
         return emitted.place_tables(probe_tables(sched, emitted.slots, *key))
 
-    kinds = ("F", "B", "W") if sched.split_backward else ("F", "B")
+    kinds = ("F", *sorted(loop_kinds(sched)))
     units = [(k, i) for k in kinds for i in range(sched.virtual_stages)]
     probes: dict[Any, dict] = {"step": rt.tables, "idle": probe(None)}
     probes |= {u: probe(*u) for u in units}
@@ -123,12 +124,13 @@ def timeline(schedule: schedules.Schedule, costs: Sequence[ActionCost]) -> float
     a tick is the mean over devices of their actions' ``together`` costs: for a tick in which
     every device runs the same action it is exactly that action's measured ``together``."""
     by = {(c.kind, c.virtual): c for c in costs}
-    p = schedule.num_devices
+    p, fused = schedule.num_devices, schedule.fused()
     total = 0.0
     for row in schedule.table:
         alone = shared = 0.0
         for d, cell in enumerate(row):
-            mine = [by[(a.kind, a.stage // p)] for a in schedules.actions(cell)]
+            run = [a for a in schedules.actions(cell) if not (a.kind == "W" and a in fused)]
+            mine = [by[("BW" if a in fused else a.kind, a.stage // p)] for a in run]
             alone = max(alone, sum(c.alone[d] for c in mine))
             shared += sum(c.together for c in mine) / p
         total += max(alone, shared)

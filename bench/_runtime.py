@@ -293,7 +293,7 @@ def _speedup_rows(config: dict, args) -> list[dict]:
     return rows
 
 
-TRAIN_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
+TRAIN_SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired")
 
 
 def training_speedup(args) -> list[dict]:

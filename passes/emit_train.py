@@ -78,7 +78,7 @@ from autopipe.passes.optimizer import optimizer_step, zero_spec
 from autopipe.passes.optimizer_exact import layout_by
 from autopipe.passes.param_layout import ParamLayout
 from autopipe.passes.residuals import ResidualChunks, plan_chunks
-from autopipe.passes.schedule import Action, Schedule, actions
+from autopipe.passes.schedule import Action, Cell, Schedule, actions
 from autopipe.passes.sharding_rules import Strategy
 from autopipe.passes.shared_params import check_aligned, sum_copies
 from autopipe.passes.tensor_local import TensorPlan
@@ -220,14 +220,12 @@ def _replica_sum(data_axis: str, g: jax.Array, spec: P) -> jax.Array:
 
 
 def _action_tables(schedule: Schedule) -> dict[str, np.ndarray]:
-    """Per tick and device: the stage whose forward runs (or -1) and the backward switch
-    branch (B of stage s is s, W of stage s is S + s, nothing is the last branch), each with
-    its microbatch: a cell may pair a forward with a backward (`schedule.actions`)."""
-    S = schedule.num_stages
-    idle = (2 if schedule.split_backward else 1) * S
-    base = {"B": 0, "W": S}
+    """Per tick and device: the stage whose forward runs, the backward branch (B of stage s is
+    s, B fused with its W is S + s) and the stage whose W runs (a W apart from its B), -1
+    for none, and the forward's and the backward's microbatches (`schedule.actions`)."""
+    S, fused = schedule.num_stages, schedule.fused()
     shape = (schedule.num_ticks, schedule.num_devices)
-    fwd, bwd = np.full(shape, -1, np.int32), np.full(shape, idle, np.int32)
+    fwd, bwd, wgt = (np.full(shape, -1, np.int32) for _ in range(3))
     mb_f, mb_b = np.zeros(shape, np.int32), np.zeros(shape, np.int32)
     cells = [
         (t, d, a) for t, r in enumerate(schedule.table) for d, c in enumerate(r) for a in actions(c)
@@ -235,9 +233,18 @@ def _action_tables(schedule: Schedule) -> dict[str, np.ndarray]:
     for t, d, a in cells:
         if a.kind == "F":
             fwd[t, d], mb_f[t, d] = a.stage, a.microbatch
-        else:
-            bwd[t, d], mb_b[t, d] = base[a.kind] + a.stage, a.microbatch
-    return {"fwd": fwd, "bwd": bwd, "mb_f": mb_f, "mb_b": mb_b}
+        elif a.kind == "B":
+            bwd[t, d], mb_b[t, d] = a.stage + (S if a in fused else 0), a.microbatch
+        elif a not in fused:
+            wgt[t, d] = a.stage
+    return {"fwd": fwd, "bwd": bwd, "wgt": wgt, "mb_f": mb_f, "mb_b": mb_b}
+
+
+def loop_kinds(schedule: Schedule) -> frozenset[str]:
+    """The backward loops the step emits, for every stage: ``B`` (alone), ``BW`` (a B fused
+    with its W) and ``W`` (apart from its B), those the table runs; probes time only these."""
+    fused = schedule.fused()
+    return frozenset("BW" if a in fused else a.kind for a in schedule.ticks() if a.kind != "F")
 
 
 def probe_tables(
@@ -248,15 +255,17 @@ def probe_tables(
     device: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Tables of the schedule's shapes in which every device d (only ``device``, if given)
-    runs ``kind`` (None: nothing) of its stage ``index · p + d`` at every tick, every slot 0:
+    runs ``kind`` ("F", "B", "W", "BW": a B fused with its W; None: nothing) of its stage
+    ``index · p + d`` at every tick, every slot 0:
     the step run with them times one action kind (`autopipe._train_profile`). What the actions
     compute from slots nobody filled is meaningless; only the time counts."""
     p, m = schedule.num_devices, schedule.num_microbatches
 
-    def cell(t: int, d: int) -> Action | None:
+    def cell(t: int, d: int) -> Cell:
         if kind is None or device not in (None, d):
             return None
-        return Action(kind, index * p + d, t % m)
+        run = [Action(k, index * p + d, t % m) for k in kind]  # type: ignore[arg-type]
+        return run[0] if len(run) == 1 else tuple(run)
 
     table = tuple(tuple(cell(t, d) for d in range(p)) for t in range(schedule.num_ticks))
     zero = {k: np.zeros_like(v) for k, v in _slot_tables(slots).items()}
@@ -326,8 +335,10 @@ def _pipeline(
     fwd_perm = [(d, (d + 1) % p) for d in range(p)] if S > p else [(d, d + 1) for d in range(p - 1)]
     bwd_perm = [(b, a) for a, b in fwd_perm]
     forwards = [acts.forward(s) for s in range(S)]
-    backwards = [acts.backward(s) for s in range(S)]
-    weights = [acts.weights(s) for s in range(S)] if schedule.split_backward else []
+    kinds = loop_kinds(schedule)
+    backwards = [(s, acts.backward(s)) for s in range(S) if "B" in kinds]
+    backwards += [(S + s, acts.backward(s, fuse_w=True)) for s in range(S) if "BW" in kinds]
+    weights = [(s, acts.weights(s)) for s in range(S) if "W" in kinds]
     keys, input_ids = key_inputs(acts.program), acts.program.input_invars
     m = schedule.num_microbatches
 
@@ -360,10 +371,10 @@ def _pipeline(
                 state = _when(cell["fwd"] == s, forward, state, x)
             x = x._replace(xs=microbatch(cell["mb_b"]))  # a pair's backward: its own microbatch
             back = back._replace(send_b=_zeros(acts.grad_sizes))
-            for s, backward in enumerate(backwards):
-                back = _when(cell["bwd"] == s, backward, back, (x, state.ress))
-            for s, w in enumerate(weights):  # on the gradient sums alone (`Actions.weights`)
-                grads = _when(cell["bwd"] == S + s, w, back.grads, (x, back.cots))
+            for b, backward in backwards:
+                back = _when(cell["bwd"] == b, backward, back, (x, state.ress))
+            for s, w in weights:  # on the gradient sums alone (`Actions.weights`)
+                grads = _when(cell["wgt"] == s, w, back.grads, (x, back.cots))
                 back = back._replace(grads=grads)
             fwd_in = tuple(jax.lax.ppermute(y, axis, fwd_perm) for y in state.send_f)
             bwd_in = tuple(jax.lax.ppermute(y, axis, bwd_perm) for y in back.send_b)

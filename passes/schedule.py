@@ -1,29 +1,32 @@
 """Pipeline schedules as data: which action every device runs at every tick.
 
 A `Schedule` is a table ``table[tick][device]``: an ``Action(kind, stage, microbatch)``, a
-*pair* ``(forward, backward)`` of actions the device runs in the same tick (forward first), or
-``None`` (idle); `actions(cell)` lists a cell's actions. ``kind`` is ``"F"`` (forward), ``"B"``
-(backward: input gradient, plus the weight gradient unless the schedule splits it off) or
-``"W"`` (weight gradient, zero-bubble only).
+tuple of actions the device runs in the same tick (at most one of each kind, in the order F,
+B, W), or ``None`` (idle); `actions(cell)` lists a cell's actions. ``kind`` is ``"F"``
+(forward), ``"B"`` (backward: input gradient, plus the weight gradient unless the schedule
+splits it off) or ``"W"`` (weight gradient, split schedules only). A W in the cell of its own
+B is *fused* with it: the device runs one whole backward and stores nothing for W (`fused`).
 Stage ``s`` lives on device ``s % p``; with ``v`` virtual stages per device (interleaved) there
 are ``v·p`` stages. The emitter runs any valid table with one SPMD program (a scan over ticks,
 each device looking up its own cell), so a new schedule is a new table, not new code.
 
-Tables are built from a per-device *order* of actions by `from_orders`, which places each
-action at the first tick its inputs have arrived (a value sent at tick t arrives at t + 1).
-Builders: `inference`, `gpipe`, `one_f_one_b`, `one_f_one_b_paired`, `interleaved_1f1b`,
-`zb_h1`; look them up by name in `SCHEDULES`. `validate` checks any table (counts, placement,
-dependencies) and names the first violation. `simulate` times a table event by event (each
-device runs its actions in table order as soon as their inputs are ready), which gives the
-bubble fractions of the literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1)
-interleaved, less for ZB-H1.
-`lockstep` times the table as the emitted SPMD program runs it: every tick lasts as long as
-its slowest device's work, so a tick where one device runs a backward and the others a forward
-costs a backward. With one action per device per tick, 1F1B's steady state alternates F and B
-ticks, devices out of phase, and every tick costs a backward: 2·(m + p − 1) backward-long
-ticks. Its tables therefore pair each steady-state forward with a backward in one tick
-(``pair=True`` in `from_orders`): m + 2(p − 1) ticks, each one F + B long in the steady
-state — GPipe's lock-step time with 1F1B's memory.
+Tables are built from a per-device *order* of actions by `from_orders`, which places each action at
+the first tick its inputs have arrived (a value sent at tick t arrives at t + 1). Builders:
+`inference`, `gpipe`, `one_f_one_b`, `one_f_one_b_paired`, `interleaved_1f1b`, `zb_h1`, `zb_paired`;
+look them up by name in `SCHEDULES`. `schedule_check.validate` checks any table (counts, placement,
+dependencies) and names the first violation. `simulate` times a table event by event (each device
+runs its actions in table order as soon as their inputs are ready), which gives the bubble fractions
+of the literature: (p−1)/(m+p−1) for GPipe and 1F1B, (p−1)/(v·m+p−1) interleaved, less for ZB-H1.
+`lockstep` times the table as the emitted SPMD program runs it: every tick lasts as long as its
+slowest device's work, so a tick where one device runs a backward and the others a forward costs a
+backward. With one action per device per tick, 1F1B's steady state alternates F and B ticks, devices
+out of phase, and every tick costs a backward: 2·(m + p − 1) backward-long ticks.
+`one_f_one_b_paired` runs a forward and a backward in one tick instead: m + 2(p − 1) ticks, each F +
+B long in the steady state — GPipe's lock-step time with at most 2(p − d) − 1 microbatches in flight
+on device d (GPipe: m). `zb_paired` is its zero-bubble form: each B fused with its W, and the W's
+that shorten a tick moved into the cool-down, where devices wait; lock-step with unit F, B and W it
+takes `zb_h1`'s time (tests/test_schedules.py: every p ≤ 6, m < 20) in m + 2(p − 1) ticks instead of
+about 3m, with 1F1B-paired's memory plus up to p − 1 moved W's cotangents.
 """
 
 from __future__ import annotations
@@ -45,11 +48,11 @@ class Action:
         return f"{self.kind}{self.stage}.{self.microbatch}"
 
 
-Cell = Action | tuple[Action, Action] | None
+Cell = Action | tuple[Action, ...] | None
 
 
 def actions(cell: Cell) -> tuple[Action, ...]:
-    """The actions a table cell runs, in order: none, one, or a (forward, backward) pair."""
+    """The actions a table cell runs, in order: none, one, or a tuple (kinds in F, B, W order)."""
     if cell is None:
         return ()
     return cell if isinstance(cell, tuple) else (cell,)
@@ -104,18 +107,32 @@ class Schedule:
         0 without W."""
         if not self.split_backward:
             return [0] * self.num_devices
-        return self._peak("B", "W")
+        return self._peak("B", "W", skip=self.fused())
 
-    def _peak(self, opens: str, closes: str) -> list[int]:
+    def fused(self) -> frozenset[Action]:
+        """The B and W actions that share a cell with their partner: one whole backward, nothing
+        stored for W."""
+        if not self.split_backward:
+            return frozenset()
+        ticks = self.ticks()
+        pairs = [
+            (a, w)
+            for a, t in ticks.items()
+            if a.kind == "B" and ticks.get(w := dataclasses.replace(a, kind="W")) == t
+        ]
+        return frozenset(x for pair in pairs for x in pair)
+
+    def _peak(self, opens: str, closes: str, skip: frozenset = frozenset()) -> list[int]:
         """Per device: the most microbatches at once between their ``opens`` action and their
-        ``closes`` action (a pair's forward runs before its backward)."""
+        ``closes`` action (a cell's actions run in order), ``skip`` not counted."""
         peak = []
         for d in range(self.num_devices):
             live = best = 0
             for row in self.table:
                 for a in actions(row[d]):
-                    live += (a.kind == opens) - (a.kind == closes)
-                    best = max(best, live)
+                    if a not in skip:
+                        live += (a.kind == opens) - (a.kind == closes)
+                        best = max(best, live)
             peak.append(best)
         return peak
 
@@ -126,7 +143,7 @@ _UNIT = {"F": 1.0, "B": 1.0, "W": 1.0}
 # --- dependencies -------------------------------------------------------------------------
 
 
-def _deps(a: Action, s: Schedule) -> list[tuple[Action, bool]]:
+def dependencies(a: Action, s: Schedule) -> list[tuple[Action, bool]]:
     """(action, crosses devices) pairs that must finish before `a` starts."""
     last = s.num_stages - 1
     if a.kind == "F":
@@ -137,80 +154,6 @@ def _deps(a: Action, s: Schedule) -> list[tuple[Action, bool]]:
             own.append((Action("B", a.stage + 1, a.microbatch), True))
         return own
     return [(Action("B", a.stage, a.microbatch), False)]
-
-
-def _expected(s: Schedule) -> list[Action]:
-    kinds = ("F", "B", "W") if s.split_backward else ("F", "B") if s.training else ("F",)
-    return [
-        Action(k, st, j)
-        for k in kinds
-        for st in range(s.num_stages)
-        for j in range(s.num_microbatches)
-    ]
-
-
-def validate(schedule: Schedule) -> None:
-    """Raises ValueError naming the first violation: counts, placement or dependencies."""
-    s, p = schedule, schedule.num_devices
-    if s.num_stages % p:
-        raise ValueError(f"{s.num_stages} stages cannot be spread evenly over {p} devices.")
-    seen: dict[Action, int] = {}
-    for t, row in enumerate(s.table):
-        if len(row) != p:
-            raise ValueError(f"schedule tick {t} has {len(row)} devices; expected {p}.")
-        for d, cell in enumerate(row):
-            if isinstance(cell, tuple) and not (
-                len(cell) == 2 and cell[0].kind == "F" and cell[1].kind != "F"
-            ):
-                raise ValueError(
-                    f"tick {t}, device {d}: a cell pairs one forward with one backward (in "
-                    f"that order), not {tuple(map(str, cell))}."
-                )
-            for a in actions(cell):  # a pair's backward may read its forward's residuals
-                _check_action(s, seen, t, d, a, same_tick=actions(cell)[0])
-                seen[a] = t
-    missing = [a for a in _expected(s) if a not in seen]
-    if missing:
-        raise ValueError(f"schedule never runs {missing[0]} ({len(missing)} actions missing).")
-    if not s.training:
-        late = [
-            a
-            for a, t in seen.items()
-            if a.stage > 0 and seen[Action("F", a.stage - 1, a.microbatch)] != t - 1
-        ]
-        if late:
-            raise ValueError(
-                f"{late[0]} does not run on the tick after its input is sent; a "
-                "forward-only table consumes activations as they arrive."
-            )
-
-
-def _check_action(
-    s: Schedule, seen: dict[Action, int], t: int, d: int, a: Action, *, same_tick: Action
-) -> None:
-    """Action ``a`` at tick ``t`` on device ``d``, given the ticks of the actions before it;
-    ``same_tick``: the action run before it in the same cell, whose results it may read."""
-    if not (0 <= a.stage < s.num_stages and 0 <= a.microbatch < s.num_microbatches):
-        raise ValueError(
-            f"tick {t}, device {d}: {a} is outside {s.num_stages} stages "
-            f"× {s.num_microbatches} microbatches."
-        )
-    if s.device_of(a.stage) != d:
-        raise ValueError(
-            f"tick {t}: {a} is placed on device {d}, but stage {a.stage} "
-            f"lives on device {s.device_of(a.stage)}."
-        )
-    if a in seen:
-        raise ValueError(f"{a} runs twice (ticks {seen[a]} and {t}).")
-    if a.kind != "F" and not s.training:
-        raise ValueError(f"tick {t}: {a} in a forward-only schedule.")
-    if a.kind == "W" and not s.split_backward:
-        raise ValueError(f"tick {t}: {a} but this schedule does not split the backward.")
-    for dep, _ in _deps(a, s):
-        ready = seen.get(dep)
-        if ready is None or (ready >= t and dep != same_tick):
-            when = "has not run" if ready is None else f"runs at tick {ready}"
-            raise ValueError(f"tick {t}: {a} needs {dep} first, which {when}.")
 
 
 # --- timing -------------------------------------------------------------------------------
@@ -238,7 +181,7 @@ def simulate(
 
 def _start(a: Action, d: int, schedule: Schedule, cost, transfer: float, times, free) -> None:
     """`simulate`'s step: ``a`` starts on device ``d`` once it is free and ``a``'s inputs are."""
-    deps = _deps(a, schedule)
+    deps = dependencies(a, schedule)
     ready = max((times[dep][1] + (transfer if cross else 0.0) for dep, cross in deps), default=0.0)
     start = max(free[d], ready)
     times[a] = (start, start + cost(a))
@@ -260,7 +203,7 @@ def lockstep(
         longest = 0.0
         for cell in row:
             start = now
-            for a in actions(cell):  # a pair: its forward, then its backward
+            for a in actions(cell):  # in the cell's order
                 times[a] = (start, start + cost(a))
                 start += cost(a)
             longest = max(longest, start - now)
@@ -307,7 +250,7 @@ def from_orders(
         for d in range(p):
             if nxt[d] < len(orders[d]):
                 a = orders[d][nxt[d]]
-                if all(dep in done and done[dep] < t for dep, _ in _deps(a, proto)):
+                if all(dep in done and done[dep] < t for dep, _ in dependencies(a, proto)):
                     row[d] = a
         if not any(row):
             stuck = [str(orders[d][nxt[d]]) for d in range(p) if nxt[d] < len(orders[d])]
@@ -407,7 +350,7 @@ def zb_h1(p: int, m: int, v: int = 1) -> Schedule:
             ]
             for kind, allowed in options:
                 a = Action(kind, d, n[kind])
-                if allowed and all(done.get(dep, t) < t for dep, _ in _deps(a, proto)):
+                if allowed and all(done.get(dep, t) < t for dep, _ in dependencies(a, proto)):
                     row[d] = a
                     break
         for d, a in enumerate(row):
@@ -439,10 +382,12 @@ def one_f_one_b_paired(p: int, m: int, v: int = 1) -> Schedule:
         for d in range(p):
             n = count[d]
             f = Action("F", d, n["F"]) if n["F"] < m and n["F"] - n["B"] < 2 * (p - d) - 1 else None
-            if f is not None and not all(done.get(x, t) < t for x, _ in _deps(f, proto)):
+            if f is not None and not all(done.get(x, t) < t for x, _ in dependencies(f, proto)):
                 f = None
             b = Action("B", d, n["B"]) if n["B"] < m else None
-            if b is not None and not all(done.get(x, t) < t or x == f for x, _ in _deps(b, proto)):
+            if b is not None and not all(
+                done.get(x, t) < t or x == f for x, _ in dependencies(b, proto)
+            ):
                 b = None
             row[d] = (f, b) if f and b else f or b
         if not any(row):
@@ -455,6 +400,37 @@ def one_f_one_b_paired(p: int, m: int, v: int = 1) -> Schedule:
     return dataclasses.replace(proto, table=tuple(rows))
 
 
+def zb_paired(p: int, m: int, v: int = 1) -> Schedule:
+    """Zero-bubble for lock-step execution: `one_f_one_b_paired`'s forwards and backwards, each
+    B with its W in its cell (fused: one whole backward, nothing stored), then, from the last
+    tick back, a tick's W moved to a later tick of its device where that tick has room
+    (`lockstep` with unit F, B, W: the tick is no longer for it), wherever that shortens the
+    tick: every device at the tick's length must shed a W. The W's move into the cool-down,
+    where devices would wait for the backwards coming back. Memory: 1F1B-paired's in flight,
+    plus the stored cotangents of the moved W's (`Schedule.deferred`)."""
+    base = one_f_one_b_paired(p, m)
+    cells = [[list(actions(c)) for c in row] for row in base.table]
+    for row in cells:
+        for cell in row:
+            cell += [Action("W", a.stage, a.microbatch) for a in cell if a.kind == "B"]
+    length = [max(map(len, row)) for row in cells]
+    for t in reversed(range(len(cells))):
+        moves = []
+        for d in (d for d, c in enumerate(cells[t]) if len(c) == length[t]):
+            room = (u for u in range(t + 1, len(cells)) if len(cells[u][d]) < length[u])
+            u = next((u for u in room if all(a.kind != "W" for a in cells[u][d])), None)
+            if u is None or cells[t][d][-1].kind != "W":
+                break
+            moves.append((d, u))
+        else:
+            for d, u in moves:
+                cells[u][d].append(cells[t][d].pop())
+            length[t] = max(map(len, cells[t]))
+    cell = lambda c: tuple(c) if len(c) > 1 else c[0] if c else None  # noqa: E731
+    table = tuple(tuple(map(cell, row)) for row in cells)
+    return dataclasses.replace(base, kind="zb_paired", table=table, split_backward=True)
+
+
 SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "inference": inference,
     "gpipe": gpipe,
@@ -462,6 +438,7 @@ SCHEDULES: dict[str, Callable[..., Schedule]] = {
     "1f1b_paired": one_f_one_b_paired,
     "interleaved_1f1b": interleaved_1f1b,
     "zb_h1": zb_h1,
+    "zb_paired": zb_paired,
 }
 
 
@@ -473,7 +450,7 @@ def peak_in_flight(kind: str, p: int, m: int, v: int = 1) -> int:
         return m
     if kind in ("1f1b", "zb_h1"):
         return min(p, m)
-    if kind == "1f1b_paired":
+    if kind in ("1f1b_paired", "zb_paired"):
         return min(m, 2 * p - 1)
     if kind == "interleaved_1f1b":
         return v * p if m <= p else (v + 1) * p - 1
@@ -482,9 +459,10 @@ def peak_in_flight(kind: str, p: int, m: int, v: int = 1) -> int:
 
 def peak_deferred(kind: str, p: int, m: int, v: int = 1) -> int:
     """``max(make(kind, p, m, v).deferred())`` without building the table: zb_h1 runs each
-    W at most one backward after its B (tests/test_schedules.py proves it on the tables)."""
+    W at most one backward after its B, zb_paired moves at most p − 1 (and m) W's of a device
+    into its cool-down (tests/test_schedules.py proves both on the tables)."""
     peak_in_flight(kind, p, m, v)  # checks the kind
-    return 1 if kind == "zb_h1" else 0
+    return {"zb_h1": 1, "zb_paired": min(p - 1, m)}.get(kind, 0)
 
 
 def make(kind: str, p: int, m: int, v: int = 1) -> Schedule:

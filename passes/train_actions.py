@@ -276,12 +276,13 @@ class Actions:
         leaves = [pv[i] if i >= 0 else next(it) for i in spec.param_index]
         return jax.tree.unflatten(spec.treedef, leaves)
 
-    def backward(self, s: int) -> Callable:
+    def backward(self, s: int, fuse_w: bool = False) -> Callable:
         """B: the input gradient (sent back) and the weight gradient, or, with W split off
         (`weights`), the gradients of the parameters no tapped operator reads and the tapped
-        results' cotangents and activation inputs, stored for W (`passes.split_backward`); an
-        in-place action ``(state, (x, ress)) -> state``: the parameter gradients are added
-        into this stage's rows of the gradient sums."""
+        results' cotangents and activation inputs, stored for W (`passes.split_backward`) —
+        or, ``fuse_w``, handed to W's computation at once (a W in its B's cell: one whole
+        backward, nothing stored); an in-place action ``(state, (x, ress)) -> state``: the
+        parameter gradients are added into this stage's rows of the gradient sums."""
         io, st = self.ios[s], self.stages[s]
         S, split = len(self.stages), bool(self.uses)
 
@@ -303,6 +304,8 @@ class Actions:
                 state = state._replace(send_b=send)
             if split and self.taps[s]:
                 kept = (*d_probes[0], *d_probes[1])
+                if fuse_w:
+                    return state._replace(grads=self._weight_grads(s, state.grads, env, kept))
                 cots = _store(self.kept, s, state.cots, x.slots["cot_store"], kept)
                 state = state._replace(cots=cots)
             return state
@@ -314,20 +317,24 @@ class Actions:
         activation inputs and cotangents B stored (no residual of F is read), as an in-place
         action ``(grads, (x, cots)) -> grads`` on the gradient sums alone: with the cotangent
         buffers in its carry, XLA hoisted W's matmuls out of the action to run every tick."""
-        io, n = self.ios[s], len(self.taps[s])
 
         def action(grads: tuple, inputs_: tuple) -> tuple:
             x, cots = inputs_
             env = self._params(s, x.params)
             kept = _load(self.kept, s, cots, x.slots["cot_read"], (*self.taps[s], *self.stash[s]))
-            stash = kept[n:]
-            fixed = tuple(env.get(v) for v in io.fixed)
-            f = lambda pv: self.fns_w[s](pv, fixed, stash)  # noqa: E731
-            _, vjp = jax.vjp(f, tuple(env[v] for v in io.params))
-            (d_params,) = vjp(tuple(kept[k] for k in range(n)))
-            return self._add_grads(s, grads, d_params, self.uses[s].late)
+            return self._weight_grads(s, grads, env, kept)
 
         return action
+
+    def _weight_grads(self, s: int, grads: tuple, env: dict, kept: Sequence) -> tuple:
+        """``grads`` plus the tapped operators' weight gradients from ``kept``: the tapped
+        results' cotangents, then their activation inputs."""
+        io, n = self.ios[s], len(self.taps[s])
+        fixed = tuple(env.get(v) for v in io.fixed)
+        f = lambda pv: self.fns_w[s](pv, fixed, kept[n:])  # noqa: E731
+        _, vjp = jax.vjp(f, tuple(env[v] for v in io.params))
+        (d_params,) = vjp(tuple(kept[:n]))
+        return self._add_grads(s, grads, d_params, self.uses[s].late)
 
     def _add_grads(
         self, s: int, sums: tuple, d_params: Sequence[Any], only: frozenset | None = None

@@ -1,9 +1,9 @@
 """Slot plan of a training schedule: which buffer slot every stored value of a tick uses.
 
 Each stored value (an arriving activation or gradient, a stage's residuals, a split backward's
-cotangent) lives from the tick it arrives (or is made) to the tick it is consumed; slots are
-reused greedily (interval colouring), so buffers hold exactly the schedule's in-flight count —
-m residual sets for GPipe, at most p for 1F1B.
+cotangent unless its W is fused with it) lives from the tick it arrives (or is made) to the
+tick it is consumed; slots are reused greedily (interval colouring), so buffers hold exactly
+the schedule's in-flight count — m residual sets for GPipe, at most p for 1F1B.
 """
 
 from __future__ import annotations
@@ -57,6 +57,7 @@ def plan_slots(schedule: Schedule) -> SlotPlan:
     # per kind and device: key -> (tick stored, tick last read), and every tick it is read
     spans: dict[str, list[dict]] = {k: [{} for _ in range(p)] for k in SLOT_KINDS}
     reads: dict[str, list[dict]] = {k: [{} for _ in range(p)] for k in SLOT_KINDS}
+    fused = s.fused()  # a W in its B's cell: nothing stored for it
     for a, t in ticks.items():
         d, j = s.device_of(a.stage), a.microbatch
         if a.kind == "F" and a.stage > 0:
@@ -68,7 +69,7 @@ def plan_slots(schedule: Schedule) -> SlotPlan:
         if a.kind == "F":
             b = ticks[Action("B", a.stage, j)]  # W reads what B stored, not the residuals
             spans["res"][d][a], reads["res"][d][a] = (t, b), [b]
-        if a.kind == "B" and s.split_backward:
+        if a.kind == "B" and s.split_backward and a not in fused:
             w = ticks[Action("W", a.stage, j)]
             spans["cot"][d][a], reads["cot"][d][a] = (t, w), [w]
     tables: dict[str, np.ndarray] = {}

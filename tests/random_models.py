@@ -299,6 +299,8 @@ def make_case(seed: int, index: int) -> Case:
     zero = mode == "train" and dp > 1 and late.random() < 0.5
     if schedule == "1f1b" and late.random() < 0.5:
         schedule = "1f1b_paired"  # a forward and a backward per tick (lock-step tables)
+    if schedule == "zb_h1" and late.random() < 0.5:
+        schedule = "zb_paired"  # zero-bubble lock-step: fused B + W, W's moved late
     fields = (seed, index, style, mode, pp, dp, tp, m, batch, schedule, optimizer, model)
     return Case(*fields, unit_axes, zero_stage=int(zero))
 

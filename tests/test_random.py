@@ -108,7 +108,7 @@ def test_random_generator_is_deterministic_per_seed_and_case():
     assert {c.style for c in cases} == set(rm.STYLES)
     assert {c.mesh_kind for c in cases} == {"pp", "pp×dp", "tp"}
     assert {c.optimizer for c in cases} - {None} == set(rm.OPTIMIZERS)
-    assert {c.schedule for c in cases} - {None} == {*rm.SCHEDULES, "1f1b_paired"}
+    assert {c.schedule for c in cases} - {None} == {*rm.SCHEDULES, "1f1b_paired", "zb_paired"}
     assert any(c.zero_stage for c in cases)
     assert all(c.batch % (c.dp * c.m) == 0 and c.pp * c.dp * c.tp <= 8 for c in cases)
 

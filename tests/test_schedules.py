@@ -8,8 +8,9 @@ import pytest
 
 from autopipe.passes import schedule as S
 from autopipe.passes.schedule import Action
+from autopipe.passes.schedule_check import validate
 
-KINDS = ["inference", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"]
+KINDS = ["inference", "gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired"]
 SIZES = [(2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
 
 
@@ -18,8 +19,8 @@ SIZES = [(2, 4), (2, 8), (4, 4), (4, 8), (8, 8)]
 def test_builders_make_valid_tables(kind, p, m):
     v = 2 if kind == "interleaved_1f1b" else 1
     s = S.make(kind, p, m, v)
-    S.validate(s)
-    per_mb = {"inference": 1, "zb_h1": 3}.get(kind, 2)
+    validate(s)
+    per_mb = {"inference": 1, "zb_h1": 3, "zb_paired": 3}.get(kind, 2)
     assert sum(len(S.actions(c)) for row in s.table for c in row) == per_mb * m * p * v
 
 
@@ -71,8 +72,33 @@ def test_pairs_must_be_a_forward_then_a_backward():
     )
     rows = [list(r) for r in s.table]
     rows[t][d] = rows[t][d][::-1]
-    with pytest.raises(ValueError, match="pairs one forward with one backward"):
-        S.validate(dataclasses.replace(s, table=tuple(map(tuple, rows))))
+    with pytest.raises(ValueError, match="at most one action of each kind, in the order F, B, W"):
+        validate(dataclasses.replace(s, table=tuple(map(tuple, rows))))
+
+
+def _without_w(s: S.Schedule) -> list[list[tuple]]:
+    return [[tuple(a for a in S.actions(c) if a.kind != "W") for c in row] for row in s.table]
+
+
+def test_zb_paired_fuses_the_steady_state_and_moves_ws_into_the_cool_down():
+    """zb_paired: 1F1B-paired's F and B ticks, each B fused with its W except the W's moved to
+    a later tick of their device where that tick has room; lock-step with unit F, B, W it takes
+    zb_h1's time in m + 2(p − 1) ticks, never longer than 1F1B-paired with B = F + W."""
+    unit, whole = {"F": 1, "B": 1, "W": 1}, {"F": 1, "B": 2, "W": 0}
+    for p in range(1, 7):
+        for m in range(1, 20):
+            zb, paired = S.zb_paired(p, m), S.one_f_one_b_paired(p, m)
+            assert zb.num_ticks == paired.num_ticks == m + 2 * (p - 1)
+            assert S.lockstep(zb, unit)[1] == S.lockstep(S.zb_h1(p, m), unit)[1], (p, m)
+            assert S.lockstep(zb, unit)[1] <= S.lockstep(paired, whole)[1]
+            assert _without_w(zb) == _without_w(paired)  # the same F and B, tick for tick
+            ticks, fused = zb.ticks(), zb.fused()
+            moved = [a for a in ticks if a.kind == "W" and a not in fused]
+            assert all(ticks[a] > ticks[Action("B", a.stage, a.microbatch)] for a in moved)
+            assert len(fused) == 2 * (p * m - len(moved))
+    s = S.zb_paired(4, 8)
+    assert s.in_flight() == [7, 5, 3, 1] and s.deferred() == [0, 1, 2, 3]
+    assert [a for a in S.actions(s.table[-1][3])] == [Action("W", 3, 5)]  # waits no more
 
 
 def test_in_flight_microbatches_bound_activation_memory():
@@ -107,20 +133,20 @@ def test_validation_rejects_broken_tables():
     # missing dependency: the last stage's backward before its forward
     t_f, t_b = ticks[Action("F", 1, 0)], ticks[Action("B", 1, 0)]
     with pytest.raises(ValueError, match=r"B1\.0 needs F1\.0 first"):
-        S.validate(_swap(s, t_f, t_b, 1))
+        validate(_swap(s, t_f, t_b, 1))
     # wrong counts: a dropped backward, a duplicated forward
     rows = [list(r) for r in s.table]
     rows[ticks[Action("B", 0, 3)]][0] = None
     with pytest.raises(ValueError, match=r"never runs B0\.3"):
-        S.validate(dataclasses.replace(s, table=tuple(tuple(r) for r in rows)))
+        validate(dataclasses.replace(s, table=tuple(tuple(r) for r in rows)))
     with pytest.raises(ValueError, match="runs twice"):
-        S.validate(dataclasses.replace(s, table=s.table + (s.table[0],)))
+        validate(dataclasses.replace(s, table=s.table + (s.table[0],)))
     # wrong device, W in a schedule that does not split the backward
     bad = dataclasses.replace(s, table=((None, Action("F", 0, 0)),) + s.table[1:])
     with pytest.raises(ValueError, match="placed on device 1"):
-        S.validate(bad)
+        validate(bad)
     with pytest.raises(ValueError, match="does not split the backward"):
-        S.validate(dataclasses.replace(s, table=s.table + ((Action("W", 0, 0), None),)))
+        validate(dataclasses.replace(s, table=s.table + ((Action("W", 0, 0), None),)))
 
 
 def test_deadlocking_orders_are_refused():
@@ -144,7 +170,7 @@ def test_forward_only_table_and_unknown_name():
     )
     # F1.0 runs two ticks after F0.0 sent its input: the receive buffer holds F0.1's by then
     with pytest.raises(ValueError, match="tick after its input is sent"):
-        S.validate(late)
+        validate(late)
     with pytest.raises(ValueError, match="not one of"):
         S.make("pipedream", 2, 2)
     with pytest.raises(ValueError, match="divisible by the pipeline size"):

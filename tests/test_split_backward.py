@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 
 import autopipe
 from autopipe import models
@@ -123,15 +124,31 @@ def test_zb_h1_does_one_backward_of_work_and_trains_like_1f1b():
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_every_matmul_runs_inside_its_action():
+def test_zb_paired_fuses_b_and_w_and_trains_like_1f1b_paired():
+    """zb_paired runs 1F1B-paired's ticks with each B fused with its W (one whole backward,
+    nothing stored for W) but the W the last device moves into its idle last tick: the same
+    steps as 1F1B-paired; only that W's cotangents are stored (one slot)."""
+    (zb, params, tokens), (ref, _, _) = _gpt_plan("zb_paired"), _gpt_plan("1f1b_paired")
+    assert zb.schedule.deferred() == [0, 1] and zb.emitted.slots.counts["cot"] == 1
+    got, want = zb.init(params), ref.init(params)
+    for _ in range(2):
+        (got, loss), (want, want_loss) = zb.step(got, tokens), ref.step(want, tokens)
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    leaves = [jax.tree.leaves(p.unplace(s)) for p, s in ((zb, got), (ref, want))]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("schedule", "loops"), [("zb_h1", 6), ("zb_paired", 8)])
+def test_every_matmul_runs_inside_its_action(schedule, loops):
     """The tick loop's own body holds no matmul: each action's work stays inside its loop,
     which runs only on the ticks that have that action. (With the stored cotangents in W's
     carry, XLA hoisted W's 24 weight-gradient matmuls of this GPT into the tick body, to run on
     every tick: 2.8 × the step time.)"""
-    plan, _, _ = _gpt_plan("zb_h1")
+    plan, _, _ = _gpt_plan(schedule)
     hlo = plan.compiled.as_text()
     trips = f'"known_trip_count":{{"n":"{plan.schedule.num_ticks}"}}'
     tick = re.search(r"while\([^)]*\), condition=%?[\w.\-]+, body=%?([\w.\-]+)[^\n]*" + trips, hlo)
     body = re.search(r"\n%?" + re.escape(tick.group(1)) + r" [^\n]*\{\n(.*?)\n\}", hlo, re.S)
-    assert body.group(1).count(" while(") >= 6  # F, B and W of two stages
+    assert body.group(1).count(" while(") >= loops  # F, B, W (and B fused with W) of 2 stages
     assert " dot(" not in body.group(1)

@@ -19,21 +19,27 @@ from conftest import BATCH, fill, mesh
 
 
 def test_probe_tables_run_one_kind_on_every_device_or_on_one():
-    sched = schedules.make("zb_h1", 2, 4)
+    sched = schedules.make("zb_paired", 2, 4)
     slots = plan_slots(sched)
     real = probe_tables(sched, slots, None)
-    for kind, branch in (("F", None), ("B", 0), ("W", 2)):
+    actions = ("fwd", "bwd", "wgt")
+    # per kind: the table it is in and device 0's entry (B of stage s is s, B fused with its
+    # W is S + s, W apart is s; device d runs stage d)
+    for kind, table, branch in (
+        ("F", "fwd", 0),
+        ("B", "bwd", 0),
+        ("BW", "bwd", 2),
+        ("W", "wgt", 0),
+    ):
         every = probe_tables(sched, slots, kind)
         one = probe_tables(sched, slots, kind, device=1)
         assert every.keys() == real.keys()
         assert all(every[k].shape == (sched.num_ticks, 2) for k in every)
-        if branch is None:  # F of stage d on device d at every tick
-            assert (every["fwd"] == [0, 1]).all() and (one["fwd"] == [-1, 1]).all()
-        else:  # backward branches: B of stage s is s, W is S + s, idle is 2S
-            assert (every["bwd"] == [branch, branch + 1]).all()
-            assert (one["bwd"] == [4, branch + 1]).all()
+        assert (every[table] == [branch, branch + 1]).all()
+        assert (one[table] == [-1, branch + 1]).all()
+        assert all((every[k] == -1).all() for k in actions if k != table)
         assert all((v == 0).all() for k, v in every.items() if k.endswith(("_store", "_read")))
-    assert (real["fwd"] == -1).all() and (real["bwd"] == 4).all()
+    assert all((real[k] == -1).all() for k in actions)
 
 
 def test_timeline_takes_the_longer_of_alone_and_shared():
@@ -45,15 +51,19 @@ def test_timeline_takes_the_longer_of_alone_and_shared():
     ]
     assert timeline(sched, costs) == pytest.approx(1 + 2 + 1 + 3 + 4 + 3)
     # devices that share nothing (alone == together): the plain lock-step timeline
-    for kind, p, m in (("1f1b", 4, 8), ("1f1b_paired", 2, 4), ("zb_h1", 2, 4)):
+    runs = (("1f1b", 4, 8), ("1f1b_paired", 2, 4), ("zb_h1", 2, 4), ("zb_paired", 4, 8))
+    for kind, p, m in runs:
         sched = schedules.make(kind, p, m)
-        cost = {"F": 1.0, "B": 2.5, "W": 0.75}
+        cost = {"F": 1.0, "B": 2.5, "W": 0.75, "BW": 3.25}  # a fused B + W: both
         flat = [ActionCost(kind=k, virtual=0, together=c, alone=(c,) * p) for k, c in cost.items()]
         want = schedules.lockstep(sched, cost)[1]
         assert timeline(sched, flat) == pytest.approx(want)
 
 
-@pytest.mark.parametrize(("schedule", "kinds"), [("zb_h1", "FBW"), ("interleaved_1f1b", "FB")])
+@pytest.mark.parametrize(
+    ("schedule", "kinds"),
+    [("zb_h1", "F B W"), ("zb_paired", "F B BW W"), ("interleaved_1f1b", "F B")],
+)
 def test_training_profile_times_every_action_and_leaves_the_state_usable(schedule, kinds):
     model = models.LinenMLP(features=(32, 32, 32, 32, 8))
     x = np.random.default_rng(0).normal(size=(BATCH, 16)).astype(np.float32)
@@ -70,7 +80,9 @@ def test_training_profile_times_every_action_and_leaves_the_state_usable(schedul
     state = plan.init(params)
     prof = plan.profile(state, (x, y), repeats=1)
     v = plan.schedule.virtual_stages
-    assert {(a.kind, a.virtual) for a in prof.actions} == {(k, i) for k in kinds for i in range(v)}
+    assert {(a.kind, a.virtual) for a in prof.actions} == {
+        (k, i) for k in kinds.split() for i in range(v)
+    }
     assert all(len(a.alone) == 2 and a.together >= 0 for a in prof.actions)
     assert prof.predicted == pytest.approx(prof.fixed + timeline(plan.schedule, prof.actions))
     assert prof.measured > 0 and prof.ticks == plan.schedule.num_ticks

@@ -18,7 +18,7 @@ from autopipe.passes.emit_train import plan_chunks
 from autopipe.passes.partition import PlanInfeasible
 from conftest import BATCH, GPT, fill, mesh, reference_training
 
-SCHEDULES = ["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"]
+SCHEDULES = ["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired"]
 STEPS = 5
 # The reference does the pipeline's arithmetic (same microbatches, same order, see
 # `_reference`), so float32 agreement is ~1e-7 and the tolerance below is 10x that.
