@@ -335,7 +335,7 @@ def plan_quality(args) -> list[dict]:
 
 
 def _formula_bubble(kind: str, p: int, m: int, v: int) -> str:
-    if kind in ("inference", "gpipe", "1f1b"):
+    if kind in ("inference", "gpipe", "1f1b", "1f1b_paired"):
         return f"{(p - 1) / (m + p - 1):.3f}"
     if kind == "interleaved_1f1b":
         return f"{(p - 1) / (v * m + p - 1):.3f}"
@@ -349,6 +349,8 @@ def _formula_in_flight(kind: str, p: int, m: int, v: int) -> str:
         "1f1b": str(min(p, m)),
         "interleaved_1f1b": f"{p + (p - 1) / v:.2f}",
         "zb_h1": str(min(p, m)),
+        "1f1b_paired": str(min(m, 2 * p - 1)),
+        "zb_paired": str(min(m, 2 * p - 1)),
     }[kind]
 
 

@@ -106,7 +106,11 @@ def activation_memory(args) -> list[dict]:
         return jnp.mean(jax.nn.logsumexp(logits, axis=-1) - logits[..., 0])
 
     mesh = jax.make_mesh((p,), ("pp",), devices=devices[:p])
-    kinds = ("gpipe", "1f1b") if args.quick else ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+    kinds = (
+        ("gpipe", "1f1b")
+        if args.quick
+        else ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_paired")
+    )
     rows = []
     for kind in kinds:
         started = time.perf_counter()

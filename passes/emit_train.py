@@ -36,9 +36,12 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
      and ``W`` (those matmuls' weight gradients, x^T g from what B stored: no second pass
      back through the stage, no recomputation, no residual read; its loop carries only the
      gradient sums — with the stored buffers in its carry XLA hoisted W's matmuls out of the
-     loop, to run on every tick). It adds its parameter gradients into its own rows of the
-     gradient sums in place, and sets the gradient to send. A tick without a backward
-     touches no gradient buffer;
+     loop, to run on every tick). A W in its B's cell runs fused with it (``BW``: B hands
+     the cotangents and inputs to W's computation at once, storing nothing), a W apart in its
+     own loop; a tick may run a backward and a W apart (`loop_kinds`: only the loop kinds the
+     table uses are emitted, each for every stage). Each adds its parameter gradients into its
+     own rows of the gradient sums in place, and B sets the gradient to send. A tick without a
+     backward touches no gradient buffer;
   4. one ``ppermute`` per direction and dtype runs unconditionally.
 After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
 copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
@@ -256,9 +259,9 @@ def probe_tables(
 ) -> dict[str, np.ndarray]:
     """Tables of the schedule's shapes in which every device d (only ``device``, if given)
     runs ``kind`` ("F", "B", "W", "BW": a B fused with its W; None: nothing) of its stage
-    ``index · p + d`` at every tick, every slot 0:
-    the step run with them times one action kind (`autopipe._train_profile`). What the actions
-    compute from slots nobody filled is meaningless; only the time counts."""
+    ``index · p + d`` at every tick, every slot 0: the step run with them times one action
+    kind (`autopipe._train_profile`). What the actions compute from slots nobody filled is
+    meaningless; only the time counts."""
     p, m = schedule.num_devices, schedule.num_microbatches
 
     def cell(t: int, d: int) -> Cell:
