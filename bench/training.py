@@ -24,7 +24,7 @@ import pathlib
 import statistics
 import time
 
-SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1", "zb_paired")
 
 
 def _task():
