@@ -213,8 +213,14 @@ class _Proc:
         return json.loads(line)
 
     def ask(self, **req) -> dict:
+        self.send(**req)
+        return self.answer(req)
+
+    def send(self, **req) -> None:
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
+
+    def answer(self, req: dict) -> dict:
         answer = self._read()
         if "error" in answer:
             raise RuntimeError(f"benchmark worker: {answer['error']} (request {req})")
@@ -264,6 +270,7 @@ def pipeline_speedup(args) -> list[dict]:
 def _speedup_rows(config: dict, args) -> list[dict]:
     argv = [sys.executable, str(WORKER), "--devices", "2", json.dumps(config)]
     pinned = _Proc(["taskset", "-c", "0", *argv])
+    other = _Proc(["taskset", "-c", "1", *argv])  # times the stages beside `pinned`
     both = _Proc(argv)
     ms = (8, 32)
     rounds = 2 if args.quick else 5
@@ -282,15 +289,21 @@ def _speedup_rows(config: dict, args) -> list[dict]:
                     )
         rows = []
         for m in ms:
-            stage = pinned.ask(what="stages", pp=2, m=m, reps=5)["medians"]
+            req = dict(what="stages", pp=2, m=m, reps=5)
+            stage = pinned.ask(**req)["medians"]
+            for proc in (pinned, other):  # both cores at once: what they cost each other
+                proc.send(**req)
+            beside = [proc.answer(req)["medians"] for proc in (pinned, other)]
             parts = both.ask(what="parts", pp=2, m=m, reps=5)["medians"]
             ticks = m + 1
             rows.append(
                 _speedup_row(m, ticks, {k: statistics.median(v) for k, v in samples.items()})
                 | _overhead_cols(m, ticks, stage, parts, statistics.median(samples[f"pipe{m}"]))
+                | _contention_cols(m, stage, beside)
             )
     finally:
         pinned.close()
+        other.close()
         both.close()
     for row in rows:
         row["load_avg"] = _load()
@@ -380,6 +393,19 @@ def _speedup_row(m: int, ticks: int, med: dict[str, float]) -> dict:
         "speedup_vs_jit": round(med["jit"] / pipe, 2),
         "speedup_vs_microbatched": round(med[f"seq{m}"] / pipe, 2),
         "ideal": round(2 * m / (m + 1), 2),
+    }
+
+
+def _contention_cols(m: int, alone: list[float], beside: list[list[float]]) -> dict:
+    """Each stage timed on core 0 while core 1 times the same stages: the slowdown two busy
+    cores impose on each other (memory bandwidth, shared cache), and the speedup ceiling it
+    leaves, 2m/(m + 1) × alone / together (the slower stage of each)."""
+    together = [max(ts) for ts in zip(*beside, strict=True)]
+    ratio = max(together) / max(alone)
+    return {
+        "stage_both_cores_ms": "/".join(f"{t * 1e3:.1f}" for t in together),
+        "contention": round(ratio, 3),
+        "ideal_contended": round(2 * m / (m + 1) / ratio, 2),
     }
 
 
