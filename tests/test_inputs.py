@@ -29,7 +29,7 @@ STEPS = 3
 OPTIMIZER = optax.adamw(1e-2, eps=1e-3)  # eps: see tests/test_training.py (zero gradients)
 RTOL, ATOL = 1e-5, 1e-6
 PAD = 0
-SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1"]
+SCHEDULES = ["gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_paired"]
 # (pp, m, dp): the grid; the default run takes a few of them (`DEFAULT`)
 GRID = [(2, 4, 1), (2, 8, 1), (4, 4, 1), (4, 8, 1), (2, 4, 2)]
 DEFAULT = {("bert", "1f1b", (2, 4, 1)), ("dropout_gpt2", "zb_h1", (2, 4, 1))}  # dp: the masks test

@@ -202,7 +202,7 @@ def _check(style, schedule, pp, m, dp=1, opt="adamw"):
     return plan
 
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zb_h1", "zb_paired")
 # the default run: one GPT-2 case (global-mode optimizer); the cheap bias model below covers
 # local mode, 4 holders, interleaving and the data axis; the rest of the grid is slow
 DEFAULT = {("linen", "1f1b", 2, 4, 1, "clip_adamw")}
@@ -243,6 +243,7 @@ def test_tied_gpt2_trains_like_single_device(style, schedule, pp, m, dp, opt):
         ("1f1b", 4, 1, "adamw"),
         ("interleaved_1f1b", 2, 2, "clip_adamw"),
         ("zb_h1", 4, 1, "lamb"),
+        ("zb_paired", 4, 2, "adamw"),  # copies' gradients from fused and moved W's
         pytest.param("zb_h1", 4, 1, "clip_adamw", marks=pytest.mark.slow),
         pytest.param("gpipe", 4, 2, "adamw", marks=pytest.mark.slow),
     ],

@@ -105,9 +105,12 @@ FACTORIZATIONS = [(2, 1, 4), (2, 2, 2), (1, 2, 4), (4, 1, 2)]
 
 def _grid():
     for name in ("gpt2", "llama"):
-        for schedule in ("1f1b", "zb_h1"):
+        for schedule in ("1f1b", "zb_h1", "zb_paired"):
             for f in FACTORIZATIONS:
-                fast = (name, schedule, f) == ("gpt2", "1f1b", (2, 2, 2))
+                fast = (name, schedule, f) in (
+                    ("gpt2", "1f1b", (2, 2, 2)),
+                    ("llama", "zb_paired", (2, 1, 4)),  # B + W fused on shards
+                )
                 marks = () if fast else (pytest.mark.slow,)
                 yield pytest.param(name, schedule, f, marks=marks, id=f"{name}-{schedule}-{f}")
 

@@ -158,8 +158,9 @@ def test_scanned_layers_train_and_unplace_restacks_rows():
     _check_training("scanned_gpt", "1f1b", 4, 4)
 
 
-def test_remat_gives_the_same_training():
-    plan = _check_training("mlp", "1f1b", 4, 8, remat=True)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb_paired"])
+def test_remat_gives_the_same_training(schedule):
+    plan = _check_training("mlp", schedule, 4, 8, remat=True)
     assert plan.remat == (True,) * 4
 
 
