@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from autopipe.passes import schedule as schedules
-from autopipe.passes.emit_train import loop_kinds, probe_tables
+from autopipe.passes.emit_train import probe_tables
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -89,7 +89,7 @@ def profile_training(plan: Any, state: Any, *args: Any, repeats: int = 5) -> Tra
     def probe(*key: Any) -> dict:
         return emitted.place_tables(probe_tables(sched, emitted.slots, *key))
 
-    kinds = ("F", *sorted(loop_kinds(sched)))
+    kinds = ("F", *sorted(sched.loop_kinds()))
     units = [(k, i) for k in kinds for i in range(sched.virtual_stages)]
     probes: dict[Any, dict] = {"step": rt.tables, "idle": probe(None)}
     probes |= {u: probe(*u) for u in units}

@@ -38,10 +38,10 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
      gradient sums — with the stored buffers in its carry XLA hoisted W's matmuls out of the
      loop, to run on every tick). A W in its B's cell runs fused with it (``BW``: B hands
      the cotangents and inputs to W's computation at once, storing nothing), a W apart in its
-     own loop; a tick may run a backward and a W apart (`loop_kinds`: only the loop kinds the
-     table uses are emitted, each for every stage). Each adds its parameter gradients into its
-     own rows of the gradient sums in place, and B sets the gradient to send. A tick without a
-     backward touches no gradient buffer;
+     own loop; a tick may run a backward and a W apart (only the loop kinds the table uses
+     are emitted, each for every stage: `Schedule.loop_kinds`). Each adds its parameter
+     gradients into its own rows of the gradient sums in place, and B sets the gradient to
+     send. A tick without a backward touches no gradient buffer;
   4. one ``ppermute`` per direction and dtype runs unconditionally.
 After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
 copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
@@ -243,13 +243,6 @@ def _action_tables(schedule: Schedule) -> dict[str, np.ndarray]:
     return {"fwd": fwd, "bwd": bwd, "wgt": wgt, "mb_f": mb_f, "mb_b": mb_b}
 
 
-def loop_kinds(schedule: Schedule) -> frozenset[str]:
-    """The backward loops the step emits, for every stage: ``B`` (alone), ``BW`` (a B fused
-    with its W) and ``W`` (apart from its B), those the table runs; probes time only these."""
-    fused = schedule.fused()
-    return frozenset("BW" if a in fused else a.kind for a in schedule.ticks() if a.kind != "F")
-
-
 def probe_tables(
     schedule: Schedule,
     slots: SlotPlan,
@@ -338,7 +331,7 @@ def _pipeline(
     fwd_perm = [(d, (d + 1) % p) for d in range(p)] if S > p else [(d, d + 1) for d in range(p - 1)]
     bwd_perm = [(b, a) for a, b in fwd_perm]
     forwards = [acts.forward(s) for s in range(S)]
-    kinds = loop_kinds(schedule)
+    kinds = schedule.loop_kinds()
     backwards = [(s, acts.backward(s)) for s in range(S) if "B" in kinds]
     backwards += [(S + s, acts.backward(s, fuse_w=True)) for s in range(S) if "BW" in kinds]
     weights = [(s, acts.weights(s)) for s in range(S) if "W" in kinds]

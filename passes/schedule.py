@@ -122,6 +122,12 @@ class Schedule:
         ]
         return frozenset(x for pair in pairs for x in pair)
 
+    def loop_kinds(self) -> frozenset[str]:
+        """The backward action loops the emitted step runs for every stage: ``B`` (alone),
+        ``BW`` (a B fused with its W) and ``W`` (apart from its B), those the table uses."""
+        fused = self.fused()
+        return frozenset("BW" if a in fused else a.kind for a in self.ticks() if a.kind != "F")
+
     def _peak(self, opens: str, closes: str, skip: frozenset = frozenset()) -> list[int]:
         """Per device: the most microbatches at once between their ``opens`` action and their
         ``closes`` action (a cell's actions run in order), ``skip`` not counted."""
