@@ -98,7 +98,7 @@ def test_zb_paired_fuses_the_steady_state_and_moves_ws_into_the_cool_down():
             assert len(fused) == 2 * (p * m - len(moved))
     s = S.zb_paired(4, 8)
     assert s.in_flight() == [7, 5, 3, 1] and s.deferred() == [0, 1, 2, 3]
-    assert [a for a in S.actions(s.table[-1][3])] == [Action("W", 3, 5)]  # waits no more
+    assert list(S.actions(s.table[-1][3])) == [Action("W", 3, 5)]  # waits no more
 
 
 def test_in_flight_microbatches_bound_activation_memory():

@@ -101,6 +101,17 @@ def _dots(hlo: str) -> collections.Counter:
     return collections.Counter(dots)
 
 
+def _assert_same_steps(plan, ref, params, tokens, steps: int = 2) -> None:
+    """``plan`` and ``ref`` train alike: losses and parameters after ``steps`` steps."""
+    got, want = plan.init(params), ref.init(params)
+    for _ in range(steps):
+        (got, loss), (want, want_loss) = plan.step(got, tokens), ref.step(want, tokens)
+        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
+    leaves = [jax.tree.leaves(p.unplace(s)) for p, s in ((plan, got), (ref, want))]
+    for a, b in zip(*leaves, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_zb_h1_does_one_backward_of_work_and_trains_like_1f1b():
     """The step's matmuls (each action's body counted once) are 1F1B's, one for one, and XLA's
     transcendental count is at most 1F1B's: W applies the tapped operators' weight transposes
@@ -115,13 +126,7 @@ def test_zb_h1_does_one_backward_of_work_and_trains_like_1f1b():
     costs = [p.compiled.cost_analysis() for p in (zb, ref)]
     assert costs[0]["flops"] <= 1.02 * costs[1]["flops"], costs
     assert costs[0]["transcendentals"] <= costs[1]["transcendentals"], costs
-    got, want = zb.init(params), ref.init(params)
-    for _ in range(2):
-        (got, loss), (want, want_loss) = zb.step(got, tokens), ref.step(want, tokens)
-        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    leaves = [jax.tree.leaves(p.unplace(s)) for p, s in ((zb, got), (ref, want))]
-    for a, b in zip(*leaves, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_steps(zb, ref, params, tokens)
 
 
 def test_zb_paired_fuses_b_and_w_and_trains_like_1f1b_paired():
@@ -130,13 +135,7 @@ def test_zb_paired_fuses_b_and_w_and_trains_like_1f1b_paired():
     steps as 1F1B-paired; only that W's cotangents are stored (one slot)."""
     (zb, params, tokens), (ref, _, _) = _gpt_plan("zb_paired"), _gpt_plan("1f1b_paired")
     assert zb.schedule.deferred() == [0, 1] and zb.emitted.slots.counts["cot"] == 1
-    got, want = zb.init(params), ref.init(params)
-    for _ in range(2):
-        (got, loss), (want, want_loss) = zb.step(got, tokens), ref.step(want, tokens)
-        np.testing.assert_allclose(float(loss), float(want_loss), rtol=1e-6)
-    leaves = [jax.tree.leaves(p.unplace(s)) for p, s in ((zb, got), (ref, want))]
-    for a, b in zip(*leaves, strict=True):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    _assert_same_steps(zb, ref, params, tokens)
 
 
 @pytest.mark.parametrize(("schedule", "loops"), [("zb_h1", 6), ("zb_paired", 8)])
