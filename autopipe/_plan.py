@@ -37,6 +37,9 @@ class Stage:
     device_param_bytes: int = -1  # parameter bytes one device holds (its tensor shards)
     collectives: tuple[tuple[str, float], ...] = ()  # tensor axis, per microbatch: kind, bytes
     strategies: tuple[tuple[str, int], ...] = ()  # tensor sharding: operators per strategy
+    # training with a split backward: seconds per microbatch a B spends storing what its W,
+    # run in another tick, reads back (`cost_models.durations`); 0 otherwise
+    store_time: float = 0.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

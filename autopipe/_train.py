@@ -32,7 +32,7 @@ from autopipe.cost_models.durations import (
     action_durations,
     training_stage_scale,
 )
-from autopipe.cost_models.rules import transfer_time
+from autopipe.cost_models.rules import Cost, memory_time, transfer_time
 from autopipe.cost_models.stage_memory import SegmentBytes, training_segment_memory
 from autopipe.passes import schedule as schedules
 from autopipe.passes.cluster import cluster
@@ -298,6 +298,7 @@ def search_training(
             lay,
             time=times[s],
             memory=mems[s],
+            store_time=_store_time(front, seg, sched, bounds[s], bounds[s + 1]),
             **_tensor_facts(sh, lay, bounds[s], bounds[s + 1]),
         )
         for s, lay in enumerate(layouts)
@@ -313,6 +314,15 @@ def search_training(
         shared=shared_params(front, layouts, p),
         shardings=sh,
     )
+
+
+def _store_time(front: Front, seg: SegmentBytes, sched, lo: int, hi: int) -> float:
+    """Seconds per microbatch a split backward's B spends writing what its W reads apart (the
+    bytes `training_segment_memory` keeps per deferred W) plus the W reading it back."""
+    if not sched.split_backward:
+        return 0.0
+    kept = float(seg.saved[lo, hi] + seg.stashed[lo, hi])
+    return memory_time(Cost(bytes_accessed=2 * kept), front.hardware)
 
 
 def _layouts(front: Front, op_bounds, sh: LayerShardings, p: int) -> tuple[StageLayout, ...]:
@@ -411,6 +421,8 @@ def _predict(front: Front, sched: schedules.Schedule, stages, p: int, *, remat: 
         training=True,
         split_backward=sched.split_backward,
         remat=remat,
+        store_times=[s.store_time for s in stages],
+        fused=sched.fused(),
     )
     times, makespan = schedules.lockstep(sched, duration)
     per_device = [sum(s.memory for s in stages[d::p]) for d in range(p)]

@@ -56,6 +56,8 @@ def plan_durations(plan: PlanRecord) -> Callable[[Action], float]:
         training=plan.schedule.training,
         split_backward=plan.schedule.split_backward,
         remat=plan.remat,
+        store_times=[st.store_time for st in plan.stages],
+        fused=plan.schedule.fused(),
     )
 
 

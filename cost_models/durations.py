@@ -7,8 +7,10 @@ bench, so that a drawn schedule's makespan is the plan's predicted step.
 - Training plans price a stage as forward + backward (+ one recomputed forward under remat);
   the backward costs `BACKWARD_FACTOR` × the forward (two matmuls per matmul). A schedule that
   splits the backward (ZB-H1) runs half of it as B (input gradients) and half as W (weight
-  gradients); under remat the emitted step recomputes the stage's forward before B and before
-  W alike, so both carry the recomputation.
+  gradients); under remat B recomputes the stage's forward (W reads only what B stored). A B
+  whose W runs in another tick also stores what that W reads (the tapped matmuls' cotangents
+  and inputs) and the W reads it back: the stage's `Stage.store_time`, half on each; a B and
+  W that share a cell (`Schedule.fused`) run as one backward and pay none of it.
 
 Actions are read by field (``kind``: "F", "B" or "W"; ``stage``), as `passes.schedule.Action`
 spells them.
@@ -16,7 +18,7 @@ spells them.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 BACKWARD_FACTOR = 2.0  # a backward costs about twice its forward (two matmuls per matmul)
@@ -33,12 +35,18 @@ def action_durations(
     training: bool,
     split_backward: bool = False,
     remat: Sequence[bool] = (),
+    store_times: Sequence[float] = (),
+    fused: Collection[Any] = frozenset(),
 ) -> Callable[[Any], float]:
     """Seconds of each action of a schedule whose stages take ``stage_times`` (the plan's
-    `Stage.time`: forward + send for forward-only plans, the training total otherwise)."""
+    `Stage.time`: forward + send for forward-only plans, the training total otherwise).
+    ``store_times``: per stage, the seconds a split backward spends storing and re-reading
+    what a W apart from its B needs (default none); ``fused``: the B and W actions that share
+    a cell (`Schedule.fused`)."""
     if not training:
         return lambda a: stage_times[a.stage]
     remat = tuple(remat) or (False,) * len(stage_times)
+    store = tuple(store_times) or (0.0,) * len(stage_times)
     fwd = [t / training_stage_scale(r) for t, r in zip(stage_times, remat, strict=True)]
 
     def duration(a: Any) -> float:
@@ -46,7 +54,8 @@ def action_durations(
             return fwd[a.stage]
         recompute = fwd[a.stage] if remat[a.stage] and a.kind == "B" else 0.0  # W: none
         if split_backward:  # B and W split the backward's two matmuls
-            return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute
+            apart = 0.0 if a in fused else store[a.stage] / 2
+            return fwd[a.stage] * BACKWARD_FACTOR / 2 + recompute + apart
         return fwd[a.stage] * BACKWARD_FACTOR + recompute
 
     return duration

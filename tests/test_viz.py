@@ -11,6 +11,7 @@ import pytest
 
 import autopipe
 from autopipe import _viz, models
+from autopipe._train import TRAINING_SCHEDULES
 from autopipe.passes import schedule as schedules
 
 UNIT = {"F": 1.0, "B": 2.0, "W": 1.0}
@@ -118,11 +119,12 @@ def test_stage_picture_colours_every_layer_and_draws_one_bar_per_stage(plan4, tm
 
 
 @pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("kind", ["gpipe", "1f1b", "1f1b_paired", "interleaved_1f1b", "zb_h1"])
+@pytest.mark.parametrize("kind", TRAINING_SCHEDULES)
 def test_training_plan_timeline_matches_its_prediction(kind, remat):
     """One duration model (`cost_models.durations`): the picture's makespan is the plan's
     predicted step for every schedule, with and without remat (ZB-H1 with remat drew 6.50
-    against a predicted 6.75 when the pictures had their own model)."""
+    against a predicted 6.75 when the pictures had their own model), a split backward's
+    stores included."""
     import optax
 
     cfg = models.GPTConfig(vocab=64, seq=8, d_model=32, heads=2, layers=4, mlp_ratio=2)
@@ -138,6 +140,7 @@ def test_training_plan_timeline_matches_its_prediction(kind, remat):
         num_microbatches=4, remat=remat, compile=False,
     )  # fmt: skip
     assert plan.remat == (remat,) * plan.num_stages
+    assert all((st.store_time > 0) == plan.schedule.split_backward for st in plan.stages)
     # training plans are predicted as the SPMD program runs them: lock-step
     _, makespan = _viz.timeline(plan.schedule, _viz.plan_durations(plan), timing="lockstep")
     assert makespan == pytest.approx(plan.predicted.step_time, rel=1e-9)
