@@ -320,7 +320,8 @@ def training_speedup(args) -> list[dict]:
     same accumulation (the pipeline's own overhead: the work is the same). Predicted pp = 2
     steps: the cost model's (``cost_model_pp2_ms``, the default cpu preset) and the one each
     plan's measured actions give (`Plan.profile`, ``profiled_pp2_ms``), against the median
-    step measured here (``profiled_vs_measured``: target within 15 %)."""
+    step measured here (``profiled_vs_measured``: target within 15 %); ``auto_picks``: the
+    schedule ``schedule="auto"`` chooses at pp = 2 by the cost model."""
     if args.gpu:
         return [{"skipped": "CPU-only benchmark (one device pinned to one core vs two cores)"}]
     if shutil.which("taskset") is None:
@@ -352,6 +353,7 @@ def training_speedup(args) -> list[dict]:
                 answer = proc.ask(**req, reps=1)
                 samples[key].append(answer["median"])
                 predicted[key] = answer.get("predicted", math.nan)
+        auto = both.ask(what="train_auto", pp=2, m=m)["schedule"]
         profiled = {  # each pp = 2 plan's `Plan.profile`, in the same two-core process
             s: both.ask(what="train_profile", pp=2, m=m, schedule=s, reps=3 if args.quick else 7)
             for s in TRAIN_SCHEDULES
@@ -375,6 +377,7 @@ def training_speedup(args) -> list[dict]:
             "cost_model_pp2_ms": round(predicted[f"pp2 {s}"] * 1e3, 1),
             "profiled_pp2_ms": round(profiled[s]["predicted"] * 1e3, 1),
             "profiled_vs_measured": round(profiled[s]["predicted"] / med[f"pp2 {s}"], 3),
+            "auto_picks": s == auto,
             "load_avg": _load(),
             "target": "≥ 1.5 (best, m = 8); serialised ≤ 1.15; profiled within 15 %",
         }

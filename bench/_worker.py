@@ -15,6 +15,7 @@ interleave their measurements (this machine is shared and noisy). Requests:
   {"what": "train_profile", "pp": P, "m": M, "schedule": S, "reps": R}
                                                      that plan's `Plan.profile`: the step its
                                                      measured actions predict (seconds)
+  {"what": "train_auto", "pp": P, "m": M}           the schedule ``schedule="auto"`` picks
   {"what": "accumulate", "m": M, "reps": R}          one device: the same m microbatches'
                                                      gradients summed in order, then the update
   {"what": "train_jit", "reps": R}                   one device: the whole batch's step
@@ -270,6 +271,19 @@ class _Training:
         m = int(req["m"])
         if what == "accumulate":
             return {"median": _median(lambda: self.accumulate(v, b, m), reps)}
+        if what == "train_auto":
+            mesh = jax.make_mesh((int(req["pp"]),), ("pp",), devices=jax.devices()[: req["pp"]])
+            plan = autopipe.train(
+                self.loss_fn,
+                self.opt,
+                v,
+                b,
+                mesh=mesh,
+                schedule="auto",
+                num_microbatches=m,
+                compile=False,
+            )
+            return {"schedule": plan.schedule.kind}
         key = (int(req["pp"]), m, req["schedule"])
         if key not in self.plans:
             pp = key[0]

@@ -94,6 +94,7 @@ def optimizer_step(
     axis: str,
     shared: Shared = (),
     zero_axis: str | None = None,
+    shape_free: bool = False,
 ) -> OptimizerStep:
     """The optimizer on the slots ``param_avals`` (global ``(p, *shape)``, sharded over
     ``axis``), in the mode `choose_mode` picks. ``shared``: values held by several devices
@@ -102,7 +103,7 @@ def optimizer_step(
     (ZeRO-1), the gradients given split as `zero_spec` says."""
     mode = choose_mode(optimizer, param_avals)
     if mode == "local":
-        init, update = _local(optimizer, mesh, axis)
+        init, update = _local(optimizer, mesh, axis, param_avals, rows=not shape_free)
     else:
         init, update = _global(optimizer, shared, mesh, axis)
     p = param_avals[0].shape[0] if param_avals else 1
@@ -177,10 +178,24 @@ def _global(optimizer, shared: Shared, mesh, axis) -> tuple[Callable, Callable]:
     return init, update
 
 
-def _local(optimizer, mesh, axis) -> tuple[Callable, Callable]:
-    """init and update run per device on its rows of the slots (leaves with their shapes)."""
-    row = lambda tree: jax.tree.map(lambda x: x[0], tree)  # noqa: E731
-    lead = lambda tree: jax.tree.map(lambda x: jnp.asarray(x)[None], tree)  # noqa: E731
+def _local(optimizer, mesh, axis, param_avals, rows: bool = True) -> tuple[Callable, Callable]:
+    """init and update run per device on its rows of the slots (leaves with their shapes), or,
+    ``rows=False`` (an update that reads no shapes, `optimizer_exact.shape_free`), on its
+    ``(1, *shape)`` blocks as they are, the state leaves laid out like them too: the same
+    arithmetic, and XLA updates the donated buffers in place (dropping and restoring the
+    leading axis made it copy adam's moments, one stage's parameter bytes each)."""
+    leaf = lambda a, lead: jax.ShapeDtypeStruct((*lead, *a.shape[1:]), a.dtype)  # noqa: E731
+    by_row = jax.eval_shape(optimizer.init, tuple(leaf(a, ()) for a in param_avals))
+    # per state leaf: whether it is a parameter-like block kept with its leading axis
+    keep = jax.tree.map(lambda r: False, by_row)
+    if not rows:
+        by_block = jax.eval_shape(optimizer.init, tuple(leaf(a, (1,)) for a in param_avals))
+        keep = jax.tree.map(lambda r, b: b.shape == (1, *r.shape), by_row, by_block)
+    strip = lambda tree, k: jax.tree.map(lambda x, b: x if b else x[0], tree, k)  # noqa: E731
+    add = lambda tree, k: jax.tree.map(  # noqa: E731
+        lambda x, b: x if b else jnp.asarray(x)[None], tree, k
+    )
+    whole = tuple(not rows for _ in param_avals)
 
     def smap(fn):
         return jax.shard_map(
@@ -193,12 +208,12 @@ def _local(optimizer, mesh, axis) -> tuple[Callable, Callable]:
         )
 
     def init(params):
-        return smap(lambda ps: lead(optimizer.init(row(ps))))(params)
+        return smap(lambda ps: add(optimizer.init(strip(ps, whole)), keep))(params)
 
     def local_update(grads, state, params):
-        g, s, q = row(grads), row(state), row(params)
+        g, s, q = strip(grads, whole), strip(state, keep), strip(params, whole)
         updates, s = optimizer.update(g, s, q)
-        return lead(optax.apply_updates(q, updates)), lead(s)
+        return add(optax.apply_updates(q, updates), whole), add(s, keep)
 
     def update(grads, state, params):
         return smap(local_update)(grads, state, params)

@@ -10,6 +10,7 @@ eps 1e-8) see real gradients, not float noise; float32 agreement is ~1e-7.
 from __future__ import annotations
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -114,3 +115,20 @@ def test_optimizers_that_cannot_be_exact_are_refused(optimizer, match):
     loss_fn, params, batch = _task()
     with pytest.raises(ValueError, match=match):
         autopipe.train(loss_fn, optimizer(), params, batch, mesh=mesh(2), num_microbatches=M)
+
+
+def test_adam_updates_its_moments_in_place():
+    """The update of an optimizer that reads no shapes runs on each device's ``(1, *shape)``
+    blocks as they are: XLA writes adam's moments into their donated buffers, where dropping
+    and restoring the leading axis made it copy every moment (one stage's parameter bytes per
+    moment) at the start of the step."""
+    loss_fn, params, batch = _task()
+    plan = autopipe.train(
+        loss_fn, optax.adam(1e-2), params, batch, mesh=mesh(2), num_microbatches=M
+    )
+    hlo = plan.compiled.as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    state = set(re.findall(r"%(param[.\d]*) = [^\n]*op_name=\"opt_state", entry))
+    assert len(state) >= 2 * len(jax.tree.leaves(params))  # mu and nu are entry parameters
+    copied = set(re.findall(r"= \S+ copy\(%(param[.\d]*)\)", entry))
+    assert not state & copied
