@@ -184,7 +184,7 @@ class PlanRecord:
             "schedule": self.schedule.kind,
             "layer_boundaries": list(self.layer_boundaries),
             "stage_boundaries": list(self.stage_boundaries),
-            "stages": [dataclasses.asdict(s) for s in self.stages],
+            "stages": [_stage_dict(s) for s in self.stages],
             "predicted": _predicted_dict(self.predicted),
             "hardware": self.hardware.to_dict(),
         } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
@@ -244,6 +244,15 @@ def _predicted_dict(predicted: Predicted) -> dict:
     out = dataclasses.asdict(predicted)
     if not out["unsharded_primitives"]:
         del out["unsharded_primitives"]
+    return out
+
+
+def _stage_dict(stage: Stage) -> dict:
+    """The stage's fields; ``store_time`` only when a split backward stores (forward plans,
+    and the saved plans before it existed, have none)."""
+    out = dataclasses.asdict(stage)
+    if not out["store_time"]:
+        del out["store_time"]
     return out
 
 

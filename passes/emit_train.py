@@ -165,14 +165,9 @@ def emit_train(
     shared = check_aligned(acts.params)
     zero_axis = data_axis if zero_stage else None
     opt = optimizer_step(
-        optimizer,
-        buffers,
-        mesh=mesh,
-        axis=axis,
-        shared=shared,
-        zero_axis=zero_axis,
+        optimizer, buffers, mesh=mesh, axis=axis, shared=shared, zero_axis=zero_axis,
         shape_free=by == "size",
-    )
+    )  # fmt: skip
     grad_specs = tuple(zero_spec(b.shape, axis, zero_axis, dp, b.sharding.spec) for b in buffers)
     slots = plan_slots(schedule)
     pipeline = _pipeline(acts, schedule, slots, axis, data_axis, grad_specs)
