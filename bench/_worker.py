@@ -83,7 +83,7 @@ class Worker:
     def handle(self, req: dict) -> dict:
         reps = int(req.get("reps", 5))
         what = req["what"]
-        if what in ("train", "train_profile", "accumulate", "train_jit"):
+        if what in ("train", "train_profile", "train_auto", "accumulate", "train_jit"):
             return self.training.handle(req, reps)
         if what == "jit":
             return {"median": _median(lambda: self.jitted(self.variables, self.tokens), reps)}
