@@ -100,7 +100,9 @@ def optimizer_step(
     ``axis``), in the mode `choose_mode` picks. ``shared``: values held by several devices
     (`ParamLayout.shared`), whose gradients are already summed; in the global mode they are
     counted once (`passes.shared_params`). ``zero_axis``: the state split over that data axis
-    (ZeRO-1), the gradients given split as `zero_spec` says."""
+    (ZeRO-1), the gradients given split as `zero_spec` says. ``shape_free``: the update reads
+    no shapes (`optimizer_exact.shape_free`), so the local mode may run on the slots' blocks
+    as they are (`_local`)."""
     mode = choose_mode(optimizer, param_avals)
     if mode == "local":
         init, update = _local(optimizer, mesh, axis, param_avals, rows=not shape_free)
