@@ -5,9 +5,10 @@ A stage's device holds
 - its parameters (and, when training, their gradients and the optimizer state — read off the
   optax optimizer's own ``init`` with `jax.eval_shape`, so Adam counts 2× the parameters in
   float32 and SGD 0×),
-- the activations the schedule keeps in flight: ``A`` bytes per microbatch times
-  `in_flight_microbatches` (GPipe m·A; 1F1B min(p − r, m)·A on rank r; interleaved 1F1B rank r
-  ≈ (p − r + (p − 1 − r)/v)·A, (p + (p−1)/v)·A on rank 0; forward-only 1·A),
+- the activations the schedule keeps in flight: ``A`` bytes per microbatch times the
+  table's peak (`passes.schedule.Schedule.in_flight`, or `peak_in_flight` without building
+  the table: GPipe m, 1F1B min(p, m), 1F1B-paired min(m, 2p − 1); forward-only 1), which the
+  training memory model (`stage_memory.training_segment_memory`) multiplies in,
 - temporaries (the receive/send buffers, the working set of the largest operator).
 
 The working set is counted the way XLA allocates it, not value by value: elementwise and layout
@@ -34,14 +35,12 @@ import dataclasses
 import functools
 import itertools
 from collections.abc import Callable, Hashable, Iterable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import jax
 import numpy as np
 
 from autopipe.cost_models.rules import eqn_cost, nbytes
-
-ScheduleKind = Literal["inference", "gpipe", "1f1b", "interleaved", "zb_h1"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,57 +72,6 @@ def optimizer_state_bytes(optimizer: Any, params: Any) -> int:
     init: Callable = optimizer.init if hasattr(optimizer, "init") else optimizer
     abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype), params)
     return tree_bytes(jax.eval_shape(init, abstract))
-
-
-def in_flight_microbatches(
-    schedule: ScheduleKind, *, num_stages: int, num_microbatches: int, rank: int, virtual: int = 1
-) -> float:
-    """How many microbatches' activations rank `rank` holds at its peak under `schedule`."""
-    p, m, r = num_stages, num_microbatches, rank
-    if not 0 <= r < p:
-        raise ValueError(f"rank={r} is not a stage of a {p}-stage pipeline.")
-    if schedule == "inference":
-        return 1.0
-    if schedule == "gpipe":
-        return float(m)
-    if schedule in ("1f1b", "zb_h1"):
-        return float(min(p - r, m))
-    if schedule == "interleaved":
-        return float(min(p - r + (p - 1 - r) / virtual, m * 1.0))
-    raise ValueError(
-        f"unknown schedule {schedule!r}; one of inference, gpipe, 1f1b, interleaved, zb_h1."
-    )
-
-
-def stage_memory(
-    *,
-    param_bytes: float,
-    activation_bytes: float,
-    schedule: ScheduleKind = "inference",
-    rank: int = 0,
-    num_stages: int = 1,
-    num_microbatches: int = 1,
-    training: bool = False,
-    optimizer_bytes: float = 0.0,
-    temporaries: float = 0.0,
-    virtual: int = 1,
-) -> StageMemory:
-    """Peak bytes on the device of stage `rank`: params (+ grads + optimizer state when
-    training) + `activation_bytes` (one microbatch, A) × in-flight count + temporaries."""
-    held = in_flight_microbatches(
-        schedule,
-        num_stages=num_stages,
-        num_microbatches=num_microbatches,
-        rank=rank,
-        virtual=virtual,
-    )
-    return StageMemory(
-        params=param_bytes,
-        gradients=param_bytes if training else 0.0,
-        optimizer=optimizer_bytes if training else 0.0,
-        activations=activation_bytes * held,
-        temporaries=temporaries,
-    )
 
 
 def output_rows(num_microbatches: int, num_stages: int) -> int:

@@ -280,32 +280,6 @@ def test_memory_model_by_hand():
     # Adam: mu and nu like the params (2 × 4040 B) + one int32 step counter
     assert memory.optimizer_state_bytes(optax.adam(1e-3), params) == 2 * n + 4
     assert memory.optimizer_state_bytes(optax.sgd(1e-3), params) == 0
-    p, m = 4, 8
-    held = [
-        memory.in_flight_microbatches("1f1b", num_stages=p, num_microbatches=m, rank=r)
-        for r in range(p)
-    ]
-    assert held == [4, 3, 2, 1]  # min(p − r, m)
-    assert memory.in_flight_microbatches("gpipe", num_stages=p, num_microbatches=m, rank=2) == 8
-    # interleaved, v = 2, rank 0: p + (p − 1)/v = 5.5
-    assert memory.in_flight_microbatches(
-        "interleaved", num_stages=p, num_microbatches=m, rank=0, virtual=2
-    ) == pytest.approx(5.5)
-    s = memory.stage_memory(
-        param_bytes=n,
-        activation_bytes=1000,
-        schedule="1f1b",
-        rank=1,
-        num_stages=p,
-        num_microbatches=m,
-        training=True,
-        optimizer_bytes=2 * n + 4,
-        temporaries=50,
-    )
-    # params + grads + Adam state + 3 in flight · 1000 + temporaries
-    assert s.total == n + n + (2 * n + 4) + 3000 + 50
-    with pytest.raises(ValueError, match="rank"):
-        memory.in_flight_microbatches("1f1b", num_stages=2, num_microbatches=2, rank=2)
 
 
 def _buffers(fn, *args):
