@@ -133,7 +133,11 @@ def _pages() -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
+    run(parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> None:
+    """Runs the benchmarks ``args`` names (all by default) and writes their results."""
     import jax
 
     if args.gpu:
@@ -177,5 +181,6 @@ def summary(out: pathlib.Path) -> str:
 
 
 if __name__ == "__main__":
-    huge_pages(parse_args(None))
-    main()
+    parsed = parse_args(None)
+    huge_pages(parsed)
+    run(parsed)
