@@ -14,7 +14,8 @@ interleave their measurements (this machine is shared and noisy). Requests:
                                                      an autopipe.train step (SGD), state carried
   {"what": "train_profile", "pp": P, "m": M, "schedule": S, "reps": R}
                                                      that plan's `Plan.profile`: the step its
-                                                     measured actions predict (seconds)
+                                                     measured actions predict and the step
+                                                     measured in the same rounds (seconds)
   {"what": "train_auto", "pp": P, "m": M}           the schedule ``schedule="auto"`` picks
   {"what": "accumulate", "m": M, "reps": R}          one device: the same m microbatches'
                                                      gradients summed in order, then the update
@@ -295,7 +296,7 @@ class _Training:
         plan, state = self.plans[key]
         if what == "train_profile":
             prof = plan.profile(state[0], b, repeats=reps)
-            return {"predicted": prof.predicted}
+            return {"predicted": prof.predicted, "measured": prof.measured}
 
         def run():
             state[0], loss = plan.step(state[0], b)
