@@ -272,23 +272,16 @@ class _Training:
         m = int(req["m"])
         if what == "accumulate":
             return {"median": _median(lambda: self.accumulate(v, b, m), reps)}
+        pp = int(req["pp"])
+        mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
         if what == "train_auto":
-            mesh = jax.make_mesh((int(req["pp"]),), ("pp",), devices=jax.devices()[: req["pp"]])
             plan = autopipe.train(
-                self.loss_fn,
-                self.opt,
-                v,
-                b,
-                mesh=mesh,
-                schedule="auto",
-                num_microbatches=m,
+                self.loss_fn, self.opt, v, b, mesh=mesh, schedule="auto", num_microbatches=m,
                 compile=False,
-            )
+            )  # fmt: skip
             return {"schedule": plan.schedule.kind}
-        key = (int(req["pp"]), m, req["schedule"])
+        key = (pp, m, req["schedule"])
         if key not in self.plans:
-            pp = key[0]
-            mesh = jax.make_mesh((pp,), ("pp",), devices=jax.devices()[:pp])
             plan = autopipe.train(
                 self.loss_fn, self.opt, v, b, mesh=mesh, schedule=key[2], num_microbatches=m
             )
