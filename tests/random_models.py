@@ -757,17 +757,68 @@ def loss_and_targets(case: Case, built: Built):
     return loss_fn, (*built.inputs, *targets)
 
 
-def _backward_order(schedule) -> list[int]:
-    """The microbatches in the order their weight gradients are accumulated (stage 0's; every
-    stage accumulates in the same order, checked)."""
-    kind = "W" if schedule.split_backward else "B"
-    orders = {}
-    for a in sorted(schedule.ticks().items(), key=lambda at: at[1]):
-        if a[0].kind == kind:
-            orders.setdefault(a[0].stage, []).append(a[0].microbatch)
-    firsts = list(orders.values())
-    assert all(o == firsts[0] for o in firsts), f"stages accumulate in different orders {orders}"
-    return firsts[0]
+def accumulation_orders(plan) -> tuple[list[tuple[int, ...]], list[np.ndarray]]:
+    """The orders in which stages add their microbatches' weight gradients, and per parameter
+    leaf an int array of its shape: the index into those orders of each element's. A stage adds
+    its parameters' gradients in its B's tick order; with W split off, those of the parameters
+    its matmuls read (`WeightUses.late`) in its W's. Most schedules keep microbatch order
+    throughout; zb_paired's moved W's do not, and differ by device. A stacked leaf's rows and a
+    fused leaf's blocks may sit on stages of different orders."""
+    from autopipe.passes.ir import assembler
+    from autopipe.passes.stage_fns import stage_io, stage_weight_uses
+
+    sched, prog = plan.schedule, plan.program
+    ticks: dict[tuple[str, int], list[int]] = {}
+    for a, _ in sorted(sched.ticks().items(), key=lambda at: at[1]):
+        ticks.setdefault((a.kind, a.stage), []).append(a.microbatch)
+    orders: list[tuple[int, ...]] = sorted({tuple(o) for o in ticks.values()})
+    held: dict[int, np.ndarray] = {}
+    last = len(plan.layouts) - 1
+    for s, lay in enumerate(plan.layouts):
+        b_order = tuple(ticks["B", s])
+        if sched.split_backward:
+            uses = stage_weight_uses(prog, lay, stage_io(prog, lay, s == last))
+            w_order = tuple(ticks["W", s])
+        for v in lay.params:
+            order = b_order
+            if sched.split_backward and v in uses.late:
+                if v in uses.early and w_order != b_order:
+                    raise AssertionError(
+                        f"stage {s} adds parts of parameter value {v}'s gradient in B's order "
+                        f"{b_order} and in W's {w_order}: the reference sums whole gradients"
+                    )
+                order = w_order
+            k = orders.index(order)
+            if v in held and held[v].flat[0] != k:
+                raise AssertionError(f"value {v} is read by stages that add in different orders")
+            held[v] = np.full(prog.avals[v].shape, k, np.int32)
+    value = assembler(prog, held)
+    groups = []
+    for v, is_batch in zip(prog.invars, plan.traced.spec.batch_leaves, strict=True):
+        if not is_batch:
+            try:
+                groups.append(value(v))
+            except KeyError:  # read by no stage: a zero gradient, in any order
+                groups.append(np.zeros(prog.avals[v].shape, np.int32))
+    return orders, groups
+
+
+def _in_orders(grads: list, orders: list[tuple[int, ...]], groups: list[np.ndarray]):
+    """The microbatch gradients ``grads`` summed in each leaf element's order (see
+    `accumulation_orders`)."""
+    add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)  # noqa: E731
+    sums = []
+    for order in orders:
+        acc = None
+        for j in order:
+            acc = add(acc, grads[j])
+        sums.append(acc)
+    if len(sums) == 1:
+        return sums[0]
+    flat = [jax.tree.leaves(t) for t in sums]
+    assert len(groups) == len(flat[0]), (len(groups), len(flat[0]))
+    picked = [jnp.choose(g, [f[k] for f in flat]) for k, g in enumerate(groups)]
+    return jax.tree.unflatten(jax.tree.structure(sums[0]), picked)
 
 
 def _replica_sum(*grads):
@@ -839,10 +890,11 @@ def _per_copy_grad_fn(mb_loss, params, example_batch):
     return jax.jit(fn), leaf
 
 
-def reference_training(case: Case, built: Built, loss_fn, batch, order, params, *, tied_order):
+def reference_training(case: Case, built: Built, loss_fn, batch, orders, params, *, tied_order):
     """Single-device training that sums the same microbatch gradients in the pipeline's order:
     replica r's microbatch j is rows ``batch.reshape(dp, m, mb)[r, j]``; each replica sums its
-    microbatches in ``order``, then the replicas are summed; the loss is a mean over the batch,
+    microbatches in the orders ``orders`` (`accumulation_orders`) gives each element, then the
+    replicas are summed; the loss is a mean over the batch,
     so each microbatch's gradient is that of ``loss / (m · dp)``.
 
     ``tied_order`` (None: the tied embedding's lookup and head run in one stage, whose backward
@@ -874,11 +926,8 @@ def reference_training(case: Case, built: Built, loss_fn, batch, order, params, 
         loss, accs, copies = 0.0, [], {d: [] for d in tied_order or {}}
         for r in range(dp):
             got = [grad_fn(params, tuple(x[r, j] for x in rows)) for j in range(m)]
-            acc = None
-            for j in order:
-                loss += float(got[j][0])
-                acc = add(acc, got[j][1])
-            accs.append(acc)
+            loss += sum(float(g[0]) for g in got)
+            accs.append(_in_orders([g[1] for g in got], *orders))
             for d, uses in copies.items():  # this replica's copy on device d
                 parts = [jax.tree.leaves(got[j][1])[leaf] if u == 0 else got[j][2]
                          for u, j in tied_order[d]]  # fmt: skip
@@ -950,9 +999,14 @@ def _train(case: Case, built: Built, plan_params) -> float:
     got = plan.unplace(state)
     if isinstance(got, nnx.Module):
         got = nnx.state(got)
-    order = _backward_order(plan.schedule)
     want_losses, want = reference_training(
-        case, built, loss_fn, batch, order, built.params, tied_order=_tied_order(case, plan)
+        case,
+        built,
+        loss_fn,
+        batch,
+        accumulation_orders(plan),
+        built.params,
+        tied_order=_tied_order(case, plan),
     )
     loss_err = float(np.max(np.abs(np.array(losses) - want_losses) / np.abs(want_losses)))
     return {m: max(loss_err, compare(got, want, m)) for m in ("max", "rms")}
