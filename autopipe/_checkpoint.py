@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from autopipe._executable import TrainState
+from autopipe._executable import TrainState, check_live
 
 
 def _tree(state: TrainState) -> dict[str, Any]:
@@ -33,6 +33,7 @@ def save_checkpoint(directory: str | os.PathLike, state: TrainState, *, step: in
             "trainer.init / trainer.step return. Save trainer.unplace(state) with any pytree "
             "checkpointer instead if you want the plain parameters."
         )
+    check_live(state, "save_checkpoint")
     with _manager(directory) as manager:
         manager.save(step, args=ocp.args.StandardSave(_tree(state)))
         manager.wait_until_finished()

@@ -175,6 +175,7 @@ class Executable:
         the batch arguments and the inputs (arguments without float leaves: a PRNG key, a step
         counter). Returns (new state, loss). Donates `state`: use only the returned one."""
         rt = self._require_training()
+        check_live(state, f"plan.step for {self.traced.spec.fn_name}")
         batch, ins = self._step_inputs(state, args)
         params, opt_state, loss = rt.compiled(state.params, state.opt_state, batch, ins, rt.tables)
         return TrainState(params=params, opt_state=opt_state, frozen=state.frozen), loss
@@ -198,6 +199,7 @@ class Executable:
         """The parameter arguments (same pytrees as given to `init`) from a training state."""
         rt = self._require_training()
         spec, prog = self.traced.spec, self.program
+        check_live(state, f"plan.unplace for {spec.fn_name}")
         it, frozen = iter(rt.unplace(state.params)), iter(state.frozen)
         input_args = {i for a in spec.input_args for i in spec.arg_leaves()[a]}
         leaves = [
@@ -290,6 +292,26 @@ class TrainState:
     params: tuple[jax.Array, ...]
     opt_state: Any
     frozen: tuple = ()  # the non-float leaves of the parameter arguments, as given (not trained)
+
+
+def check_live(state: Any, where: str) -> None:
+    """Refuses a ``state`` that is not a `TrainState`, or one whose arrays an earlier step was
+    given (`Plan.step` donates its state): passing a donated array to a compiled call crashes
+    the whole process on jax 0.10.2's CPU client (segmentation fault) instead of raising."""
+    if not isinstance(state, TrainState):
+        raise TypeError(
+            f"{where}: state is a {type(state).__name__}, not the TrainState that plan.init / "
+            "plan.step return."
+        )
+    leaves = jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+    dead = [p for p, x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
+    if dead:
+        raise ValueError(
+            f"{where}: {len(dead)} of the state's {len(leaves)} arrays were donated to an "
+            f"earlier plan.step (the first: state{jax.tree_util.keystr(dead[0])}). plan.step "
+            "consumes its state; keep only the state it returns: "
+            "state, loss = plan.step(state, batch)."
+        )
 
 
 def place_buffers(

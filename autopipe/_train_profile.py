@@ -28,6 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from autopipe._executable import check_live
 from autopipe.passes import schedule as schedules
 from autopipe.passes.emit_train import probe_tables
 
@@ -80,6 +81,7 @@ class TrainProfile:
 def profile_training(plan: Any, state: Any, *args: Any, repeats: int = 5) -> TrainProfile:
     """See the module docstring; ``args`` as `Plan.step` takes them."""
     rt = plan._require_training()
+    check_live(state, f"plan.profile for {plan.traced.spec.fn_name}")
     if repeats < 1:
         raise ValueError(f"repeats must be ≥ 1, got {repeats}.")
     emitted, sched = rt.emitted, plan.schedule

@@ -76,3 +76,25 @@ def test_errors_for_checkpoints(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match="no checkpoint under"):
         autopipe.restore_checkpoint(tmp_path / "empty", trainer.init(params))
+
+
+def test_a_donated_state_is_refused_with_a_clear_error(tmp_path):
+    """plan.step donates its state. Reusing the old state, a common slip, crashed the process on
+    jax 0.10.2's CPU client (SIGSEGV on the donated buffer); now every consumer refuses it."""
+    _, loss_fn, params, batch = _task()
+    trainer = autopipe.train(
+        loss_fn, optax.sgd(0.1), params, batch, mesh=mesh(2), num_microbatches=2
+    )
+    old = trainer.init(params)
+    new, _ = trainer.step(old, batch)
+    calls = {
+        "plan.step": lambda: trainer.step(old, batch),
+        "plan.unplace": lambda: trainer.unplace(old),
+        "save_checkpoint": lambda: autopipe.save_checkpoint(tmp_path / "c", old, step=0),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ValueError, match=rf"{where}.*donated to an earlier plan\.step"):
+            call()
+    with pytest.raises(TypeError, match="not the TrainState"):
+        trainer.step(trainer.unplace(new), batch)
+    trainer.step(new, batch)  # the returned state is fine
