@@ -303,12 +303,15 @@ def check_live(state: Any, where: str) -> None:
             f"{where}: state is a {type(state).__name__}, not the TrainState that plan.init / "
             "plan.step return."
         )
-    leaves = jax.tree_util.tree_leaves_with_path((state.params, state.opt_state))
+    leaves = jax.tree_util.tree_leaves_with_path(
+        {"params": state.params, "opt_state": state.opt_state}
+    )
     dead = [p for p, x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
     if dead:
+        first = jax.tree_util.keystr(dead[0], simple=True, separator=".")
         raise ValueError(
             f"{where}: {len(dead)} of the state's {len(leaves)} arrays were donated to an "
-            f"earlier plan.step (the first: state{jax.tree_util.keystr(dead[0])}). plan.step "
+            f"earlier plan.step (the first: {first}). plan.step "
             "consumes its state; keep only the state it returns: "
             "state, loss = plan.step(state, batch)."
         )
