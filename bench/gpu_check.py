@@ -12,7 +12,10 @@ it is tested). On whatever devices JAX sees it
    standard weight-heavy model (8 residual MLP blocks, D 512, hidden 2048, batch 256);
 4. times one pipelined GPT training step against the same step under plain ``jax.jit``
    (value_and_grad + adamw) and reports both MFU figures (6·N·tokens / time / peak FLOP/s of the
-   `cost_models.hardware` preset for the device, bf16 on GPU).
+   `cost_models.hardware` preset for the device, bf16 on GPU);
+5. profiles that GPT's pp = 1 step over 8 microbatches (16 ticks, one while loop per action
+   per tick): the fixed cost per tick, each action's cost, and the step against jit of the
+   same microbatches accumulated (does the backend pay per loop?).
 
 Writes ``gpu_check.json`` into ``--out`` (default ``$OUT`` when set, else bench/results) and
 prints it.
@@ -155,32 +158,42 @@ def training_check(small: bool) -> dict:
     }
 
 
+def _gpt(small: bool):
+    """(config, params, (tokens, labels), next-token loss) of the checks' GPT (bf16 on GPU)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from autopipe import models
+
+    dtype = jnp.bfloat16 if jax.default_backend() == "gpu" else jnp.float32
+    cfg = (
+        models.GPTConfig(vocab=256, seq=64, d_model=128, heads=4, layers=4, dtype=dtype)
+        if small
+        else models.GPTConfig(vocab=8192, seq=1024, d_model=1024, heads=16, layers=8, dtype=dtype)
+    )
+    model = models.LinenGPT(cfg)
+    tokens = models.make_tokens(cfg, 8 if small else 16)
+    params = model.init(jax.random.key(0), tokens)
+
+    def loss_fn(p, b):
+        logits = model.apply(p, b[0])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
+
+    return cfg, params, (tokens, jnp.roll(tokens, -1, axis=1)), loss_fn
+
+
 def gpt_mfu(small: bool, reps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import optax
 
     import autopipe
-    from autopipe import models
     from autopipe.cost_models.hardware import PRESETS
 
-    on_gpu = jax.default_backend() == "gpu"
-    dtype = jnp.bfloat16 if on_gpu else jnp.float32
-    cfg = (
-        models.GPTConfig(vocab=256, seq=64, d_model=128, heads=4, layers=4, dtype=dtype)
-        if small
-        else models.GPTConfig(vocab=8192, seq=1024, d_model=1024, heads=16, layers=8, dtype=dtype)
-    )
-    batch = 8 if small else 16
-    model = models.LinenGPT(cfg)
-    tokens = models.make_tokens(cfg, batch)
-    labels = jnp.roll(tokens, -1, axis=1)
-    params = model.init(jax.random.key(0), tokens)
+    cfg, params, (tokens, labels), loss_fn = _gpt(small)
+    batch, dtype = tokens.shape[0], cfg.dtype
     opt = optax.adamw(1e-4)
-
-    def loss_fn(p, b):
-        logits = model.apply(p, b[0])
-        return optax.softmax_cross_entropy_with_integer_labels(logits, b[1]).mean()
 
     @jax.jit
     def jit_step(p, s, b):
@@ -219,6 +232,56 @@ def gpt_mfu(small: bool, reps: int) -> dict:
     }
 
 
+def per_tick_check(small: bool, reps: int, m: int = 8) -> dict:
+    """The executor's fixed cost per tick, where a backend may pay for every data-dependent
+    loop (one per action kind and stage per tick; XLA:GPU may read each loop's predicate on
+    the host): the GPT's pp = 1 training step over ``m`` microbatches (2m ticks) profiled by
+    `Plan.profile` (its step with every cell idle is the fixed cost), against jit of the same
+    microbatches' gradients accumulated in a scan, then the same SGD update."""
+    import jax
+    import optax
+
+    import autopipe
+
+    _, params, batch, loss_fn = _gpt(small)
+    opt = optax.sgd(1e-4)
+
+    @jax.jit
+    def accumulate(p, b):
+        parts = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), b)
+
+        def one(acc, mb):
+            loss, g = jax.value_and_grad(loss_fn)(p, mb)
+            return jax.tree.map(lambda a, x: a + x / m, acc, g), loss / m
+
+        grads, losses = jax.lax.scan(one, jax.tree.map(jax.numpy.zeros_like, p), parts)
+        updates, _ = opt.update(grads, opt.init(p), p)
+        return optax.apply_updates(p, updates), losses.sum()
+
+    mesh = jax.make_mesh((1,), ("pp",), devices=jax.devices()[:1])
+    plan = autopipe.train(loss_fn, opt, params, batch, mesh=mesh, num_microbatches=m)
+    box = {"state": plan.init(params)}
+
+    def run_plan():
+        box["state"], loss = plan.step(box["state"], batch)
+        return loss
+
+    t_plan, t_jit = _median_pair(run_plan, lambda: accumulate(params, batch), reps)
+    prof = plan.profile(box["state"], batch, repeats=max(reps // 2, 3))
+    return {
+        "check": f"gpt train step pp=1 m={m}: per-tick cost",
+        "ticks": prof.ticks,
+        "fixed_s": prof.fixed,
+        "fixed_per_tick_s": prof.fixed / prof.ticks,
+        "action_s": {f"{a.kind}{a.virtual}": a.together for a in prof.actions},
+        "profile_predicted_s": prof.predicted,
+        "profile_measured_s": prof.measured,
+        "plan_s": t_plan,
+        "jit_accumulated_s": t_jit,
+        "plan_over_jit": t_plan / t_jit,
+    }
+
+
 def main(argv=None) -> dict:
     args = _args(argv)
     import jax
@@ -229,6 +292,7 @@ def main(argv=None) -> dict:
     reps = args.reps or (5 if small else 20)
     started = time.perf_counter()
     rows = [*forward_checks(small, reps), training_check(small), gpt_mfu(small, reps)]
+    rows.append(per_tick_check(small, reps))
     result = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),

@@ -10,6 +10,7 @@ import sys
 import pytest
 
 RUN = pathlib.Path(__file__).resolve().parent.parent / "bench" / "run.py"
+GPU_CHECK = RUN.parent / "gpu_check.py"
 
 
 @pytest.mark.slow
@@ -52,3 +53,30 @@ def test_summary_keeps_every_benchmarks_latest_table(tmp_path):
     assert "### schedules, 2026-12-06 (3 s)" in text and "| 1 |" in text
     assert "### tied, undated" in text and "| 2.5 |" in text
     assert "notes" not in text and text.index("schedules") < text.index("tied")
+
+
+def test_gpu_check_runs_on_cpu_and_its_plans_match_their_references(tmp_path):
+    """The one-call accelerator check (`bench/gpu_check.py`) was written for a session that has a
+    GPU for 15 minutes: it must not fail there on a bug this machine can find. Its small CPU
+    version runs every check; the plans equal their references and read parameters in place."""
+    result = subprocess.run(
+        [sys.executable, str(GPU_CHECK), "--cpu", "--reps", "1", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {r["check"]: r for r in json.loads((tmp_path / "gpu_check.json").read_text())["rows"]}
+    assert set(rows) == {
+        "forward pp=1",
+        "forward pp=2",
+        "training pp=2 1f1b m=4",
+        "gpt train step pp=1",
+        "gpt train step pp=1 m=8: per-tick cost",
+    }
+    assert rows["forward pp=1"]["max_abs_err"] == 0.0
+    assert rows["forward pp=2"]["max_abs_err"] < 1e-5
+    assert rows["training pp=2 1f1b m=4"]["max_abs_err"] < 1e-5
+    assert not rows["forward pp=1"]["params_copied"] and not rows["forward pp=2"]["params_copied"]
+    tick = rows["gpt train step pp=1 m=8: per-tick cost"]
+    assert tick["ticks"] == 16 and set(tick["action_s"]) == {"F0", "B0"}
