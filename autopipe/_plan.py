@@ -79,6 +79,7 @@ class PlanRecord:
     # devices (a tied embedding): each holds a copy, their gradients are summed every step
     shared_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
     zero_stage: int = 0  # training: 1 splits the optimizer state over the data axis (ZeRO-1)
+    reduction: str = "mean"  # training: the loss is a mean (or a sum) over the examples
 
     # --- inspection ------------------------------------------------------------------------
 
@@ -189,7 +190,9 @@ class PlanRecord:
             "hardware": self.hardware.to_dict(),
         } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
              if self.shared_params else {}) | (
-            {"zero_stage": self.zero_stage} if self.zero_stage else {})  # fmt: skip
+            {"zero_stage": self.zero_stage} if self.zero_stage else {}) | (
+            {"remat": list(self.remat), "reduction": self.reduction}
+            if self.training else {})  # fmt: skip
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1, sort_keys=True)
@@ -235,6 +238,8 @@ class PlanRecord:
             lean_sharding=saved.get("lean_sharding", False),
             shared_params=tuple((a, tuple(b)) for a, b in saved.get("shared_params", ())),
             zero_stage=saved.get("zero_stage", 0),
+            remat=tuple(saved.get("remat", ())),
+            reduction=saved.get("reduction", "mean"),
         )
 
 

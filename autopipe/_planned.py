@@ -40,7 +40,6 @@ class Planned(PlanRecord):
     op_strategies: Any = dataclasses.field(default=None, repr=False)  # op → its tensor Strategy
     whole_values: Any = dataclasses.field(default=frozenset(), repr=False)  # handed over whole
     optimizer: optax.GradientTransformation | None = dataclasses.field(default=None, repr=False)
-    reduction: str = "mean"  # training: the loss is a mean (or a sum) over the examples
 
     __hash__ = object.__hash__  # compared and hashed by identity (it holds a program)
 
@@ -175,28 +174,39 @@ class Plan(Planned, Executable):
         *example_args: Any,
         mesh: Any,
         batch_argnums: Sequence[int] = (1,),
+        optimizer: optax.GradientTransformation | None = None,
         compile: bool = True,  # noqa: A002
     ) -> Plan:
-        """Rebuilds the saved plan for `fn` without searching again (see `autopipe.plan`)."""
+        """Rebuilds the saved plan for `fn` without searching again (see `autopipe.plan`); a
+        training plan's (`autopipe.train`) with the ``optimizer`` it was made with."""
+        from autopipe._staged import trace
+
         started = time.perf_counter()
         saved = PlanRecord.from_dict(json.loads(text))
-        if saved.training:
-            raise ValueError(
-                f"the saved plan for {saved.fn_name} is a training plan; replaying training "
-                "plans is not supported yet. Plan it again with autopipe.train."
+        if not saved.training:
+            opts = FrontOptions(
+                mesh=mesh,
+                pipeline_axis=saved.pipeline_axis,
+                num_microbatches=saved.num_microbatches,
+                batch_argnums=tuple(batch_argnums),
+                num_stages=saved.num_stages,
+                hardware=saved.hardware,
+                data_axis=saved.data_axis,
+                tensor_axis=saved.tensor_axis,
             )
-        opts = FrontOptions(
-            mesh=mesh,
-            pipeline_axis=saved.pipeline_axis,
-            num_microbatches=saved.num_microbatches,
-            batch_argnums=tuple(batch_argnums),
-            num_stages=saved.num_stages,
+            planned = replay_record(make_front(fn, example_args, opts), mesh, saved, started)
+            return planned.finish(compile=compile)
+        lowered = trace(fn, *example_args, batch_argnums=batch_argnums).lower(
+            mesh,
             hardware=saved.hardware,
+            num_microbatches=saved.num_microbatches,
+            pipeline_axis=saved.pipeline_axis,
             data_axis=saved.data_axis,
             tensor_axis=saved.tensor_axis,
+            training=True,
+            virtual_stages=saved.schedule.virtual_stages,
         )
-        planned = replay_record(make_front(fn, example_args, opts), mesh, saved, started)
-        return planned.finish(compile=compile)
+        return lowered.replay(saved, optimizer=optimizer).finish(compile=compile)
 
 
 def forward_planned(front: Front, done: Assembled, *, mesh: Any, pipeline_axis: str, started):
@@ -250,14 +260,20 @@ def training_planned(
     )
 
 
-def replay_record(front: Front, mesh: Any, saved: PlanRecord, started: float) -> Planned:
-    """The saved forward plan's decisions on this front, without searching."""
+def check_fingerprint(front: Front, saved: PlanRecord) -> None:
+    """Refuses to replay ``saved`` for another program than it was made for."""
     if front.traced.fingerprint() != saved.fingerprint:
+        again = "autopipe.train" if saved.training else "autopipe.plan"
         raise ValueError(
             f"the saved plan was made for a different program than {front.traced.spec.fn_name} "
             f"traced with these arguments (fingerprint {saved.fingerprint} vs "
-            f"{front.traced.fingerprint()}); plan it again with autopipe.plan."
+            f"{front.traced.fingerprint()}); plan it again with {again}."
         )
+
+
+def replay_record(front: Front, mesh: Any, saved: PlanRecord, started: float) -> Planned:
+    """The saved forward plan's decisions on this front, without searching."""
+    check_fingerprint(front, saved)
     layers = saved.layer_boundaries
     done = assemble(
         front, layers, replay(front, layers, saved.stage_boundaries, saved.lean_sharding)

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from autopipe._front import Front
-from autopipe._plan import Predicted, Stage
+from autopipe._plan import PlanRecord, Predicted, Stage
 from autopipe._stage_search import count_strategies, make_stage, sum_collectives
 from autopipe._train_tensor import (
     segments,
@@ -311,6 +311,45 @@ def search_training(
         stages=stages,
         predicted=_predict(front, sched, stages, p, remat=remat_stages),
         remat=remat_stages,
+        shared=shared_params(front, layouts, p),
+        shardings=sh,
+    )
+
+
+def replay_training(
+    front: Front, optimizer: optax.GradientTransformation, saved: PlanRecord
+) -> TrainingSearch:
+    """A saved training plan's decisions (`PlanRecord`) on ``front``, without searching: its
+    layers, stage boundaries, schedule and remat; the tensor strategies are the search's again
+    (a function of the program, mesh, hardware and ``optimizer``'s state size)."""
+    if len(saved.remat) != saved.num_stages:
+        raise ValueError(
+            f"the saved training plan for {saved.fn_name} records no remat per stage (saved by "
+            "an autopipe before training plans could be replayed); plan it again with "
+            "autopipe.train."
+        )
+    v = front.virtual_stages
+    p, m = front.num_stages // v, front.num_microbatches
+    if (front.num_stages, m) != (saved.num_stages, saved.num_microbatches):
+        raise ValueError(
+            f"the saved plan for {saved.fn_name} has {saved.num_stages} stages and "
+            f"{saved.num_microbatches} microbatches; this mesh and batch give {front.num_stages} "
+            f"and {m}. Replay it on the mesh it was made for: {dict(saved.mesh_axes)}."
+        )
+    sched = schedules.make(saved.schedule.kind, p, m, v)
+    layers = saved.layer_boundaries
+    opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, saved.zero_stage)
+    sh = training_shardings(front, layers, opt_factor)
+    bounds = saved.stage_boundaries
+    layouts = _layouts(front, tuple(layers[b] for b in bounds), sh, p)
+    return TrainingSearch(
+        layers=tuple(layers),
+        boundaries=tuple(bounds),
+        layouts=layouts,
+        schedule=sched,
+        stages=saved.stages,
+        predicted=saved.predicted,
+        remat=saved.remat,
         shared=shared_params(front, layouts, p),
         shardings=sh,
     )
