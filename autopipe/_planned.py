@@ -23,7 +23,7 @@ from autopipe._executable import Executable, _Runtime
 from autopipe._front import Front, FrontOptions, check_reduction, is_concrete, make_front
 from autopipe._plan import PlanRecord
 from autopipe._stage_search import Assembled, assemble, replay
-from autopipe._train import TrainingSearch
+from autopipe._train import TrainingSearch, cuts_fused, replay_training
 from autopipe.passes.ir import Program
 from autopipe.passes.layout import Split, StageLayout
 from autopipe.passes.trace import Traced
@@ -179,34 +179,41 @@ class Plan(Planned, Executable):
     ) -> Plan:
         """Rebuilds the saved plan for `fn` without searching again (see `autopipe.plan`); a
         training plan's (`autopipe.train`) with the ``optimizer`` it was made with."""
-        from autopipe._staged import trace
-
         started = time.perf_counter()
         saved = PlanRecord.from_dict(json.loads(text))
-        if not saved.training:
-            opts = FrontOptions(
-                mesh=mesh,
-                pipeline_axis=saved.pipeline_axis,
-                num_microbatches=saved.num_microbatches,
-                batch_argnums=tuple(batch_argnums),
-                num_stages=saved.num_stages,
-                hardware=saved.hardware,
-                data_axis=saved.data_axis,
-                tensor_axis=saved.tensor_axis,
-            )
-            planned = replay_record(make_front(fn, example_args, opts), mesh, saved, started)
-            return planned.finish(compile=compile)
-        lowered = trace(fn, *example_args, batch_argnums=batch_argnums).lower(
-            mesh,
-            hardware=saved.hardware,
-            num_microbatches=saved.num_microbatches,
+        opts = FrontOptions(
+            mesh=mesh,
             pipeline_axis=saved.pipeline_axis,
+            num_microbatches=saved.num_microbatches,
+            batch_argnums=tuple(batch_argnums),
+            num_stages=None if saved.training else saved.num_stages,
+            hardware=saved.hardware,
             data_axis=saved.data_axis,
             tensor_axis=saved.tensor_axis,
-            training=True,
-            virtual_stages=saved.schedule.virtual_stages,
         )
-        return lowered.replay(saved, optimizer=optimizer).finish(compile=compile)
+        if not saved.training:
+            planned = replay_record(make_front(fn, example_args, opts), mesh, saved, started)
+            return planned.finish(compile=compile)
+        require_optimizer(saved, optimizer, training=True)
+        opts = dataclasses.replace(
+            opts, training=True, virtual_stages=saved.schedule.virtual_stages
+        )
+        front = make_front(fn, example_args, opts)
+        if front.tensor_axis and not cuts_fused(optimizer, front):
+            opts = dataclasses.replace(opts, split_fused=False)
+            front = make_front(fn, example_args, opts, reuse=front)
+        planned = replay_training_record(front, mesh, saved, started, optimizer)
+        return planned.finish(compile=compile)
+
+
+def require_optimizer(saved: PlanRecord, optimizer, *, training: bool) -> None:
+    if optimizer is None or not training:
+        raise ValueError(
+            f"the saved plan for {saved.fn_name} is a training plan: replay it on a loss "
+            "lowered with training=True and pass optimizer=... (the optax "
+            "GradientTransformation it was made with): Plan.from_json(text, loss_fn, "
+            "*args, mesh=mesh, optimizer=optimizer)."
+        )
 
 
 def forward_planned(front: Front, done: Assembled, *, mesh: Any, pipeline_axis: str, started):
@@ -280,6 +287,24 @@ def replay_record(front: Front, mesh: Any, saved: PlanRecord, started: float) ->
     )
     return forward_planned(
         front, done, mesh=mesh, pipeline_axis=saved.pipeline_axis, started=started
+    )
+
+
+def replay_training_record(
+    front: Front, mesh: Any, saved: PlanRecord, started: float, optimizer
+) -> Planned:
+    """The saved training plan's decisions on ``front`` (lowered for training at the record's
+    virtual stages, fused projections cut where ``optimizer`` allows), without searching."""
+    check_fingerprint(front, saved)
+    return training_planned(
+        front,
+        replay_training(front, optimizer, saved),
+        mesh=mesh,
+        pipeline_axis=saved.pipeline_axis,
+        started=started,
+        optimizer=optimizer,
+        reduction=saved.reduction,
+        zero_stage=saved.zero_stage,
     )
 
 

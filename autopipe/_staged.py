@@ -26,19 +26,14 @@ from autopipe._front import Front, FrontOptions, make_front
 from autopipe._plan import PlanRecord
 from autopipe._planned import (
     Planned,
-    check_fingerprint,
     forward_planned,
     replay_record,
+    replay_training_record,
+    require_optimizer,
     training_planned,
 )
 from autopipe._stage_search import Assembled, assemble, layer_problem, layers_for, shard, solve
-from autopipe._train import (
-    TRAINING_SCHEDULES,
-    check_schedule,
-    cuts_fused,
-    replay_training,
-    search_training,
-)
+from autopipe._train import TRAINING_SCHEDULES, check_schedule, cuts_fused, search_training
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.costs import OperatorCosts
 from autopipe.passes.graph import build_program
@@ -294,27 +289,10 @@ class Lowered:
         state's size priced the tensor strategies, which are searched again)."""
         if not record.training:
             return replay_record(self.front, self.options.mesh, record, self.started)
-        if optimizer is None or not self.options.training:
-            raise ValueError(
-                f"the saved plan for {record.fn_name} is a training plan: replay it on a loss "
-                "lowered with training=True and pass optimizer=... (the optax "
-                "GradientTransformation it was made with): Plan.from_json(text, loss_fn, "
-                "*args, mesh=mesh, optimizer=optimizer)."
-            )
+        require_optimizer(record, optimizer, training=self.options.training)
         split = cuts_fused(optimizer, self.front) if self.front.tensor_axis else None
-        v = record.schedule.virtual_stages
-        front = self._at(virtual_stages=v, split_fused=split).front
-        check_fingerprint(front, record)
-        return training_planned(
-            front,
-            replay_training(front, optimizer, record),
-            mesh=self.options.mesh,
-            pipeline_axis=self.options.pipeline_axis,
-            started=self.started,
-            optimizer=optimizer,
-            reduction=record.reduction,
-            zero_stage=record.zero_stage,
-        )
+        front = self._at(virtual_stages=record.schedule.virtual_stages, split_fused=split).front
+        return replay_training_record(front, self.options.mesh, record, self.started, optimizer)
 
     def _at(self, **changes: Any) -> Lowered:
         """This program lowered with some options changed (self when none changes)."""

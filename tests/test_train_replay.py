@@ -94,6 +94,12 @@ def test_replaying_a_training_plan_refuses_what_it_cannot_replay():
     loss_fn, params, batch = _gpt()
     plan = autopipe.train(loss_fn, ADAMW, params, batch, mesh=mesh(2), num_microbatches=4)
     text = plan.to_json()
+    record = autopipe.PlanRecord.from_json(text)
+    traced = autopipe.trace(loss_fn, params, batch)
+    staged = traced.lower(mesh(2), training=True, num_microbatches=4).replay(
+        record, optimizer=ADAMW
+    )
+    assert staged.to_json() == text  # the staged API replays it too
     with pytest.raises(ValueError, match=r"training plan: .*pass optimizer="):
         autopipe.Plan.from_json(text, loss_fn, params, batch, mesh=mesh(2))
     with pytest.raises(ValueError, match=r"different program.*autopipe\.train"):
