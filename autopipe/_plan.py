@@ -80,6 +80,9 @@ class PlanRecord:
     shared_params: tuple[tuple[str, tuple[int, ...]], ...] = ()
     zero_stage: int = 0  # training: 1 splits the optimizer state over the data axis (ZeRO-1)
     reduction: str = "mean"  # training: the loss is a mean (or a sum) over the examples
+    # training: the optimizer state the memory search priced, in bytes per parameter byte
+    # (adam: 2; None: not recorded)
+    optimizer_state: float | None = None
 
     # --- inspection ------------------------------------------------------------------------
 
@@ -191,7 +194,8 @@ class PlanRecord:
         } | ({"shared_params": [[a, list(b)] for a, b in self.shared_params]}
              if self.shared_params else {}) | (
             {"zero_stage": self.zero_stage} if self.zero_stage else {}) | (
-            {"remat": list(self.remat), "reduction": self.reduction}
+            {"remat": list(self.remat), "reduction": self.reduction,
+             "optimizer_state": self.optimizer_state}
             if self.training else {})  # fmt: skip
 
     def to_json(self) -> str:
@@ -240,6 +244,7 @@ class PlanRecord:
             zero_stage=saved.get("zero_stage", 0),
             remat=tuple(saved.get("remat", ())),
             reduction=saved.get("reduction", "mean"),
+            optimizer_state=saved.get("optimizer_state"),
         )
 
 

@@ -255,6 +255,7 @@ def training_planned(
         predicted=done.predicted,
         remat=done.remat,
         shared_params=done.shared,
+        optimizer_state=done.optimizer_state,
         front=front,
         layouts=done.layouts,
         mesh=mesh,

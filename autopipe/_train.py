@@ -227,6 +227,7 @@ class TrainingSearch:
     remat: tuple[bool, ...]
     shared: tuple[tuple[str, tuple[int, ...]], ...]  # leaves read by stages on several devices
     shardings: LayerShardings  # the tensor strategies (tp = 1 without a tensor axis)
+    optimizer_state: float  # the optimizer's state bytes per parameter byte (`_opt_factor`)
 
 
 def check_schedule(schedule: str, virtual_stages: int | None) -> int:
@@ -263,7 +264,8 @@ def search_training(
     validate(sched)
     limit = front.hardware.memory_bytes if memory_limit is None else memory_limit
     layers = cluster(front.costs.op_times, front.costs.cut_bytes, min_layers=S)
-    opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, zero_stage)
+    state = _opt_factor(optimizer, front)
+    opt_factor = state / _zero_replicas(front, zero_stage)
     sh = training_shardings(front, layers, opt_factor)
     seg = segments(front, layers, sh)
     prog = front.program
@@ -313,6 +315,7 @@ def search_training(
         remat=remat_stages,
         shared=shared_params(front, layouts, p),
         shardings=sh,
+        optimizer_state=state,
     )
 
 
@@ -322,11 +325,19 @@ def replay_training(
     """A saved training plan's decisions (`PlanRecord`) on ``front``, without searching: its
     layers, stage boundaries, schedule and remat; the tensor strategies are the search's again
     (a function of the program, mesh, hardware and ``optimizer``'s state size)."""
-    if len(saved.remat) != saved.num_stages:
+    if len(saved.remat) != saved.num_stages or saved.optimizer_state is None:
         raise ValueError(
-            f"the saved training plan for {saved.fn_name} records no remat per stage (saved by "
-            "an autopipe before training plans could be replayed); plan it again with "
-            "autopipe.train."
+            f"the saved training plan for {saved.fn_name} records no remat per stage or no "
+            "optimizer state (saved by an autopipe before training plans could be replayed); "
+            "plan it again with autopipe.train."
+        )
+    state = _opt_factor(optimizer, front)
+    if not np.isclose(state, saved.optimizer_state, rtol=1e-9, atol=1e-12):
+        raise ValueError(
+            f"the saved plan for {saved.fn_name} was made for an optimizer whose state is "
+            f"{saved.optimizer_state:g} × the parameter bytes; optimizer= holds {state:g} ×, "
+            "so the stages' memory no longer matches (a larger state may not fit). Pass the "
+            "optimizer the plan was made with, or plan again with autopipe.train."
         )
     v = front.virtual_stages
     p, m = front.num_stages // v, front.num_microbatches
@@ -338,8 +349,7 @@ def replay_training(
         )
     sched = schedules.make(saved.schedule.kind, p, m, v)
     layers = saved.layer_boundaries
-    opt_factor = _opt_factor(optimizer, front) / _zero_replicas(front, saved.zero_stage)
-    sh = training_shardings(front, layers, opt_factor)
+    sh = training_shardings(front, layers, state / _zero_replicas(front, saved.zero_stage))
     bounds = saved.stage_boundaries
     layouts = _layouts(front, tuple(layers[b] for b in bounds), sh, p)
     return TrainingSearch(
@@ -352,6 +362,7 @@ def replay_training(
         remat=saved.remat,
         shared=shared_params(front, layouts, p),
         shardings=sh,
+        optimizer_state=state,
     )
 
 

@@ -74,6 +74,7 @@ def test_a_saved_training_plan_replays_without_searching_and_steps_identically(n
     text = plan.to_json()
     saved = json.loads(text)
     assert saved["remat"] == list(plan.remat) and saved["reduction"] == kw.get("reduction", "mean")
+    assert saved["optimizer_state"] == pytest.approx(2.0, rel=1e-3)  # adamw: two moments
     monkeypatch.setattr(autopipe._staged, "search_training", _no_search)
     monkeypatch.setattr(autopipe._train, "solve_training", _no_search)
     again = autopipe.Plan.from_json(text, loss_fn, params, batch, mesh=m, optimizer=ADAMW)
@@ -108,9 +109,14 @@ def test_replaying_a_training_plan_refuses_what_it_cannot_replay():
         )
     with pytest.raises(ValueError, match=r"2 stages and 4 microbatches; .* give 4 and 4"):
         autopipe.Plan.from_json(text, loss_fn, params, batch, mesh=mesh(4), optimizer=ADAMW)
+    other = r"state is 2\.\d+ × the parameter bytes; optimizer= holds 0 ×"
+    with pytest.raises(ValueError, match=other):
+        autopipe.Plan.from_json(
+            text, loss_fn, params, batch, mesh=mesh(2), optimizer=optax.sgd(1e-2)
+        )
     old = json.loads(text)
     del old["remat"]  # saved before training plans were replayable
-    with pytest.raises(ValueError, match="records no remat per stage"):
+    with pytest.raises(ValueError, match="records no remat per stage or no optimizer state"):
         autopipe.Plan.from_json(
             json.dumps(old), loss_fn, params, batch, mesh=mesh(2), optimizer=ADAMW
         )
