@@ -52,6 +52,12 @@ class Executable:
     def __call__(self, *args: Any) -> Any:
         compiled = self._require_compiled()
         leaves = self._check_args(args)
+        refuse_traced(
+            leaves,
+            f"calling the plan for {self.traced.spec.fn_name}",
+            "Under transformations use plan.apply(*args), the traceable forward (jax.grad of it "
+            "is GPipe by autodiff).",
+        )
         self._check_processes()
         params, batch = self._split_leaves(leaves)
         bufs = self._place_params(params)
@@ -175,7 +181,14 @@ class Executable:
         the batch arguments and the inputs (arguments without float leaves: a PRNG key, a step
         counter). Returns (new state, loss). Donates `state`: use only the returned one."""
         rt = self._require_training()
-        check_live(state, f"plan.step for {self.traced.spec.fn_name}")
+        where = f"plan.step for {self.traced.spec.fn_name}"
+        refuse_traced(
+            jax.tree.leaves((state, args)),
+            where,
+            "It is one compiled training step already: call it from Python, outside "
+            "jax.jit/grad/vmap.",
+        )
+        check_live(state, where)
         batch, ins = self._step_inputs(state, args)
         params, opt_state, loss = rt.compiled(state.params, state.opt_state, batch, ins, rt.tables)
         return TrainState(params=params, opt_state=opt_state, frozen=state.frozen), loss
@@ -292,6 +305,22 @@ class TrainState:
     params: tuple[jax.Array, ...]
     opt_state: Any
     frozen: tuple = ()  # the non-float leaves of the parameter arguments, as given (not trained)
+
+
+# a pytree (jax.block_until_ready, jax.tree.map, any pytree checkpointer see its arrays)
+jax.tree_util.register_dataclass(
+    TrainState, data_fields=["params", "opt_state", "frozen"], meta_fields=[]
+)
+
+
+def refuse_traced(leaves: Sequence[Any], where: str, hint: str) -> None:
+    """A compiled plan runs on arrays; under jax.jit, jax.grad or jax.vmap its arguments are
+    tracers, which the placement code would reject deep inside JAX."""
+    if any(isinstance(x, jax.core.Tracer) for x in leaves):
+        raise TypeError(
+            f"{where}: it runs its compiled program on concrete arrays and cannot be traced "
+            f"(it was called inside jax.jit, jax.grad or jax.vmap). {hint}"
+        )
 
 
 def check_live(state: Any, where: str) -> None:

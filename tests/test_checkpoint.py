@@ -97,4 +97,8 @@ def test_a_donated_state_is_refused_with_a_clear_error(tmp_path):
             call()
     with pytest.raises(TypeError, match="not the TrainState"):
         trainer.step(trainer.unplace(new), batch)
+    new = jax.block_until_ready(new)  # a pytree of its arrays
+    assert len(jax.tree.leaves(new)) == len(jax.tree.leaves((new.params, new.opt_state)))
+    with pytest.raises(TypeError, match=r"plan\.step for .*cannot be traced.*outside jax\.jit"):
+        jax.jit(trainer.step)(new, batch)
     trainer.step(new, batch)  # the returned state is fine

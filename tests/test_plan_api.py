@@ -95,6 +95,13 @@ def test_plan_is_deterministic_and_json_round_trips(gpt, gpt_plan4, monkeypatch)
     np.testing.assert_array_equal(loaded(*args), gpt_plan4(*args))
 
 
+def test_calling_a_plan_under_a_transformation_points_to_plan_apply(gpt, gpt_plan4):
+    fn, (variables, tokens) = gpt
+    for transform in (jax.jit, jax.grad):
+        with pytest.raises(TypeError, match=r"cannot be traced .* use plan\.apply"):
+            transform(lambda v: gpt_plan4(v, tokens).sum())(variables)
+
+
 def test_from_json_refuses_a_different_function(gpt, gpt_plan4):
     fn, (variables, tokens) = gpt
     with pytest.raises(ValueError, match="different program"):

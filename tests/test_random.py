@@ -70,9 +70,11 @@ def _zb_paired_case() -> int:
     (`random_models.accumulation_orders`; summed in microbatch order, seed 7 case 275 was
     6.5e-3 off against a tolerance of 1e-3)."""
     return _first(
-        lambda c: (c.mode, c.schedule, c.model.dtype) == ("train", "zb_paired", "bfloat16")
-        and c.pp >= 3
-        and _quick(c)
+        lambda c: (
+            (c.mode, c.schedule, c.model.dtype) == ("train", "zb_paired", "bfloat16")
+            and c.pp >= 3
+            and _quick(c)
+        )
     )
 
 
