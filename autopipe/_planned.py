@@ -207,6 +207,8 @@ class Plan(Planned, Executable):
 
 
 def require_optimizer(saved: PlanRecord, optimizer, *, training: bool) -> None:
+    """A training record replays only on a training lowering (``training``), given the
+    optimizer (optax transformations are not saved)."""
     if optimizer is None or not training:
         raise ValueError(
             f"the saved plan for {saved.fn_name} is a training plan: replay it on a loss "
