@@ -16,7 +16,7 @@ from autopipe import _cli
 
 def _run(*argv: str, cwd=None, script: bool = False) -> subprocess.CompletedProcess:
     exe = shutil.which("autopipe") if script else None
-    cmd = [exe, *argv] if exe else [sys.executable, "-m", "autopipe._cli", *argv]
+    cmd = [exe, *argv] if exe else [sys.executable, "-m", "autopipe", *argv]
     return subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=300)
 
 
@@ -29,7 +29,7 @@ def test_help_explains_every_option_with_examples():
             assert option in text
         assert action.help, f"{action.option_strings} has no help"
     assert "examples:" in text and "--size 175b --devices 1024" in text
-    assert _run("--help").returncode == 0
+    assert _run("--help").returncode == 0  # python -m autopipe (autopipe/__main__.py)
 
 
 @pytest.mark.slow  # 175B planning also runs in test_golden (fwd-gpt3_175b-pp16-h100)
