@@ -171,6 +171,7 @@ class Executable:
         rt = self._require_training()
         self._check_processes()
         ids, leaves = self._part(params, step=False)
+        refuse_traced(leaves, f"plan.init for {self.traced.spec.fn_name}", "Call it from Python.")
         trained = set(self.program.param_invars)
         bufs = self.place_params([x for v, x in zip(ids, leaves, strict=True) if v in trained])
         frozen = tuple(x for v, x in zip(ids, leaves, strict=True) if v not in trained)

@@ -101,4 +101,6 @@ def test_a_donated_state_is_refused_with_a_clear_error(tmp_path):
     assert len(jax.tree.leaves(new)) == len(jax.tree.leaves((new.params, new.opt_state)))
     with pytest.raises(TypeError, match=r"plan\.step for .*cannot be traced.*outside jax\.jit"):
         jax.jit(trainer.step)(new, batch)
+    with pytest.raises(TypeError, match=r"plan\.init for .*cannot be traced"):
+        jax.jit(trainer.init)(params)
     trainer.step(new, batch)  # the returned state is fine
