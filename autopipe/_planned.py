@@ -195,15 +195,22 @@ class Plan(Planned, Executable):
             planned = replay_record(make_front(fn, example_args, opts), mesh, saved, started)
             return planned.finish(compile=compile)
         require_optimizer(saved, optimizer, training=True)
-        opts = dataclasses.replace(
-            opts, training=True, virtual_stages=saved.schedule.virtual_stages
-        )
-        front = make_front(fn, example_args, opts)
-        if front.tensor_axis and not cuts_fused(optimizer, front):
-            opts = dataclasses.replace(opts, split_fused=False)
-            front = make_front(fn, example_args, opts, reuse=front)
+        front = training_front(fn, example_args, opts, saved, optimizer)
         planned = replay_training_record(front, mesh, saved, started, optimizer)
         return planned.finish(compile=compile)
+
+
+def training_front(
+    fn: Callable, args: Sequence[Any], opts: FrontOptions, saved: PlanRecord, optimizer, reuse=None
+) -> Front:
+    """``fn`` lowered as `autopipe.train` lowers it for the saved training plan: for training
+    at its virtual stages, fused projections cut only where ``optimizer`` allows it
+    (`_train.cuts_fused`). ``reuse``: a front of the same function and arguments."""
+    opts = dataclasses.replace(opts, training=True, virtual_stages=saved.schedule.virtual_stages)
+    front = make_front(fn, args, opts, reuse)
+    if front.tensor_axis and not cuts_fused(optimizer, front):
+        front = make_front(fn, args, dataclasses.replace(opts, split_fused=False), reuse=front)
+    return front
 
 
 def require_optimizer(saved: PlanRecord, optimizer, *, training: bool) -> None:

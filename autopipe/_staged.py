@@ -30,6 +30,7 @@ from autopipe._planned import (
     replay_record,
     replay_training_record,
     require_optimizer,
+    training_front,
     training_planned,
 )
 from autopipe._stage_search import Assembled, assemble, layer_problem, layers_for, shard, solve
@@ -290,8 +291,8 @@ class Lowered:
         if not record.training:
             return replay_record(self.front, self.options.mesh, record, self.started)
         require_optimizer(record, optimizer, training=self.options.training)
-        split = cuts_fused(optimizer, self.front) if self.front.tensor_axis else None
-        front = self._at(virtual_stages=record.schedule.virtual_stages, split_fused=split).front
+        t = self.traced
+        front = training_front(t.fn, t.example_args, self.options, record, optimizer, self.front)
         return replay_training_record(front, self.options.mesh, record, self.started, optimizer)
 
     def _at(self, **changes: Any) -> Lowered:
