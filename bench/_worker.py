@@ -228,6 +228,7 @@ class _Training:
         import jax
         import jax.numpy as jnp
         import optax
+        from gpu_check import accumulated_step
 
         self.variables, self.batch = variables, (tokens, jnp.roll(tokens, -1, axis=1))
         self.opt = optax.sgd(1e-3)
@@ -245,20 +246,9 @@ class _Training:
             loss, grads = jax.value_and_grad(loss_fn)(params, batch)
             return step(params, grads), loss
 
-        def accumulate(params, batch, m):
-            parts = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
-
-            def one(acc, mb):
-                loss, g = jax.value_and_grad(loss_fn)(params, mb)
-                return jax.tree.map(lambda a, b: a + b / m, acc, g), loss / m
-
-            zero = jax.tree.map(jnp.zeros_like, params)
-            grads, losses = jax.lax.scan(one, zero, parts)
-            return step(params, grads), losses.sum()
-
         self.loss_fn = loss_fn
         self.whole = jax.jit(whole)
-        self.accumulate = jax.jit(accumulate, static_argnums=2)
+        self.accumulate = accumulated_step(loss_fn, self.opt)
         self.plans: dict = {}
 
     def handle(self, req: dict, reps: int) -> dict:

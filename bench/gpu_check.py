@@ -232,6 +232,28 @@ def gpt_mfu(small: bool, reps: int) -> dict:
     }
 
 
+def accumulated_step(loss_fn, opt):
+    """``jit((params, batch, m) -> (params, loss))`` on one device: the gradients of the
+    batch's ``m`` microbatches (static) summed in order in a scan, then ``opt``'s update from a
+    fresh state (stateless optimizers: SGD) — what a pipeline's step computes, run plainly."""
+    import jax
+    import optax
+
+    def accumulate(params, batch, m):
+        parts = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), batch)
+
+        def one(acc, mb):
+            loss, g = jax.value_and_grad(loss_fn)(params, mb)
+            return jax.tree.map(lambda a, x: a + x / m, acc, g), loss / m
+
+        zero = jax.tree.map(jax.numpy.zeros_like, params)
+        grads, losses = jax.lax.scan(one, zero, parts)
+        updates, _ = opt.update(grads, opt.init(params), params)
+        return optax.apply_updates(params, updates), losses.sum()
+
+    return jax.jit(accumulate, static_argnums=2)
+
+
 def per_tick_check(small: bool, reps: int, m: int = 8) -> dict:
     """The executor's fixed cost per tick, where a backend may pay for every data-dependent
     loop (one per action kind and stage per tick; XLA:GPU may read each loop's predicate on
@@ -246,18 +268,7 @@ def per_tick_check(small: bool, reps: int, m: int = 8) -> dict:
     _, params, batch, loss_fn = _gpt(small)
     opt = optax.sgd(1e-4)
 
-    @jax.jit
-    def accumulate(p, b):
-        parts = jax.tree.map(lambda x: x.reshape(m, x.shape[0] // m, *x.shape[1:]), b)
-
-        def one(acc, mb):
-            loss, g = jax.value_and_grad(loss_fn)(p, mb)
-            return jax.tree.map(lambda a, x: a + x / m, acc, g), loss / m
-
-        grads, losses = jax.lax.scan(one, jax.tree.map(jax.numpy.zeros_like, p), parts)
-        updates, _ = opt.update(grads, opt.init(p), p)
-        return optax.apply_updates(p, updates), losses.sum()
-
+    accumulate = accumulated_step(loss_fn, opt)
     mesh = jax.make_mesh((1,), ("pp",), devices=jax.devices()[:1])
     plan = autopipe.train(loss_fn, opt, params, batch, mesh=mesh, num_microbatches=m)
     box = {"state": plan.init(params)}
@@ -266,7 +277,7 @@ def per_tick_check(small: bool, reps: int, m: int = 8) -> dict:
         box["state"], loss = plan.step(box["state"], batch)
         return loss
 
-    t_plan, t_jit = _median_pair(run_plan, lambda: accumulate(params, batch), reps)
+    t_plan, t_jit = _median_pair(run_plan, lambda: accumulate(params, batch, m), reps)
     prof = plan.profile(box["state"], batch, repeats=max(reps // 2, 3))
     return {
         "check": f"gpt train step pp=1 m={m}: per-tick cost",
