@@ -333,14 +333,17 @@ def check_live(state: Any, where: str) -> None:
             f"{where}: state is a {type(state).__name__}, not the TrainState that plan.init / "
             "plan.step return."
         )
-    leaves = jax.tree_util.tree_leaves_with_path(
-        {"params": state.params, "opt_state": state.opt_state}
-    )
-    dead = [p for p, x in leaves if isinstance(x, jax.Array) and x.is_deleted()]
+    tree = {"params": state.params, "opt_state": state.opt_state}
+    leaves = jax.tree.leaves(tree)  # on every step: paths only for the error
+    dead = sum(isinstance(x, jax.Array) and x.is_deleted() for x in leaves)
     if dead:
-        first = jax.tree_util.keystr(dead[0], simple=True, separator=".")
+        first = next(
+            jax.tree_util.keystr(p, simple=True, separator=".")
+            for p, x in jax.tree_util.tree_leaves_with_path(tree)
+            if isinstance(x, jax.Array) and x.is_deleted()
+        )
         raise ValueError(
-            f"{where}: {len(dead)} of the state's {len(leaves)} arrays were donated to an "
+            f"{where}: {dead} of the state's {len(leaves)} arrays were donated to an "
             f"earlier plan.step (the first: {first}). plan.step "
             "consumes its state; keep only the state it returns: "
             "state, loss = plan.step(state, batch)."
