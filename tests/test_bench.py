@@ -74,7 +74,9 @@ def test_gpu_check_runs_on_cpu_and_its_plans_match_their_references(tmp_path):
         "gpt train step pp=1",
         "gpt train step pp=1 m=8: per-tick cost",
     }
-    assert rows["forward pp=1"]["max_abs_err"] == 0.0
+    # jit and the plans are different XLA programs (fusions may round differently): the same
+    # bound for both, far above float32 rounding of these O(1) outputs, far below a wrong result
+    assert rows["forward pp=1"]["max_abs_err"] < 1e-5
     assert rows["forward pp=2"]["max_abs_err"] < 1e-5
     assert rows["training pp=2 1f1b m=4"]["max_abs_err"] < 1e-5
     assert not rows["forward pp=1"]["params_copied"] and not rows["forward pp=2"]["params_copied"]
