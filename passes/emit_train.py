@@ -42,7 +42,9 @@ Inside the shard_map a ``lax.scan`` runs the ticks of the table. Per tick and de
      are emitted, each for every stage: `Schedule.loop_kinds`). Each adds its parameter
      gradients into its own rows of the gradient sums in place, and B sets the gradient to
      send. A tick without a backward touches no gradient buffer;
-  4. one ``ppermute`` per direction and dtype runs unconditionally.
+  4. one ``ppermute`` per direction and dtype runs unconditionally; on a tick without a send
+     it carries the last one again, which lands in an inbox slot holding nothing live
+     (`train_slots.plan_slots`), so no tick zero-fills a send buffer.
 After the scan, a parameter held by several devices (a tied embedding) gets the sum of its
 copies' gradients on every holder (`passes.shared_params.sum_copies`), outside any branch.
 
@@ -91,7 +93,6 @@ from autopipe.passes.train_actions import (
     ForwardState,
     TickInputs,
     device_groups,
-    row,
     set_row,
 )
 from autopipe.passes.train_slots import SlotPlan, plan_slots
@@ -359,15 +360,13 @@ def _pipeline(
             x = TickInputs(
                 params=params,
                 xs=microbatch(cell["mb_f"]),
-                act=tuple(row(b, cell["act_read"]) for b in inbox_f),
-                grad=tuple(row(b, cell["grad_read"]) for b in inbox_b),
+                inbox_f=inbox_f,
+                inbox_b=inbox_b,
                 slots=cell,
             )
-            state = state._replace(send_f=_zeros(acts.boundary_sizes))
             for s, forward in enumerate(forwards):
                 state = _when(cell["fwd"] == s, forward, state, x)
             x = x._replace(xs=microbatch(cell["mb_b"]))  # a pair's backward: its own microbatch
-            back = back._replace(send_b=_zeros(acts.grad_sizes))
             for b, backward in backwards:
                 back = _when(cell["bwd"] == b, backward, back, (x, state.ress))
             for s, w in weights:  # on the gradient sums alone (`Actions.weights`)

@@ -93,8 +93,8 @@ class TickInputs(NamedTuple):
 
     params: tuple  # this device's ``(1, *shape)`` block of every parameter slot
     xs: list  # this microbatch's batch leaves, then the inputs as it sees them
-    act: tuple  # the received activation
-    grad: tuple  # the received gradient
+    inbox_f: tuple  # the received activations' slots (F reads row ``slots["act_read"]``)
+    inbox_b: tuple  # the received gradients' slots (B reads row ``slots["grad_read"]``)
     slots: dict  # slot index per SlotPlan table, this tick and device
 
 
@@ -233,7 +233,8 @@ class Actions:
 
         def action(state: ForwardState, x: TickInputs) -> ForwardState:
             env = self._params(s, x.params)
-            recv_env = self._unpack(st.recv, x.act)
+            act = tuple(row(b, x.slots["act_read"]) for b in x.inbox_f)
+            recv_env = self._unpack(st.recv, act)
             pv = tuple(env[v] for v in io.params)
             rv = tuple(recv_env[v] for v in io.recv)
             fv = tuple(env[v] if v in env else recv_env[v] for v in io.fixed)
@@ -293,7 +294,8 @@ class Actions:
                 out = self.program.avals[io.outputs[0]]
                 g = (jnp.full(out.shape, self.seed, out.dtype),)
             else:  # from the next stage
-                g_env = self._unpack(float_part(st.send), x.grad, self.grad_sizes)
+                got = tuple(row(b, x.slots["grad_read"]) for b in x.inbox_b)
+                g_env = self._unpack(float_part(st.send), got, self.grad_sizes)
                 g = tuple(g_env[v] for v in io.outputs)
             d_params, d_recv, d_probes = self._vjp(s, env, x, ress)(g)
             early = self.uses[s].early if split else None
