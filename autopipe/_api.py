@@ -16,6 +16,7 @@ import optax
 
 from autopipe._factorize import plan_on_devices
 from autopipe._front import check_reduction
+from autopipe._microbatches import fastest_count
 from autopipe._planned import Plan
 from autopipe._staged import trace
 from autopipe._train import check_schedule
@@ -46,7 +47,8 @@ def plan(
       mesh: a ``jax.sharding.Mesh`` with a pipeline axis and optionally a data and a tensor
         axis (compiled plan), or an ``AbstractMesh`` / ``{"pp": 8, "dp": 16, "tp": 8}`` dict
         (planning only: nothing is compiled). Other axes replicate the whole pipeline.
-      num_microbatches: microbatches per batch; None = largest divisor of the batch ≤ 2·stages.
+      num_microbatches: microbatches per batch; None = the count whose plan predicts the
+        fastest step (`autopipe._microbatches`; ``plan.factorizations`` lists those tried).
       batch_argnums: arguments whose leading axis is the batch; the rest are parameters,
         except inputs (`autopipe.passes.inputs`): arguments without float leaves and typed PRNG
         keys, sent to every stage unplaced; microbatch j sees a key as
@@ -87,6 +89,9 @@ def plan(
         data_axis=data_axis,
         tensor_axis=tensor_axis,
     )
+    if num_microbatches is None:
+        at = lambda m: lowered.plan(num_microbatches=m, memory_limit=memory_limit)  # noqa: E731
+        return fastest_count(lowered, at, multiple=1).finish(compile=compile)
     return lowered.plan(memory_limit=memory_limit).finish(compile=compile)
 
 
@@ -164,4 +169,8 @@ def train(
         )
     traced = trace(loss_fn, *example_args, batch_argnums=batch_argnums)
     lowered = traced.lower(mesh, training=True, **lower)
+    if num_microbatches is None:
+        at = lambda m: lowered.plan(optimizer=optimizer, num_microbatches=m, **options)  # noqa: E731
+        multiple = lowered.front.num_stages // v if schedule == "interleaved_1f1b" else 1
+        return fastest_count(lowered, at, multiple).finish(compile=compile)
     return lowered.plan(optimizer=optimizer, **options).finish(compile=compile)

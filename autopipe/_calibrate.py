@@ -5,8 +5,9 @@ backend's devices:
 
 1. dispatch floor: a jitted call that does (almost) nothing — subtracted from every timing;
 2. per-operator overhead: a chain of tiny dependent matmuls (each its own kernel);
-3. matmul throughput per dtype over square and transformer-like rectangular shapes: the best
-   rate is the peak, the efficiency is fitted so that the roofline predicts the median shape;
+3. matmul throughput per dtype over square and transformer-like rectangular shapes, a few
+   rows' GEMMs among them: the best rate is the peak; the efficiency and the fixed time per
+   matmul (`Hardware.matmul_overhead`) are fitted together over all shapes;
 4. memory bandwidth: one elementwise op over arrays from cache-sized to DRAM-sized;
 5. transcendentals: ``exp`` against a multiply of the same size;
 6. fusion: layer-norm, softmax, gelu and bias+residual patterns fix the share of unfused
@@ -150,6 +151,9 @@ MATMUL_SHAPES = (
     (512, 256, 1024),
     (2048, 64, 256),
     (32, 512, 512),
+    (16, 256, 1024),  # a microbatch's few rows: below the rate (`Hardware.matmul_overhead`)
+    (64, 256, 256),
+    (16, 1024, 256),
 )
 # (batch, m, k, n): attention-like batched matmuls
 BATCHED_SHAPES = ((32, 64, 32, 64), (16, 128, 16, 128), (8, 256, 64, 256))
@@ -289,8 +293,10 @@ def _fit_links(ms: Sequence[Measurement], hw: Hardware) -> Hardware:
 # --- fitting ----------------------------------------------------------------------------------
 
 
-def _log_error(hw: Hardware, ms: Sequence[Measurement]) -> float:
-    return statistics.median(abs(math.log(op_time(m.cost, hw) / m.seconds)) for m in ms)
+def _log_error(
+    hw: Hardware, ms: Sequence[Measurement], stat: Callable = statistics.median
+) -> float:
+    return stat(abs(math.log(op_time(m.cost, hw) / m.seconds)) for m in ms)
 
 
 def _fit(hw: Hardware, field: str, ms: Sequence[Measurement], lo: float, hi: float) -> Hardware:
@@ -341,9 +347,25 @@ def _fit_all(hw: Hardware, ms: Sequence[Measurement]) -> Hardware:
     hw = _fit(hw, "fusion_discount", _by_kind(ms, "fusion"), 0.0, 0.95)
     chains = _by_kind(ms, "overhead")
     hw = _fit(hw, "op_overhead", chains, hw.op_overhead / 10, hw.op_overhead * 10)
-    # matmul efficiency of the shapes models are made of: dense and attention-like together
-    dense = _by_kind(ms, "matmul:float32") + _by_kind(ms, "batched")
-    return _fit(hw, "flops_efficiency", dense, 0.02, 1.0)
+    # matmul efficiency of the shapes models are made of, dense and attention-like together
+    return _fit_matmul_rate(hw, _by_kind(ms, "matmul:float32") + _by_kind(ms, "batched"))
+
+
+def _fit_matmul_rate(hw: Hardware, ms: Sequence[Measurement]) -> Hardware:
+    """Efficiency and fixed time per matmul (`Hardware.matmul_overhead`: a few rows' GEMM
+    runs below the rate) fitted together on one grid, by the mean |log| error: small and large
+    shapes alike. The tiny chains fit op_overhead without it: 8 × 8 products run inline, so
+    the model overprices those (models have few)."""
+    overheads = (0.0, *np.geomspace(1e-8, 1e-3, 51))
+    pairs = [(e, o) for e in np.linspace(0.05, 1.0, 39) for o in overheads]
+    errors = [
+        _log_error(
+            dataclasses.replace(hw, flops_efficiency=e, matmul_overhead=o), ms, statistics.mean
+        )
+        for e, o in pairs
+    ]
+    e, o = pairs[int(np.argmin(errors))]
+    return dataclasses.replace(hw, flops_efficiency=float(e), matmul_overhead=float(o))
 
 
 def calibrate(
@@ -421,7 +443,8 @@ def _summary(c: Calibration) -> str:
     rates = ", ".join(f"{dt} {r / 1e9:.0f}" for dt, r in hw.flops_by_dtype)
     return (
         f"  fitted in {c.seconds:.1f} s: matmul peak GFLOP/s [{rates}] × efficiency "
-        f"{hw.flops_efficiency:.2f}; bandwidth {hw.memory_bandwidth / 1e9:.1f} GB/s × "
+        f"{hw.flops_efficiency:.2f} + {hw.matmul_overhead * 1e6:.1f} µs per matmul; bandwidth "
+        f"{hw.memory_bandwidth / 1e9:.1f} GB/s × "
         f"{hw.bandwidth_efficiency:.2f}; overhead {hw.op_overhead * 1e6:.2f} µs/op; fusion "
         f"discount {hw.fusion_discount:.2f}; exp {hw.transcendental_time * 1e9:.2f} ns/elem; "
         f"link {hw.link_bandwidth / 1e9:.2f} GB/s, {hw.link_latency * 1e6:.1f} µs"

@@ -183,7 +183,7 @@ def _where_arguments(where: Any) -> None:
     where.add_argument(
         "--microbatches",
         type=int,
-        help="microbatches per batch (default: largest divisor of the batch <= 2 x stages)",
+        help="microbatches per batch (default: the count whose plan predicts the fastest step)",
     )
     where.add_argument(
         "--hardware",

@@ -108,7 +108,8 @@ class Traced:
     ) -> Lowered:
         """Stage 2: the program on ``mesh`` (a Mesh, AbstractMesh or dict of axis sizes) priced
         for ``hardware``, traced at one microbatch's rows (``num_microbatches``: None = the
-        largest divisor of the batch ≤ 2·stages). ``training``: a loss function to train."""
+        largest divisor of the batch ≤ 2·stages; `autopipe.plan` and `autopipe.train` search the
+        count instead, `autopipe._microbatches`). ``training``: a loss function to train."""
         opts = FrontOptions(
             mesh=mesh,
             pipeline_axis=pipeline_axis,

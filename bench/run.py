@@ -47,6 +47,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "tied": ("tied", "run"),
     "cost_model": ("cost_model", "run"),
     "parallel": ("parallel", "run"),
+    "microbatches": ("microbatches", "run"),
 }
 
 

@@ -76,6 +76,10 @@ class Hardware:
     flops_by_dtype: tuple[tuple[str, float], ...] = ()  # dense matmul FLOP/s per dtype class
     vector_flops: float | None = None  # achievable FLOP/s of non-matmul arithmetic; None = matmul's
     conv_efficiency: float = 1.0  # convolutions' achievable rate relative to matmuls'
+    # fixed seconds per matmul/convolution kernel beyond op_overhead (Hockney's n½ / rate): a
+    # GEMM of a microbatch's few rows or one attention head runs below the rate, so more and
+    # smaller microbatches cost more than their FLOPs; 0 = the flat roofline
+    matmul_overhead: float = 0.0
     transcendental_time: float = 0.0  # extra seconds per exp/log/tanh/erf element
     fusion_discount: float = 0.5  # share of elementwise/layout bytes that fusion removes
     devices_per_node: int = 8  # devices sharing the fast link

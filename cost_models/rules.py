@@ -59,8 +59,9 @@ class Cost:
     operand dtype class (convolutions as ``"conv:<dtype>"``). ``bytes_accessed`` is unfused
     traffic (every operand read, every result written); ``fusible_bytes`` is the part of it
     from elementwise and layout operators, which XLA usually fuses into neighbours.
-    ``kernels`` counts operators that launch their own kernel, ``fusible_ops`` those that
-    usually fuse. ``comm`` holds ``(collective, mesh axis, payload bytes per device, count)``.
+    ``kernels`` counts operators that launch their own kernel (``dot_kernels`` the matmuls and
+    convolutions among them), ``fusible_ops`` those that usually fuse. ``comm`` holds
+    ``(collective, mesh axis, payload bytes per device, count)``.
     """
 
     flops: float = 0.0
@@ -70,6 +71,7 @@ class Cost:
     transcendentals: float = 0.0
     fusible_bytes: float = 0.0
     kernels: float = 0.0
+    dot_kernels: float = 0.0
     fusible_ops: float = 0.0
     comm: CommEntries = ()
 
@@ -82,6 +84,7 @@ class Cost:
             transcendentals=self.transcendentals + other.transcendentals,
             fusible_bytes=self.fusible_bytes + other.fusible_bytes,
             kernels=self.kernels + other.kernels,
+            dot_kernels=self.dot_kernels + other.dot_kernels,
             fusible_ops=self.fusible_ops + other.fusible_ops,
             comm=_merge(self.comm, other.comm, keys=2),
         )
@@ -95,6 +98,7 @@ class Cost:
             transcendentals=self.transcendentals * k,
             fusible_bytes=self.fusible_bytes * k,
             kernels=self.kernels * k,
+            dot_kernels=self.dot_kernels * k,
             fusible_ops=self.fusible_ops * k,
             comm=_scale(self.comm, k, keys=2),
         )
@@ -330,6 +334,7 @@ def _dot_cost(flops: float, avals_in, avals_out, *, conv: bool = False) -> Cost:
         bytes_accessed=_traffic(avals_in, avals_out),
         dot_flops=((dt, flops),),
         kernels=1.0,
+        dot_kernels=1.0,
     )
 
 
@@ -443,8 +448,10 @@ def memory_time(cost: Cost, hw: Hardware) -> float:
 
 
 def overhead_time(cost: Cost, hw: Hardware) -> float:
-    """Fixed cost of launched kernels; fused operators cost (1 − fusion_discount) of one."""
-    return hw.op_overhead * (cost.kernels + (1.0 - hw.fusion_discount) * cost.fusible_ops)
+    """Fixed cost of launched kernels; fused operators cost (1 − fusion_discount) of one; a
+    matmul or convolution adds `Hardware.matmul_overhead` (small ones run below the rate)."""
+    launched = cost.kernels + (1.0 - hw.fusion_discount) * cost.fusible_ops
+    return hw.op_overhead * launched + hw.matmul_overhead * cost.dot_kernels
 
 
 def comm_time(cost: Cost, hw: Hardware, mesh_axes: Sequence[tuple[str, int]] = ()) -> float:
