@@ -338,7 +338,7 @@ def _by_kind(ms: Sequence[Measurement], kind: str) -> list[Measurement]:
 def _fit_all(hw: Hardware, ms: Sequence[Measurement]) -> Hardware:
     bw = _by_kind(ms, "bandwidth")
     peak_bw = max(m.cost.bytes_accessed / m.seconds for m in bw)
-    hw = dataclasses.replace(hw, memory_bandwidth=peak_bw, fusion_discount=0.0)
+    hw = dataclasses.replace(hw, memory_bandwidth=peak_bw, fusion_discount=0.0, matmul_overhead=0.0)
     hw = _fit(hw, "op_overhead", _by_kind(ms, "overhead")[:1], 1e-8, 1e-3)
     hw = _fit(hw, "bandwidth_efficiency", bw, 0.05, 1.0)
     hw = _fit_matmul(hw, [m for m in ms if m.kind.startswith("matmul:")])
