@@ -146,8 +146,7 @@ def train(
     devices with the training planner and compiles the fastest (``plan.factorizations``).
     ``schedule="auto"`` plans every schedule and compiles the one whose predicted step (its
     table run lock-step with the duration model) is fastest under the memory limit.
-    ``num_microbatches=None`` does the same over microbatch counts, each planned at its own
-    rows (`autopipe._microbatches`; ``plan.factorizations`` lists those tried).
+    ``num_microbatches=None`` does the same over microbatch counts (`autopipe._microbatches`).
     """
     v = check_schedule(schedule, virtual_stages)
     check_reduction(reduction)

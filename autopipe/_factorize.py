@@ -9,6 +9,7 @@ the exact stage search runs. `plan_on_devices` plans the best one exactly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -18,24 +19,14 @@ import jax
 import numpy as np
 
 from autopipe._front import FrontOptions, default_microbatches, make_front, with_tensor_axis
+from autopipe._microbatches import fastest_count
+from autopipe._plan import Factorization
 from autopipe._planned import Plan
 from autopipe._stage_search import layer_problem, layers_for, shard
 from autopipe._staged import trace
 from autopipe.cost_models.hardware import Hardware
 from autopipe.passes.partition import PlanInfeasible, solve_stages
 from autopipe.passes.tensor_parallel import ShardingCache
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Factorization:
-    """One way to lay the devices out as pipeline × data × tensor, priced by the cost model."""
-
-    pp: int
-    dp: int
-    tp: int
-    num_microbatches: int
-    step_time: float  # predicted seconds per batch; inf if no stage split fits in memory
-    memory: float  # largest predicted bytes per device (inf if it does not fit)
 
 
 def factorizations(
@@ -125,7 +116,8 @@ def plan_on_devices(
     fn, args, *, devices, pipeline_axis, data_axis, tensor_axis, compile_, started, **options
 ) -> Plan:
     """`plan` for ``mesh=None`` (this process's devices) or ``mesh=N`` (N devices): picks the
-    factorization by `search_factorizations`, then plans that mesh exactly."""
+    factorization by `search_factorizations`, then plans that mesh exactly (its microbatch
+    count searched, `autopipe._microbatches`, unless given)."""
     n = jax.device_count() if devices is None else devices
     if n < 1:
         raise ValueError(f"mesh={devices}: a device count must be at least 1.")
@@ -158,7 +150,11 @@ def plan_on_devices(
             tensor_axis=tensor_axis,
         )
         try:
-            planned = lowered.plan(memory_limit=options.get("memory_limit"))
+            if options.get("num_microbatches") is None:  # the chosen layout's count, searched
+                at = functools.partial(_plan_at, lowered, options.get("memory_limit"))
+                planned = fastest_count(lowered, at, multiple=1)
+            else:
+                planned = lowered.plan(memory_limit=options.get("memory_limit"))
             break
         except PlanInfeasible as e:
             refusals.append(e)
@@ -168,3 +164,7 @@ def plan_on_devices(
     return dataclasses.replace(
         out, factorizations=tuple(candidates), planning_seconds=time.perf_counter() - started
     )
+
+
+def _plan_at(lowered, memory_limit, m: int):
+    return lowered.plan(num_microbatches=m, memory_limit=memory_limit)

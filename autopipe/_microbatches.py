@@ -22,7 +22,7 @@ import dataclasses
 import math
 from collections.abc import Callable
 
-from autopipe._factorize import Factorization
+from autopipe._plan import Factorization
 from autopipe._planned import Planned
 from autopipe._staged import Lowered
 from autopipe.passes.partition import PlanInfeasible

@@ -55,6 +55,18 @@ class Predicted:
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
+class Factorization:
+    """One way to lay the devices out as pipeline × data × tensor, priced by the cost model."""
+
+    pp: int
+    dp: int
+    tp: int
+    num_microbatches: int
+    step_time: float  # predicted seconds per batch; inf if no stage split fits in memory
+    memory: float  # largest predicted bytes per device (inf if it does not fit)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PlanRecord:
     """The decisions of one plan and their predicted costs (no program, no executable)."""
 

@@ -107,3 +107,15 @@ def test_searched_count_trains_like_the_reference(cases):
     got = jax.tree.leaves(plan.unplace(state))
     for a, b in zip(got, jax.tree.leaves(want_params), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_device_count_search_takes_its_layouts_searched_count(cases):
+    """``mesh=N``: the layout is chosen at the default count, then its count is searched as on
+    that mesh given (``plan.factorizations`` keeps the layouts)."""
+    fn, args = cases["linen_gpt"]
+    hw = dataclasses.replace(PRESETS["cpu"], matmul_overhead=1e-4)
+    plan = autopipe.plan(fn, *args, mesh=4, hardware=hw, compile=False)
+    given = autopipe.plan(fn, *args, mesh=dict(plan.mesh_axes), hardware=hw, compile=False)
+    assert plan.num_microbatches == given.num_microbatches
+    assert plan.predicted.step_time == pytest.approx(given.predicted.step_time, rel=1e-12)
+    assert len({(f.pp, f.dp, f.tp) for f in plan.factorizations}) == len(plan.factorizations)
