@@ -15,7 +15,10 @@ it is tested). On whatever devices JAX sees it
    `cost_models.hardware` preset for the device, bf16 on GPU);
 5. profiles that GPT's pp = 1 step over 8 microbatches (16 ticks, one while loop per action
    per tick): the fixed cost per tick, each action's cost, and the step against jit of the
-   same microbatches accumulated (does the backend pay per loop?).
+   same microbatches accumulated (does the backend pay per loop?);
+6. runs `autopipe.calibrate()` and reports the fitted figures beside the device's preset —
+   above all ``matmul_overhead`` (presets hold 0): what ``num_microbatches=None`` weighs
+   against the bubble (then ``python bench/microbatches.py`` measures the pick there).
 
 Writes ``gpu_check.json`` into ``--out`` (default ``$OUT`` when set, else bench/results) and
 prints it.
@@ -293,6 +296,28 @@ def per_tick_check(small: bool, reps: int, m: int = 8) -> dict:
     }
 
 
+def calibration_check(small: bool) -> dict:
+    import jax
+
+    import autopipe
+    from autopipe.cost_models.hardware import get_hardware
+
+    dev = jax.devices()[0]
+    dtypes = ("float32",) if small else ("float32", "bfloat16")
+    cal = autopipe.calibrate(dtypes=dtypes, comm=not small, progress=None)
+    preset = get_hardware(None, platform=dev.platform, device_kind=dev.device_kind)
+    fields = ("peak_flops", "flops_efficiency", "matmul_overhead", "memory_bandwidth",
+              "bandwidth_efficiency", "op_overhead", "link_bandwidth", "link_latency")  # fmt: skip
+    return {
+        "check": "calibration",
+        "seconds": round(cal.seconds, 1),
+        "preset": preset.name,
+        "fitted": {k: getattr(cal.hardware, k) for k in fields},
+        "preset_values": {k: getattr(preset, k) for k in fields},
+        "flops_by_dtype": dict(cal.hardware.flops_by_dtype),
+    }
+
+
 def main(argv=None) -> dict:
     args = _args(argv)
     import jax
@@ -304,6 +329,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     rows = [*forward_checks(small, reps), training_check(small), gpt_mfu(small, reps)]
     rows.append(per_tick_check(small, reps))
+    rows.append(calibration_check(small))
     result = {
         "backend": jax.default_backend(),
         "device": str(jax.devices()[0].device_kind),

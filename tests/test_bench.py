@@ -73,6 +73,7 @@ def test_gpu_check_runs_on_cpu_and_its_plans_match_their_references(tmp_path):
         "training pp=2 1f1b m=4",
         "gpt train step pp=1",
         "gpt train step pp=1 m=8: per-tick cost",
+        "calibration",
     }
     # jit and the plans are different XLA programs (fusions may round differently): the same
     # bound for both, far above float32 rounding of these O(1) outputs, far below a wrong result
@@ -80,5 +81,7 @@ def test_gpu_check_runs_on_cpu_and_its_plans_match_their_references(tmp_path):
     assert rows["forward pp=2"]["max_abs_err"] < 1e-5
     assert rows["training pp=2 1f1b m=4"]["max_abs_err"] < 1e-5
     assert not rows["forward pp=1"]["params_copied"] and not rows["forward pp=2"]["params_copied"]
+    fitted = rows["calibration"]["fitted"]
+    assert fitted["peak_flops"] > 0 and fitted["matmul_overhead"] >= 0
     tick = rows["gpt train step pp=1 m=8: per-tick cost"]
     assert tick["ticks"] == 16 and set(tick["action_s"]) == {"F0", "B0"}
