@@ -21,23 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import pathlib
-import statistics
 import tempfile
-import time
 
-
-def _time(fns: dict, reps: int) -> dict:
-    import jax
-
-    for fn in fns.values():
-        fn()
-    samples: dict = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
-            start = time.perf_counter()
-            jax.block_until_ready(fn())
-            samples[k].append(time.perf_counter() - start)
-    return {k: statistics.median(v) for k, v in samples.items()}
+from _runtime import _interleaved_median
 
 
 def _rows(mode: str, plans: dict, picked: int, measured: dict) -> list[dict]:
@@ -91,7 +77,9 @@ def run(args) -> list[dict]:
     counts = [f.num_microbatches for f in fwd.factorizations]
     plans = {m: autopipe.plan(model.apply, params, tokens, mesh=mesh, hardware=hw,
                               num_microbatches=m) for m in counts}  # fmt: skip
-    measured = _time({m: (lambda p=p: p(params, tokens)) for m, p in plans.items()}, reps)
+    measured = _interleaved_median(
+        {m: (lambda p=p: p(params, tokens)) for m, p in plans.items()}, reps
+    )
     rows += _rows("forward", plans, fwd.num_microbatches, measured)
 
     sgd = optax.sgd(1e-2)
@@ -109,7 +97,7 @@ def run(args) -> list[dict]:
             return loss
 
         steps[m] = step
-    rows += _rows("training", plans, auto.num_microbatches, _time(steps, reps))
+    rows += _rows("training", plans, auto.num_microbatches, _interleaved_median(steps, reps))
     return rows
 
 
